@@ -1,0 +1,1 @@
+"""Datasets of prompts and answers, and their chat-templated, left-padded batches."""

@@ -1,0 +1,275 @@
+"""Run a causal LM layer by layer, holding one decoder layer's weights at a time.
+
+The model's own modules do the work: a skeleton built with `init_empty_weights`, whose
+decoder layers get real tensors just before they run and go back to `meta` right after.
+The arguments each layer receives (masks, rotary embeddings, positions) are captured by
+running the model's own forward with stand-in layers, so no architecture is re-implemented.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from surgeon.data.batches import Batch
+from surgeon.engine.layout import ModelLayout
+from surgeon.engine.masks import MaskSet
+from surgeon.engine.store import SpillStore
+from surgeon.io.checkpoint import TensorSource
+from surgeon.progress import NullProgress, Progress
+
+BASE = "base"
+TUNED = "tuned"
+Plan = str | MaskSet  # BASE, TUNED, or the working model where(mask, base, tuned)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _RecordingLayer(torch.nn.Module):
+    """Stands in for a decoder layer: records what the model passes it, returns its input."""
+
+    def __init__(self, index: int, last: int, records: list):
+        super().__init__()
+        self.index, self.last, self.records = index, last, records
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.records.append((hidden_states, args, kwargs))
+        if self.index == self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class LayerTensors:
+    """The raw (stored-dtype) base and tuned tensors of one layer's in-scope weights."""
+
+    index: int
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    tuned: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedInputs:
+    """Batches with their layer-0 inputs (in the store) and each layer's captured arguments."""
+
+    tag: str
+    batches: list[Batch]
+    layer_arguments: list[list[tuple[tuple, dict]]]
+
+    def input_key(self, batch: int) -> str:
+        return f"{self.tag}/h0/{batch}"
+
+
+class LayeredModel:
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        base: TensorSource,
+        tuned: TensorSource,
+        layout: ModelLayout,
+        store: SpillStore,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        progress: Progress = NullProgress(),
+    ):
+        self.config, self.base, self.tuned, self.layout = config, base, tuned, layout
+        self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
+        with init_empty_weights():
+            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        self.skeleton.eval()
+        for name, buffer in list(self.skeleton.named_buffers()):
+            if buffer.device.type != "meta":
+                set_module_tensor_to_device(self.skeleton, name, self.device)
+        self.embedding_name = next(n for n, p in self.skeleton.named_parameters() if p is self.skeleton.get_input_embeddings().weight)
+        self.materialized_layers = 0
+        self.max_materialized_layers = 0
+        self._tags = itertools.count()
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def _set(self, name: str, value: torch.Tensor | None) -> None:
+        if value is None:
+            set_module_tensor_to_device(self.skeleton, name, "meta")
+        else:
+            set_module_tensor_to_device(self.skeleton, name, self.device, value=value, dtype=self.dtype)
+
+    def _weight(self, name: str, plan: Plan, raw: LayerTensors | None) -> torch.Tensor:
+        if plan == BASE:
+            return self.base.get(name)
+        if plan == TUNED or name not in plan:
+            return self.tuned.get(name)
+        base, tuned = self.base.get(name), self.tuned.get(name)
+        if raw is not None:
+            raw.base[name], raw.tuned[name] = base, tuned
+        return torch.where(plan.get(name), base, tuned)
+
+    @contextmanager
+    def layer(self, index: int, plan: Plan, keep_raw: bool = False) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
+        """Decoder layer `index` with real weights for the duration of the block."""
+        raw = LayerTensors(index)
+        names = self.layout.layer_tensors[index]
+        self.materialized_layers += 1
+        self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
+        try:
+            for name in names:
+                self._set(name, self._weight(name, plan, raw if keep_raw else None))
+            yield self.skeleton.model.layers[index], raw
+        finally:
+            for name in names:
+                self._set(name, None)
+            self.materialized_layers -= 1
+
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        return self.skeleton.get_parameter(name)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def prepare(self, batches: list[Batch], embeddings: str, num_layers: int) -> PreparedInputs:
+        """Embed each batch with `embeddings` (BASE or TUNED) and capture each layer's arguments."""
+        source = self.base if embeddings == BASE else self.tuned
+        prepared = PreparedInputs(f"inputs{next(self._tags)}", batches, [])
+        real_layers = self.skeleton.model.layers
+        self._set(self.embedding_name, source.get(self.embedding_name))
+        try:
+            for index, batch in enumerate(batches):
+                records: list = []
+                self.skeleton.model.layers = torch.nn.ModuleList(
+                    [_RecordingLayer(i, num_layers - 1, records) for i in range(len(real_layers))]
+                )
+                try:
+                    with torch.no_grad():
+                        self.skeleton.model(
+                            input_ids=batch.input_ids.to(self.device),
+                            attention_mask=batch.attention_mask.to(self.device),
+                            position_ids=batch.position_ids.to(self.device),
+                            use_cache=False,
+                        )
+                except _StopForward:
+                    pass
+                self.store.put(prepared.input_key(index), records[0][0])
+                prepared.layer_arguments.append([(args, kwargs) for _, args, kwargs in records])
+        finally:
+            self.skeleton.model.layers = real_layers
+            self._set(self.embedding_name, None)
+        return prepared
+
+    def release(self, prepared: PreparedInputs) -> None:
+        self.store.clear(prepared.tag + "/")
+
+    # -- passes ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _run(module: torch.nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
+        args, kwargs = arguments
+        out = module(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def _key(prepared: PreparedInputs, layer: int, batch: int) -> str:
+        return prepared.input_key(batch) if layer == 0 else f"{prepared.tag}/x{layer}/{batch}"
+
+    def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str) -> None:
+        """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary)."""
+        with self.progress.task(description, total=num_layers) as task:
+            for i in range(num_layers):
+                with self.layer(i, plan) as (module, _), torch.no_grad():
+                    for b in range(len(prepared.batches)):
+                        hidden = self.store.get(self._key(prepared, i, b))
+                        self.store.put(self._key(prepared, i + 1, b), self._run(module, hidden, prepared.layer_arguments[b][i]))
+                        if not keep and i > 0:
+                            self.store.delete(self._key(prepared, i, b))
+                task.advance()
+
+    def last_token_states(self, prepared: PreparedInputs, plan: Plan, num_layers: int, description: str = "probing") -> torch.Tensor:
+        """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
+        self._forward(prepared, plan, num_layers, keep=False, description=description)
+        states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float() for b in range(len(prepared.batches))]
+        return torch.cat(states)
+
+    def final_hidden(self, prepared: PreparedInputs, plan: Plan, description: str = "scoring") -> Iterator[tuple[int, torch.Tensor]]:
+        """Each batch's residual stream after the last decoder layer (before the final norm)."""
+        num_layers = self.layout.num_layers
+        self._forward(prepared, plan, num_layers, keep=False, description=description)
+        for b in range(len(prepared.batches)):
+            yield b, self.store.pop(self._key(prepared, num_layers, b))
+
+    @contextmanager
+    def output_head(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """tuned's final norm and lm_head (tied to the embedding when the checkpoint has none)."""
+        norm_names = [f"model.norm.{n}" for n, _ in self.skeleton.model.norm.named_parameters()]
+        head_source = "lm_head.weight" if "lm_head.weight" in self.tuned.names() else self.embedding_name
+        head = torch.nn.Linear(self.config.hidden_size, self.tuned.shape(head_source)[0], bias=False, device=self.device, dtype=self.dtype)
+        head.weight.data = self.tuned.get(head_source).to(self.device, self.dtype)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        for name in norm_names:
+            self._set(name, self.tuned.get(name))
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            out = head(self.skeleton.model.norm(hidden))
+            return torch.tanh(out / softcap) * softcap if softcap else out
+
+        try:
+            yield logits
+        finally:
+            for name in norm_names:
+                self._set(name, None)
+
+    def gradient_pass(
+        self,
+        prepared: PreparedInputs,
+        plan: MaskSet,
+        target: torch.Tensor,
+        num_layers: int,
+        scope: list[list[str]],
+        on_layer: Callable[[LayerTensors, dict[str, torch.Tensor]], None],
+        initial_grads: Callable[[str], torch.Tensor | None] = lambda name: None,
+        description: str = "gradients",
+    ) -> float:
+        """Sum over batches of d(-cos(mean_B h(x; theta), target)); `on_layer` gets each layer's grads.
+
+        `initial_grads` seeds each parameter's .grad before the batches add to it, the same
+        order of additions as calling backward batch after batch on a whole model.
+        """
+        self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward")
+        target = target.to(self.device, torch.float32)
+        total = 0.0
+        for b in range(len(prepared.batches)):
+            hidden = self.store.pop(self._key(prepared, num_layers, b)).detach().requires_grad_(True)
+            loss = -torch.nn.functional.cosine_similarity(hidden[:, -1, :].float().mean(0), target, dim=0)
+            loss.backward()
+            self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
+            total += loss.item()
+        with self.progress.task(f"{description}: backward", total=num_layers) as task:
+            for i in reversed(range(num_layers)):
+                with self.layer(i, plan, keep_raw=True) as (module, raw):
+                    in_scope = set(scope[i])
+                    params = {}
+                    for name in self.layout.layer_tensors[i]:
+                        param = self.parameter(name)
+                        param.requires_grad_(name in in_scope)
+                        if name in in_scope:
+                            params[name] = param
+                            seed = initial_grads(name)
+                            param.grad = None if seed is None else seed.to(self.device, self.dtype).clone()
+                    for b in range(len(prepared.batches)):
+                        hidden = self.store.get(self._key(prepared, i, b)).detach().requires_grad_(i > 0)
+                        out = self._run(module, hidden, prepared.layer_arguments[b][i])
+                        out.backward(self.store.pop(f"{prepared.tag}/grad/{b}"))
+                        if i > 0:
+                            self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
+                            self.store.delete(self._key(prepared, i, b))
+                    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in params.items()}
+                    on_layer(raw, grads)
+                    for p in params.values():
+                        p.grad = None
+                task.advance()
+        return total

@@ -1,0 +1,69 @@
+"""The whole repair state: one bit per in-scope weight (1 = take base's value), bit-packed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+
+class MaskSet:
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = dict(shapes)
+        self._bits = {name: np.zeros(math.ceil(math.prod(shape) / 8), dtype=np.uint8) for name, shape in shapes.items()}
+
+    def copy(self) -> "MaskSet":
+        other = MaskSet.__new__(MaskSet)
+        other.shapes = dict(self.shapes)
+        other._bits = {name: bits.copy() for name, bits in self._bits.items()}
+        return other
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._bits
+
+    def names(self) -> list[str]:
+        return list(self._bits)
+
+    def flat(self, name: str) -> torch.Tensor:
+        size = math.prod(self.shapes[name])
+        bits = np.unpackbits(self._bits[name], count=size, bitorder="little")
+        return torch.from_numpy(bits.astype(bool))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.flat(name).reshape(self.shapes[name])
+
+    def _update(self, name: str, indices: torch.Tensor, value: bool) -> None:
+        flat = self.flat(name).numpy().copy()
+        flat[indices.cpu().numpy()] = value
+        self._bits[name] = np.packbits(flat, bitorder="little")
+
+    def set(self, name: str, indices: torch.Tensor) -> None:
+        self._update(name, indices, True)
+
+    def clear(self, name: str, indices: torch.Tensor) -> None:
+        self._update(name, indices, False)
+
+    def count(self, name: str | None = None) -> int:
+        # packbits pads with zero bits, so counting set bits per byte is exact
+        names = [name] if name else self._bits
+        return int(sum(np.bitwise_count(self._bits[n]).sum(dtype=np.int64) for n in names))
+
+    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        """Packed bits per tensor (little bit order) and the shapes, so a repair can be re-applied."""
+        meta = {"format": "surgeon-masks", "bitorder": "little", "shapes": json.dumps(self.shapes)}
+        save_file(self._bits, str(path), metadata={**meta, **(metadata or {})})
+
+    @classmethod
+    def load(cls, path: Path) -> "MaskSet":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            shapes = {k: tuple(v) for k, v in json.loads(handle.metadata()["shapes"]).items()}
+        masks = cls.__new__(cls)
+        masks.shapes = shapes
+        masks._bits = dict(load_file(str(path)))
+        return masks

@@ -1,0 +1,69 @@
+"""Global top-k over many tensors without concatenating them: memory O(k + one tensor).
+
+Order is total and deterministic: larger value first, and among equal values the entry
+offered earlier wins, exactly as a stable descending sort of the concatenation (in the
+order the candidates were offered) would rank them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Selection:
+    values: torch.Tensor
+    tensor_ids: torch.Tensor
+    indices: torch.Tensor
+
+    def by_tensor(self) -> dict[int, torch.Tensor]:
+        """Selected flat indices grouped by tensor id, sorted."""
+        return {int(t): torch.sort(self.indices[self.tensor_ids == t]).values for t in torch.unique(self.tensor_ids)}
+
+
+def _empty() -> Selection:
+    return Selection(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+
+def _concat(a: Selection, b: Selection) -> Selection:
+    return Selection(torch.cat([a.values, b.values]), torch.cat([a.tensor_ids, b.tensor_ids]), torch.cat([a.indices, b.indices]))
+
+
+def top(selection: Selection, k: int) -> Selection:
+    order = torch.sort(selection.values, descending=True, stable=True).indices[:k]
+    return Selection(selection.values[order], selection.tensor_ids[order], selection.indices[order])
+
+
+class StreamingTopK:
+    """Offer candidates tensor by tensor (in a fixed order); `result()` is the global top k."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._best = _empty()
+
+    def offer(self, tensor_id: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """values[i] is the score of flat entry indices[i] of tensor `tensor_id`; indices ascending."""
+        values = values.detach().float().cpu()
+        indices = indices.cpu()
+        if self.k <= 0 or values.numel() == 0:
+            return
+        if values.numel() > self.k:
+            # Drop what cannot make the cut before sorting; ties at the cut are all kept.
+            cut = torch.topk(values, self.k, sorted=False).values.min()
+            keep = values >= cut
+            values, indices = values[keep], indices[keep]
+        chunk = Selection(values, torch.full_like(indices, tensor_id), indices)
+        self._best = top(_concat(self._best, chunk), self.k)
+
+    def result(self) -> Selection:
+        return self._best
+
+
+def collect(parts: list[Selection]) -> Selection:
+    """Concatenate selections in the order given (for sets already bounded by k)."""
+    result = _empty()
+    for part in parts:
+        result = _concat(result, part)
+    return result

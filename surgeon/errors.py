@@ -1,0 +1,44 @@
+"""Every error surgeon raises on purpose; the CLI renders each as one line."""
+
+
+class SurgeonError(Exception):
+    """Base class. `exit_code` 2 means bad input the user can fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, where: str | None = None):
+        self.message = message
+        self.where = where
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.where})" if self.where else self.message
+
+
+class RecipeError(SurgeonError):
+    """The recipe is malformed: unknown key, wrong type, contradictory settings."""
+
+
+class RecipeValidationError(RecipeError):
+    """Several bad fields at once; each is kept so the CLI can print one line per field."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        first_message, first_where = problems[0]
+        super().__init__(first_message, first_where)
+
+
+class InputError(SurgeonError):
+    """A referenced model, adapter or dataset cannot be read as asked."""
+
+
+class IncompatibleModelsError(SurgeonError):
+    """base and tuned (or an adapter) do not describe the same architecture."""
+
+
+class OutputError(SurgeonError):
+    """The destination cannot be written as asked (exists, not empty, not writable)."""
+
+
+class TaskFloorError(SurgeonError):
+    """No checkpoint kept the task score at or above the floor."""

@@ -1,0 +1,1 @@
+"""Scores that gate and judge a repair."""

@@ -1,0 +1,1 @@
+"""Reading models and adapters, writing sharded safetensors into an atomic output folder."""

@@ -1,0 +1,120 @@
+"""A PEFT LoRA adapter seen as a full checkpoint: base tensors merged one at a time."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from surgeon.errors import IncompatibleModelsError, InputError
+from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+
+_PREFIX = "base_model.model."
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rule: a pattern key matches the end of the module name at a dot boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraMergedSource:
+    """tuned = base + scale * B @ A for every targeted weight, computed the way peft merges."""
+
+    def __init__(self, base: TensorSource, folder: Path, allow_pickle: bool = False):
+        self.base = base
+        self.folder = Path(folder)
+        config_path = self.folder / "adapter_config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read adapter config: {exc}", str(config_path)) from None
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise InputError(f"only LoRA adapters can be merged, this one is {peft_type}", str(config_path))
+        if config.get("use_dora"):
+            raise InputError("DoRA adapters are not supported yet; merge it with peft first", str(config_path))
+        weights = self._open_weights(allow_pickle)
+        self._deltas: dict[str, tuple[str, str, float]] = {}
+        self._replaced: dict[str, str] = {}
+        parts: dict[str, dict[str, str]] = {}
+        for key in weights.names():
+            name = key.removeprefix(_PREFIX)
+            match = _LORA.match(name)
+            if match:
+                parts.setdefault(match["module"], {})[match["part"]] = key
+            elif "lora_" in name or "lora_magnitude" in name:
+                raise InputError(f"adapter tensor '{key}' is of a kind surgeon cannot merge", str(self.folder))
+            else:
+                target = re.sub(r"\.modules_to_save\.[^.]+", "", name)
+                self._check_target(target, weights.shape(key), key)
+                self._replaced[target] = key
+        for module, pair in parts.items():
+            if set(pair) != {"A", "B"}:
+                raise InputError(f"adapter module '{module}' lacks lora_A or lora_B", str(self.folder))
+            rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            target = f"{module}.weight"
+            out_features = weights.shape(pair["B"])[0]
+            in_features = weights.shape(pair["A"])[1]
+            expected = (in_features, out_features) if config.get("fan_in_fan_out") else (out_features, in_features)
+            self._check_target(target, expected, pair["A"])
+            self._deltas[target] = (pair["A"], pair["B"], scale)
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        self._weights = weights
+        if not self._deltas and not self._replaced:
+            raise InputError("adapter holds no LoRA weights", str(self.folder))
+
+    def _open_weights(self, allow_pickle: bool) -> TensorSource:
+        files = sorted(self.folder.glob("adapter_model*.safetensors"))
+        if files:
+            return SafetensorsCheckpoint(files)
+        pickles = sorted(self.folder.glob("adapter_model*.bin"))
+        if pickles and allow_pickle:
+            return PickleCheckpoint(pickles)
+        if pickles:
+            raise InputError("adapter weights are a pickle (.bin); set allow_pickle: true on this model to load them", str(self.folder))
+        raise InputError("adapter folder has no adapter_model.safetensors", str(self.folder))
+
+    def _check_target(self, target: str, shape, key: str) -> None:
+        if target not in self.base.names():
+            raise IncompatibleModelsError(f"adapter tensor '{key}' targets '{target}', which base does not have", str(self.folder))
+        if tuple(shape) != tuple(self.base.shape(target)):
+            raise IncompatibleModelsError(
+                f"adapter tensor '{key}' implies shape {list(shape)} but base '{target}' is {list(self.base.shape(target))}",
+                str(self.folder),
+            )
+
+    @property
+    def merged_names(self) -> set[str]:
+        return set(self._deltas) | set(self._replaced)
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._replaced:
+            return self._weights.get(self._replaced[name]).to(self.base.dtype(name))
+        weight = self.base.get(name)
+        if name not in self._deltas:
+            return weight
+        key_a, key_b, scale = self._deltas[name]
+        lora_a, lora_b = self._weights.get(key_a), self._weights.get(key_b)
+        delta = (lora_b.float() @ lora_a.float()) * scale
+        if self._fan_in_fan_out:
+            delta = delta.T
+        # Like peft's in-place `weight += delta`: the sum is taken in the promoted dtype.
+        return (weight + delta.to(lora_b.dtype)).to(weight.dtype)

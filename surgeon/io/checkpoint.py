@@ -1,0 +1,105 @@
+"""Lazy, read-only access to the tensors of a checkpoint, one open handle per shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from surgeon.errors import InputError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class TensorSource(Protocol):
+    """What the engine needs from a model's weights: names, headers, and one tensor at a time."""
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class SafetensorsCheckpoint:
+    """All `*.safetensors` files of a folder (the index is not needed: headers say everything)."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise InputError("no .safetensors files found")
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        self._headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for file in sorted(files):
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:
+                raise InputError(f"cannot read safetensors file: {exc}", str(file)) from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self._where:
+                    raise InputError(f"tensor '{name}' appears in two shards", str(file))
+                view = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise InputError(f"tensor '{name}' has unsupported dtype {view.get_dtype()}", str(file))
+                self._where[name] = file
+                self._headers[name] = (tuple(view.get_shape()), dtype)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "SafetensorsCheckpoint":
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise InputError("no .safetensors files in model folder", str(folder))
+        return cls(files)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._headers[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._headers[name][1]
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except SafetensorError as exc:
+            raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
+
+
+class PickleCheckpoint:
+    """`.bin`/`.pt` checkpoints, only when the recipe says allow_pickle; loaded weights_only."""
+
+    def __init__(self, files: list[Path]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(files):
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise InputError(f"cannot load pickle checkpoint: {exc}", str(file)) from None
+            self._tensors.update(state)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name].clone()

@@ -1,0 +1,103 @@
+"""Resolve the model references of a recipe: local folders, Hub ids@revision, LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon.errors import InputError
+from surgeon.io.adapter import LoraMergedSource
+from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+]
+
+
+@dataclass
+class ResolvedModel:
+    """A model ready to stream: where its files are, its tensors, and where it came from."""
+
+    reference: str
+    folder: Path
+    tensors: TensorSource
+    config: dict
+    config_folder: Path
+    revision: str | None = None
+    adapter_of: str | None = None
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        has_tokenizer = any((self.folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+        return self.folder if has_tokenizer else self.config_folder
+
+    def describe(self) -> dict:
+        return {"reference": self.reference, "revision": self.revision, "adapter_of": self.adapter_of, "folder": str(self.folder)}
+
+
+def _download(reference: str, allow_pickle: bool) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    match = _HUB_ID.match(reference)
+    patterns = _HUB_FILES + (["*.bin"] if allow_pickle else [])
+    try:
+        folder = Path(snapshot_download(match["repo"], revision=match["revision"], allow_patterns=patterns))
+    except RevisionNotFoundError:
+        raise InputError(f"revision '{match['revision']}' not found on the Hub", reference) from None
+    except RepositoryNotFoundError:
+        raise InputError("model not found on the Hub (or it is private and HF_TOKEN is not set)", reference) from None
+    except LocalEntryNotFoundError:
+        raise InputError("the Hub cannot be reached and the model is not in the local cache", reference) from None
+    except HfHubHTTPError as exc:
+        raise InputError(f"Hub download failed: {exc}".splitlines()[0], reference) from None
+    # snapshot folders are named by the commit they hold
+    return folder, folder.name
+
+
+def _read_config(folder: Path, reference: str) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputError("model folder has no config.json", reference) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"config.json is not valid JSON: {exc}", reference) from None
+
+
+def _checkpoint(folder: Path, reference: str, allow_pickle: bool) -> TensorSource:
+    if sorted(folder.glob("*.safetensors")):
+        return SafetensorsCheckpoint.from_folder(folder)
+    pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if pickles and allow_pickle:
+        return PickleCheckpoint(pickles)
+    if pickles:
+        raise InputError("checkpoint is a pickle (.bin/.pt), which can run code; set allow_pickle: true on this model to load it with weights_only", reference)
+    raise InputError("model folder has no .safetensors files", reference)
+
+
+def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None) -> ResolvedModel:
+    """A local folder wins over a Hub id of the same spelling. Adapters need `base`."""
+    folder = Path(reference).expanduser()
+    revision = None
+    if not folder.exists():
+        if not _HUB_ID.match(reference):
+            raise InputError("no such folder, and not a Hub id of the form org/name[@revision]", reference)
+        folder, revision = _download(reference, allow_pickle)
+    if not folder.is_dir():
+        raise InputError("a model reference must be a folder (or a Hub id), not a file", reference)
+    if (folder / "adapter_config.json").exists():
+        if base is None:
+            raise InputError("this is an adapter; it can only be the tuned model, applied to base", reference)
+        return ResolvedModel(
+            reference=reference, folder=folder, tensors=LoraMergedSource(base.tensors, folder, allow_pickle),
+            config=base.config, config_folder=base.config_folder, revision=revision, adapter_of=base.reference,
+        )
+    return ResolvedModel(
+        reference=reference, folder=folder, tensors=_checkpoint(folder, reference, allow_pickle),
+        config=_read_config(folder, reference), config_folder=folder, revision=revision,
+    )

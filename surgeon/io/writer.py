@@ -1,0 +1,96 @@
+"""Write sharded safetensors one tensor at a time, with Hugging Face shard names and index.
+
+The shard plan comes from shapes and dtypes alone, so each header is written first and
+tensor bytes are streamed after it: memory holds one tensor, never a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from surgeon.io.checkpoint import SAFETENSORS_DTYPES
+from surgeon.progress import NullProgress, Progress
+
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Greedy, in order; a tensor larger than the budget gets a shard of its own."""
+    shards: list[list[TensorEntry]] = [[]]
+    used = 0
+    for entry in entries:
+        if shards[-1] and used + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += entry.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": _DTYPE_NAMES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_sharded(
+    folder: Path,
+    entries: list[TensorEntry],
+    get_tensor: Callable[[str], torch.Tensor],
+    max_shard_bytes: int,
+    progress: Progress = NullProgress(),
+) -> list[str]:
+    """Write every entry (fetched by `get_tensor`, in order) and the index; return shard names."""
+    shards = plan_shards(entries, max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map = {}
+    with progress.task("writing shards", total=len(entries)) as task:
+        for shard_name, shard in zip(names, shards):
+            with open(folder / shard_name, "wb") as out:
+                out.write(_header(shard, {"format": "pt"}))
+                for entry in shard:
+                    tensor = get_tensor(entry.name)
+                    if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+                        raise ValueError(f"{entry.name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
+                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    weight_map[entry.name] = shard_name
+                    task.advance()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names

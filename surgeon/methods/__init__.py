@@ -1,0 +1,1 @@
+"""Repair methods. Each takes the layered engine and prepared inputs, and returns masks."""

@@ -1,0 +1,220 @@
+"""The restore method of ../shared/method.md (Yang et al., IEEE S&P 2025), step by step.
+
+State is a MaskSet: theta = where(mask, base, tuned) for each in-scope tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan, PreparedInputs
+from surgeon.engine.masks import MaskSet
+from surgeon.engine.store import SpillStore
+from surgeon.engine.topk import Selection, StreamingTopK, collect, top
+from surgeon.progress import NullProgress, Progress
+
+
+class TaskScore(Protocol):
+    name: str
+    higher_is_better: bool
+
+    def __call__(self, plan: Plan) -> float: ...
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    probe_layer: int
+    budget: int
+    steps: int = 20
+    warmup: int = 5
+    save_every: int = 5
+    rollback_mode: str = "auto"
+    rollback_ratio: float = 0.2
+    max_task_drop: float = 0.05
+
+
+@dataclass
+class StepRecord:
+    step: int
+    phase: str
+    restored: int
+    reverted: int
+    total_restored: int
+    harm_cosine: float
+    seconds: float
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    restored: int
+    score: float | None = None
+    meets_floor: bool = True
+
+
+@dataclass
+class RepairResult:
+    tuned_score: float | None
+    floor: float | None
+    rollback_used: bool
+    warmup_score: float | None
+    steps: list[StepRecord] = field(default_factory=list)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    chosen: Checkpoint | None = None
+
+
+class RestoreMethod:
+    def __init__(
+        self,
+        engine: LayeredModel,
+        scope: list[list[str]],
+        harmful_on_base: PreparedInputs,
+        harmful: PreparedInputs,
+        task: PreparedInputs,
+        settings: RestoreSettings,
+        workdir: Path,
+        score: TaskScore | None = None,
+        progress: Progress = NullProgress(),
+    ):
+        self.engine, self.scope, self.settings, self.score = engine, scope, settings, score
+        self.harmful_on_base, self.harmful, self.task = harmful_on_base, harmful, task
+        self.workdir, self.progress = Path(workdir), progress
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.names = [name for layer in scope for name in layer]
+        self.tensor_ids = {name: i for i, name in enumerate(self.names)}
+        self.accumulated = SpillStore(engine.store.budget_bytes, self.workdir / "gradients")
+        self.v_harm: torch.Tensor | None = None
+        self.v_task: torch.Tensor | None = None
+
+    def empty_masks(self) -> MaskSet:
+        return MaskSet({name: self.engine.tuned.shape(name) for name in self.names})
+
+    # -- Directions (computed once) --------------------------------------------------------
+
+    def compute_directions(self) -> None:
+        """v_harm: mean h(x) over H with base; v_task: mean h(x) over T with tuned."""
+        E = self.settings.probe_layer
+        self.v_harm = self.engine.last_token_states(self.harmful_on_base, BASE, E, "direction v_harm (base)").mean(0)
+        self.v_task = self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0)
+
+    # -- Restore step ----------------------------------------------------------------------
+
+    def restore_step(self, masks: MaskSet, accumulate: bool, description: str) -> tuple[dict[str, torch.Tensor], float]:
+        """Restore the k candidates with the largest |g|; return the entries restored and the loss."""
+        best = StreamingTopK(self.settings.budget)
+
+        def on_layer(raw: LayerTensors, grads: dict[str, torch.Tensor]) -> None:
+            for name in self.scope[raw.index]:
+                g = grads[name]
+                if accumulate:
+                    self.accumulated.put(name, g)
+                # theta - base: zero where restored, tuned - base elsewhere
+                diff = torch.where(masks.get(name), 0.0, raw.tuned[name].float() - raw.base[name].float()).to(g.device)
+                candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
+                indices = candidates.flatten().nonzero().squeeze(1)
+                best.offer(self.tensor_ids[name], g.flatten()[indices].abs(), indices)
+
+        seed = (lambda name: self.accumulated.get(name) if name in self.accumulated else None) if accumulate else (lambda name: None)
+        loss = self.engine.gradient_pass(
+            self.harmful, masks, self.v_harm, self.settings.probe_layer, self.scope, on_layer, seed, description
+        )
+        restored = {self.names[t]: idx for t, idx in best.result().by_tensor().items()}
+        for name, indices in restored.items():
+            masks.set(name, indices)
+        return restored, -loss / len(self.harmful.batches)
+
+    # -- Rollback step ---------------------------------------------------------------------
+
+    def rollback_step(self, masks: MaskSet, restored: dict[str, torch.Tensor], description: str) -> int:
+        """Revert the top ratio of this step's restored entries whose task gradient pulls back to tuned."""
+        parts: list[Selection] = []
+
+        def on_layer(raw: LayerTensors, grads: dict[str, torch.Tensor]) -> None:
+            for name in self.scope[raw.index]:
+                indices = restored.get(name)
+                if indices is None or indices.numel() == 0:
+                    continue
+                g = grads[name].flatten()[indices.to(grads[name].device)].float().cpu()
+                diff = (raw.base[name].float() - raw.tuned[name].float()).flatten()[indices]  # theta - tuned
+                candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
+                parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
+
+        self.engine.gradient_pass(self.task, masks, self.v_task, self.settings.probe_layer, self.scope, on_layer, description=description)
+        candidates = collect(parts)
+        chosen = top(candidates, math.ceil(self.settings.rollback_ratio * candidates.values.numel()))
+        for t, indices in chosen.by_tensor().items():
+            masks.clear(self.names[t], indices)
+        return chosen.values.numel()
+
+    # -- Schedule and gate -----------------------------------------------------------------
+
+    def _meets_floor(self, score: float, floor: float | None) -> bool:
+        if floor is None:
+            return True
+        return score >= floor if self.score.higher_is_better else score <= floor
+
+    def _run_steps(self, masks, first: int, last: int, rollback: bool, result: RepairResult, floor) -> None:
+        s = self.settings
+        for step in range(first, last + 1):
+            started = time.perf_counter()
+            phase = "restore+rollback" if rollback else "restore-only"
+            restored, cosine = self.restore_step(masks, accumulate=not rollback, description=f"step {step}/{s.steps} restore")
+            reverted = self.rollback_step(masks, restored, f"step {step}/{s.steps} rollback") if rollback else 0
+            record = StepRecord(step, phase, sum(int(i.numel()) for i in restored.values()), reverted, masks.count(), cosine, time.perf_counter() - started)
+            result.steps.append(record)
+            self.progress.log(
+                f"step {step}: restored {record.restored:,}, reverted {reverted:,}, total {record.total_restored:,} "
+                f"(cos to v_harm before step {cosine:.4f})"
+            )
+            if step % s.save_every == 0 or step == s.steps:
+                self._checkpoint(masks, step, result, floor)
+
+    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor) -> None:
+        path = self.workdir / f"checkpoint-{step}.safetensors"
+        masks.save(path)
+        checkpoint = Checkpoint(step, path, masks.count())
+        if self.score is not None:
+            checkpoint.score = self.score(masks)
+            checkpoint.meets_floor = self._meets_floor(checkpoint.score, floor)
+            self.progress.log(f"checkpoint {step}: task {self.score.name} {checkpoint.score:.4f} ({'within' if checkpoint.meets_floor else 'past'} the floor)")
+        result.checkpoints.append(checkpoint)
+
+    def run(self) -> RepairResult:
+        s = self.settings
+        self.compute_directions()
+        tuned_score = floor = None
+        if self.score is not None:
+            tuned_score = self.score(TUNED)
+            drop = s.max_task_drop if self.score.higher_is_better else -s.max_task_drop
+            floor = tuned_score - abs(tuned_score) * drop
+            self.progress.log(f"tuned task {self.score.name}: {tuned_score:.4f}, floor {floor:.4f}")
+        result = RepairResult(tuned_score, floor, rollback_used=s.rollback_mode == "always", warmup_score=None)
+        masks = self.empty_masks()
+        if s.rollback_mode == "always":
+            self._run_steps(masks, 1, s.steps, True, result, floor)
+        elif s.rollback_mode == "never":
+            self._run_steps(masks, 1, s.steps, False, result, floor)
+        else:
+            self._run_steps(masks, 1, s.warmup, False, result, floor)
+            scored = [c.score for c in result.checkpoints if c.step == s.warmup]
+            result.warmup_score = scored[0] if scored else (self.score(masks) if s.warmup else tuned_score)
+            if not self._meets_floor(result.warmup_score, floor):
+                self.progress.log(f"warm-up task {self.score.name} {result.warmup_score:.4f} is past the floor: restarting from tuned with rollback")
+                result.rollback_used = True
+                result.checkpoints.clear()
+                self.accumulated.clear()
+                masks = self.empty_masks()
+                self._run_steps(masks, 1, s.steps, True, result, floor)
+            else:
+                self._run_steps(masks, s.warmup + 1, s.steps, False, result, floor)
+        within = [c for c in result.checkpoints if c.meets_floor]
+        result.chosen = within[-1] if within else None
+        self.accumulated.clear()
+        return result

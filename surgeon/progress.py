@@ -1,0 +1,32 @@
+"""A tiny progress protocol, so the engine reports work without knowing about terminals."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+
+class ProgressTask(Protocol):
+    def advance(self, amount: float = 1) -> None: ...
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: float | None) -> "contextmanager[ProgressTask]": ...
+
+    def log(self, message: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, amount: float = 1) -> None:
+        pass
+
+
+class NullProgress:
+    """The default: reports nothing."""
+
+    @contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[_NullTask]:
+        yield _NullTask()
+
+    def log(self, message: str) -> None:
+        pass

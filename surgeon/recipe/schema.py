@@ -1,0 +1,169 @@
+"""The recipe: a strict pydantic model. Unknown keys are errors; nothing here knows torch."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from surgeon.recipe.sizes import parse_size
+
+DTYPES = Literal["float32", "bfloat16", "float16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """A model: a local folder, a Hub id with optional @revision, or a PEFT adapter folder."""
+
+    path: str = Field(min_length=1)
+    allow_pickle: bool = False
+
+
+def _string_is_path(value):
+    return {"path": value} if isinstance(value, str) else value
+
+
+class PromptSet(Strict):
+    """Prompts from a file (jsonl/json/csv/parquet, local or hf://datasets/...) or inline."""
+
+    path: str | None = None
+    field: str = "prompt"
+    prompts: list[str] | None = None
+    limit: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'path' or 'prompts'")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("'prompts' is empty")
+        return self
+
+
+class TaskEvalSet(Strict):
+    """Prompt/answer pairs that score the task (teacher-forced loss for now)."""
+
+    path: str
+    prompt_field: str = "prompt"
+    answer_field: str = "response"
+    metric: Literal["loss"] = "loss"
+    limit: int | None = Field(default=None, gt=0)
+
+
+class Data(Strict):
+    harmful: PromptSet
+    task: PromptSet
+
+    @field_validator("harmful", "task", mode="before")
+    @classmethod
+    def _string_is_prompt_path(cls, value):
+        return _string_is_path(value)
+
+
+class Probe(Strict):
+    layer: int | float | None = None
+    system_prompt: str | None = None
+    batch_size: int = Field(default=8, gt=0)
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_range(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("layer must be an int (number of layers) or a fraction in (0, 1)")
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError("a fractional layer must lie in (0, 1)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("layer must be at least 1")
+        return value
+
+
+class Restore(Strict):
+    sparsity: float = Field(default=0.002, gt=0.0, le=1.0)
+    steps: int = Field(default=20, ge=1)
+    warmup: int = Field(default=5, ge=0)
+    save_every: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self):
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup ({self.warmup}) is larger than steps ({self.steps})")
+        return self
+
+
+class Rollback(Strict):
+    mode: Literal["auto", "always", "never"] = "auto"
+    ratio: float = Field(default=0.2, gt=0.0, le=1.0)
+    max_task_drop: float = Field(default=0.05, ge=0.0, lt=1.0)
+
+
+class Evaluate(Strict):
+    task: TaskEvalSet | None = None
+    batch_size: int = Field(default=8, gt=0)
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class Compute(Strict):
+    device: str = "auto"
+    dtype: DTYPES = "float32"
+    max_memory: str | int | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value):
+        if not _DEVICE.match(value):
+            raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value):
+        if value is not None:
+            parse_size(value)
+        return value
+
+
+class Output(Strict):
+    path: str = "./repaired"
+    dtype: DTYPES | None = None
+    max_shard_size: str | int = "5GB"
+    write_below_floor: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value):
+        parse_size(value)
+        return value
+
+
+class Recipe(Strict):
+    method: Literal["restore"] = "restore"
+    base: ModelSpec
+    tuned: ModelSpec
+    data: Data
+    probe: Probe = Probe()
+    restore: Restore = Restore()
+    rollback: Rollback = Rollback()
+    evaluate: Evaluate = Evaluate()
+    compute: Compute = Compute()
+    output: Output = Output()
+    seed: int = 0
+
+    @field_validator("base", "tuned", mode="before")
+    @classmethod
+    def _string_is_model_path(cls, value):
+        return _string_is_path(value)
+
+    @model_validator(mode="after")
+    def _gate_needs_a_metric(self):
+        if self.rollback.mode == "auto" and self.evaluate.task is None:
+            raise ValueError(
+                "rollback.mode 'auto' needs a task score: add evaluate.task, "
+                "or set rollback.mode to 'never' or 'always'"
+            )
+        return self

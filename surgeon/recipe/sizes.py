@@ -1,0 +1,27 @@
+"""Human byte sizes ("5GB", "8GiB", 1000000) to integers."""
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str) -> int:
+    """Return a positive number of bytes; raise ValueError naming the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 5GB, 512MiB or a number of bytes")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    else:
+        match = _PATTERN.match(str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"'{value}' is not a size such as 5GB, 512MiB or a number of bytes")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size

@@ -1,0 +1,97 @@
+"""A plain in-memory implementation of ../shared/method.md, independent of surgeon's engine.
+
+Whole models in RAM, the model's own forward with output_hidden_states, autograd on
+parameters, concatenated gradients for the top-k. Slow and memory-hungry on purpose:
+it is what the streaming engine must agree with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def _batches(tokenizer, prompts, batch_size):
+    encoded = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        encoded.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in chunk])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in chunk])
+        positions = torch.tensor([[0] * (width - len(s)) + list(range(len(s))) for s in chunk])
+        batches.append((ids, mask, positions))
+    return batches
+
+
+def _h(model, batch, layer):
+    ids, mask, positions = batch
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[layer][:, -1, :]
+
+
+def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4):
+    """Masks after `steps` steps: restore-only with accumulated gradients, or restore+rollback."""
+    tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    base, tuned, model = load(base_dir), load(tuned_dir), load(tuned_dir)
+    base_params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
+    params = dict(model.named_parameters())
+    norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+    scope = [n for n in params if n.startswith("model.layers.") and int(n.split(".")[2]) < layer and n.rsplit(".", 1)[0] not in norms]
+    total = sum(p.numel() for n, p in params.items() if n.startswith("model.layers."))
+    k = math.ceil(sparsity * total)
+    H, T = _batches(tokenizer, harmful, batch_size), _batches(tokenizer, task, batch_size)
+    with torch.no_grad():
+        v_harm = torch.cat([_h(base, b, layer) for b in H]).mean(0)
+        v_task = torch.cat([_h(tuned, b, layer) for b in T]).mean(0)
+    masks = {n: torch.zeros_like(params[n], dtype=torch.bool) for n in scope}
+
+    def set_theta():
+        with torch.no_grad():
+            for n in scope:
+                params[n].copy_(torch.where(masks[n], base_params[n], tuned_params[n]))
+
+    def gradient(batches, v):
+        for b in batches:
+            (-torch.nn.functional.cosine_similarity(_h(model, b, layer).mean(0), v, dim=0)).backward()
+
+    for _ in range(steps):
+        if rollback:
+            model.zero_grad(set_to_none=True)
+        set_theta()
+        gradient(H, v_harm)
+        scores, where = [], []
+        for n in scope:
+            g = params[n].grad
+            diff = params[n].detach() - base_params[n].detach()
+            cand = ((torch.sign(diff) == torch.sign(g)) & (diff != 0)).flatten()
+            idx = cand.nonzero().squeeze(1)
+            scores.append(g.flatten()[idx].abs())
+            where += [(n, int(i)) for i in idx]
+        chosen = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:k]
+        restored = [where[i] for i in chosen.tolist()]
+        for n, i in restored:
+            masks[n].view(-1)[i] = True
+        if rollback:
+            set_theta()
+            model.zero_grad(set_to_none=True)
+            gradient(T, v_task)
+            values, picks = [], []
+            for n, i in restored:
+                d = (params[n].detach().view(-1)[i] - tuned_params[n].detach().view(-1)[i]).item()
+                g = params[n].grad.view(-1)[i].item()
+                if d != 0 and math.copysign(1, d) == math.copysign(1, g) and g != 0:
+                    values.append(abs(g))
+                    picks.append((n, i))
+            count = math.ceil(ratio * len(values))
+            for j in torch.sort(torch.tensor(values), descending=True, stable=True).indices[:count].tolist():
+                n, i = picks[j]
+                masks[n].view(-1)[i] = False
+            model.zero_grad(set_to_none=True)
+    return masks, k
