@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from surgeon.data.batches import Batch
-from surgeon.engine.layout import ModelLayout
+from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource
@@ -75,17 +74,15 @@ class LayeredModel:
         config: PretrainedConfig,
         base: TensorSource,
         tuned: TensorSource,
-        layout: ModelLayout,
         store: SpillStore,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: Progress = NullProgress(),
     ):
-        self.config, self.base, self.tuned, self.layout = config, base, tuned, layout
+        self.config, self.base, self.tuned = config, base, tuned
         self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
-        with init_empty_weights():
-            self.skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-        self.skeleton.eval()
+        self.skeleton = build_skeleton(config)
+        self.layout = ModelLayout.from_checkpoint(tuned.names(), {n: tuned.shape(n) for n in tuned.names()}, self.skeleton)
         for name, buffer in list(self.skeleton.named_buffers()):
             if buffer.device.type != "meta":
                 set_module_tensor_to_device(self.skeleton, name, self.device)

@@ -13,6 +13,15 @@ from surgeon.errors import IncompatibleModelsError, RecipeError
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+def build_skeleton(config) -> torch.nn.Module:
+    """The model with every parameter on `meta`: structure without memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
 def _is_norm(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class MaskSet:
         """Packed bits per tensor (little bit order) and the shapes, so a repair can be re-applied."""
         meta = {"format": "surgeon-masks", "bitorder": "little", "shapes": json.dumps(self.shapes)}
         save_file(self._bits, str(path), metadata={**meta, **(metadata or {})})
+        os.chmod(path, 0o644)  # safetensors writes through a private temp file
 
     @classmethod
     def load(cls, path: Path) -> "MaskSet":

@@ -32,9 +32,12 @@ class ResolvedModel:
     adapter_of: str | None = None
 
     @property
-    def tokenizer_folder(self) -> Path:
-        has_tokenizer = any((self.folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-        return self.folder if has_tokenizer else self.config_folder
+    def tokenizer_folder(self) -> Path | None:
+        """The folder holding this model's tokenizer: its own, else (an adapter's) base's, else None."""
+        for folder in (self.folder, self.config_folder):
+            if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+                return folder
+        return None
 
     def describe(self) -> dict:
         return {"reference": self.reference, "revision": self.revision, "adapter_of": self.adapter_of, "folder": str(self.folder)}
@@ -101,3 +104,11 @@ def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedMode
         reference=reference, folder=folder, tensors=_checkpoint(folder, reference, allow_pickle),
         config=_read_config(folder, reference), config_folder=folder, revision=revision,
     )
+
+
+def tokenizer_folder(tuned: ResolvedModel, base: ResolvedModel) -> Path:
+    """tuned's tokenizer (the chat template it was trained with), else base's."""
+    folder = tuned.tokenizer_folder or base.tokenizer_folder
+    if folder is None:
+        raise InputError("neither tuned nor base has tokenizer files (tokenizer.json or tokenizer_config.json)", tuned.reference)
+    return folder

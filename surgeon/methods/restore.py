@@ -80,6 +80,7 @@ class RestoreMethod:
         task: PreparedInputs,
         settings: RestoreSettings,
         workdir: Path,
+        gradient_store: SpillStore,
         score: TaskScore | None = None,
         progress: Progress = NullProgress(),
     ):
@@ -89,7 +90,7 @@ class RestoreMethod:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.names = [name for layer in scope for name in layer]
         self.tensor_ids = {name: i for i, name in enumerate(self.names)}
-        self.accumulated = SpillStore(engine.store.budget_bytes, self.workdir / "gradients")
+        self.accumulated = gradient_store
         self.v_harm: torch.Tensor | None = None
         self.v_task: torch.Tensor | None = None
 

@@ -69,11 +69,16 @@ class Probe(Strict):
     system_prompt: str | None = None
     batch_size: int = Field(default=8, gt=0)
 
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("layer must be an int (number of layers) or a fraction in (0, 1)")
+        return value
+
     @field_validator("layer")
     @classmethod
     def _layer_range(cls, value):
-        if isinstance(value, bool):
-            raise ValueError("layer must be an int (number of layers) or a fraction in (0, 1)")
         if isinstance(value, float) and not 0.0 < value < 1.0:
             raise ValueError("a fractional layer must lie in (0, 1)")
         if isinstance(value, int) and value < 1:

@@ -1,4 +1,9 @@
-"""Tiny real transformers models, built locally: random init, a word-level tokenizer, a chat template."""
+"""Tiny random chat models built locally (word-level tokenizer, chat template): for trying
+surgeon offline in seconds and for its tests. They repair nothing meaningful; they exercise
+every code path on real transformers architectures.
+
+    python -m surgeon.tiny OUT_DIR    # writes OUT_DIR/llama-base and OUT_DIR/llama-tuned
+"""
 
 from __future__ import annotations
 
@@ -85,3 +90,12 @@ def make_pair(root: Path, arch: str = "llama", layers: int = 6, noise: float = 0
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m surgeon.tiny OUT_DIR")
+    for folder in make_pair(Path(sys.argv[1])):
+        print(folder)

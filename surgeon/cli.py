@@ -1,0 +1,101 @@
+"""The command line: parse flags, call one function, render its result or its error."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+
+import click
+from rich.console import Console
+
+from surgeon import __version__
+from surgeon.errors import RecipeValidationError, SurgeonError
+
+_err = Console(stderr=True, highlight=False, log_path=False)
+_out = Console(highlight=False)
+
+
+def _verbosity(function):
+    function = click.option("--debug", is_flag=True, help="Show the traceback of any failure.")(function)
+    function = click.option("-q", "--quiet", is_flag=True, help="Only the result and errors.")(function)
+    return click.option("-v", "--verbose", is_flag=True, help="Also show library warnings.")(function)
+
+
+def _reported(function):
+    """SurgeonError: one line per problem, exit 2. Anything else: one line, exit 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args, debug: bool = False, verbose: bool = False, quiet: bool = False, **kwargs):
+        if not verbose:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        try:
+            return function(*args, verbose=verbose, quiet=quiet, **kwargs)
+        except RecipeValidationError as exc:
+            for message, where in exc.problems:
+                click.echo(f"error: {message} ({where})", err=True)
+            sys.exit(exc.exit_code)
+        except SurgeonError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written to the destination", err=True)
+            sys.exit(130)
+        except Exception as exc:  # the last line of defence: one line unless --debug
+            if debug:
+                traceback.print_exc()
+            first = (str(exc).splitlines() or [""])[0]
+            click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="surgeon")
+def main():
+    """Repair the safety alignment a fine-tuned model lost, from a YAML recipe."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N (overrides compute.device).")
+@_verbosity
+@_reported
+def run(recipe, output, overwrite, device, verbose, quiet):
+    """Repair the tuned model of RECIPE and write the repaired checkpoint."""
+    from surgeon.console import RichProgress, summary_lines, summary_table
+    from surgeon.pipeline import RunOverrides
+    from surgeon.pipeline import run as run_recipe
+    from surgeon.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
+        report = run_recipe(loaded, RunOverrides(output, overwrite, device), progress)
+    if not quiet:
+        _out.print(summary_table(report))
+    for line in summary_lines(report):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_verbosity
+@_reported
+def validate(recipe, verbose, quiet):
+    """Check RECIPE: schema, model and data references, base/tuned compatibility. No heavy work."""
+    from surgeon.pipeline import validate as validate_recipe
+    from surgeon.recipe import load_recipe
+
+    facts = validate_recipe(load_recipe(recipe))
+    if not quiet:
+        for key, value in facts.items():
+            click.echo(f"{key.replace('_', ' ')}: {value:,}")
+    click.echo(f"{recipe}: ok")

@@ -1,0 +1,83 @@
+"""Terminal rendering for the CLI: rich progress bars and tables. The engine never imports this."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} it/s" if task.speed else "", style="dim")
+
+
+class RichProgress:
+    """One bar per phase, with items per second; log lines print above the bars."""
+
+    def __init__(self, console: Console, show_bars: bool = True, show_log: bool = True):
+        self.console, self.show_bars, self.show_log = console, show_bars, show_log
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            _RateColumn(), TimeElapsedColumn(),
+            console=console, transient=True, disable=not show_bars,
+        )
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+
+    @contextmanager
+    def task(self, description: str, total: float | None):
+        progress = self._progress
+        task_id = progress.add_task(description, total=total)
+
+        class _Task:
+            def advance(self, amount: float = 1) -> None:
+                progress.advance(task_id, amount)
+
+        try:
+            yield _Task()
+        finally:
+            progress.remove_task(task_id)
+
+    def log(self, message: str) -> None:
+        if self.show_log:
+            self.console.log(message)
+
+
+def _fraction(value: float) -> str:
+    return f"{value:.4%}"
+
+
+def summary_table(report: dict) -> Table:
+    task = report["task"]
+    table = Table(title="surgeon run", show_header=True)
+    for column in ("step", "phase", "restored", "reverted", "total restored", "task score", ""):
+        table.add_column(column, justify="right" if column not in ("phase", "") else "left", no_wrap=True)
+    scores = {c["step"]: c for c in task["checkpoints"]}
+    for step in report["steps"]:
+        checkpoint = scores.get(step["step"])
+        score = "" if checkpoint is None or checkpoint["score"] is None else f"{checkpoint['score']:.4f}"
+        mark = "← chosen" if task["chosen_step"] == step["step"] else ("past floor" if checkpoint and not checkpoint["meets_floor"] else "")
+        table.add_row(str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}", score, mark)
+    return table
+
+
+def summary_lines(report: dict) -> list[str]:
+    settings, restored, task = report["settings"], report["restored"], report["task"]
+    lines = [
+        f"probe layer E={settings['probe_layer']} of L={settings['layers_L']}, k={settings['budget']:,} per step, N={report['decoder_parameters_N']:,}",
+        f"restored {restored['total']:,} weights ({_fraction(restored['share_of_N'])} of decoder parameters)",
+    ]
+    if task["tuned"] is not None:
+        lines.append(f"task loss: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}" + (", rollback used" if task["rollback_used"] else ""))
+    seconds = sum(report["seconds"].values())
+    lines.append(f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {report['output']['path']}")
+    return lines

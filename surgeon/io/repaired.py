@@ -1,0 +1,59 @@
+"""Write the repaired checkpoint: tuned with masked entries copied from base, plus its files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from surgeon.engine.masks import MaskSet
+from surgeon.io.references import TOKENIZER_FILES, ResolvedModel
+from surgeon.io.writer import TensorEntry, write_sharded
+from surgeon.progress import NullProgress, Progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet, dtype: torch.dtype | None) -> torch.Tensor:
+    """Bit-exact copies: base's stored value where the mask is set, tuned's elsewhere."""
+    value = tuned.tensors.get(name)
+    if name in masks:
+        value = torch.where(masks.get(name), base.tensors.get(name), value)
+    return value if dtype is None else value.to(dtype)
+
+
+def write_repaired(
+    folder: Path,
+    base: ResolvedModel,
+    tuned: ResolvedModel,
+    masks: MaskSet,
+    dtype: str | None,
+    max_shard_bytes: int,
+    tokenizer_folder: Path,
+    progress: Progress = NullProgress(),
+) -> list[str]:
+    out_dtype = DTYPES[dtype] if dtype else None
+    names = tuned.tensors.names()
+    entries = [TensorEntry(n, tuned.tensors.shape(n), out_dtype if out_dtype and tuned.tensors.dtype(n).is_floating_point else tuned.tensors.dtype(n)) for n in names]
+    cast = {e.name: (e.dtype if e.dtype != tuned.tensors.dtype(e.name) else None) for e in entries}
+    shards = write_sharded(folder, entries, lambda n: repaired_tensor(n, base, tuned, masks, cast[n]), max_shard_bytes, progress)
+    _copy_model_files(folder, tuned, tokenizer_folder, dtype)
+    return shards
+
+
+def _copy_model_files(folder: Path, tuned: ResolvedModel, tokenizer_folder: Path, dtype: str | None) -> None:
+    """config and generation config from tuned (base's for an adapter), and the tokenizer used."""
+    config = dict(tuned.config)
+    if dtype:
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = tuned.config_folder / "generation_config.json"
+    if generation.exists():
+        shutil.copyfile(generation, folder / "generation_config.json")
+    for name in TOKENIZER_FILES:
+        source = tokenizer_folder / name
+        if source.exists():
+            shutil.copyfile(source, folder / name)

@@ -1,0 +1,56 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgeon.tiny import ANSWERS, HARMFUL, TASK, make_pair
+
+
+@pytest.fixture(scope="session")
+def model_pairs(tmp_path_factory):
+    """(base, tuned) folders per architecture, saved in several shards."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_pair(root, arch) for arch in ("llama", "qwen2", "gemma3")}
+
+
+@pytest.fixture
+def llama(model_pairs):
+    return model_pairs["llama"]
+
+
+def recipe_dict(base, tuned, **sections) -> dict:
+    recipe = {
+        "base": str(base),
+        "tuned": str(tuned),
+        "data": {"harmful": {"prompts": HARMFUL}, "task": {"prompts": TASK}},
+        "probe": {"layer": 4, "batch_size": 4},
+        "restore": {"sparsity": 0.01, "steps": 3, "warmup": 0, "save_every": 1},
+        "rollback": {"mode": "never"},
+        "compute": {"device": "cpu"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(base, tuned, name="recipe.yaml", **sections) -> Path:
+        recipe = recipe_dict(base, tuned, **sections)
+        recipe.setdefault("output", {"path": str(tmp_path / "repaired"), "max_shard_size": "40KB"})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def task_eval_file(tmp_path):
+    path = tmp_path / "task_eval.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": a}) + "\n" for p, a in zip(TASK, ANSWERS)))
+    return path

@@ -1,0 +1,78 @@
+import json
+
+from click.testing import CliRunner
+
+from surgeon import __version__
+from surgeon.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_run_writes_the_output_and_prints_a_summary(llama, write_recipe, tmp_path):
+    result = invoke("run", write_recipe(*llama), "-q")
+    assert result.exit_code == 0, result.output
+    assert "restored" in result.output and "peak RSS" in result.output
+    out = tmp_path / "repaired"
+    report = json.loads((out / "surgeon.json").read_text())
+    assert report["tool"]["version"] == __version__ and len(report["steps"]) == 3
+    assert {"config.json", "masks.safetensors", "recipe.yaml", "tokenizer.json", "model.safetensors.index.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if ".surgeon-" in p.name]
+
+
+def test_bad_recipe_prints_one_line_per_problem_and_exits_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\nrestore: {sparsty: 1, steps: -1}\n")
+    result = invoke("validate", recipe)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 2
+    assert all(line.startswith("error: ") and f"({recipe}:5)" in line for line in lines)
+    assert any("did you mean 'sparsity'" in line for line in lines)
+
+
+def test_missing_model_is_one_line_exit_2(tmp_path, write_recipe):
+    result = invoke("validate", write_recipe(tmp_path / "nope", tmp_path / "nope2"))
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "nope" in result.output
+
+
+def test_existing_output_is_refused_unless_overwrite(llama, write_recipe, tmp_path):
+    out = tmp_path / "repaired"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    recipe = write_recipe(*llama)
+    refused = invoke("run", recipe, "-q")
+    assert refused.exit_code == 2 and "--overwrite" in refused.output and (out / "keep.txt").exists()
+    assert invoke("run", recipe, "-q", "--overwrite").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "surgeon.json").exists()
+
+
+def test_output_flag_overrides_the_recipe(llama, write_recipe, tmp_path):
+    assert invoke("run", write_recipe(*llama), "-q", "--output", tmp_path / "elsewhere").exit_code == 0
+    assert (tmp_path / "elsewhere" / "surgeon.json").exists() and not (tmp_path / "repaired").exists()
+
+
+def test_output_inside_an_input_folder_is_refused(llama, write_recipe):
+    result = invoke("run", write_recipe(*llama), "-q", "--output", llama[1] / "repaired")
+    assert result.exit_code == 2 and "overlaps an input" in result.output
+
+
+def test_internal_errors_exit_1_with_one_line_and_debug_shows_the_traceback(llama, write_recipe, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("surgeon.pipeline.run", broken)
+    recipe = write_recipe(*llama)
+    result = invoke("run", recipe, "-q")
+    assert result.exit_code == 1 and result.output.strip() == "internal error: RuntimeError: boom (rerun with --debug for the traceback)"
+    assert "Traceback" in invoke("run", recipe, "-q", "--debug").output
+
+
+def test_validate_prints_the_plan(llama, write_recipe):
+    result = invoke("validate", write_recipe(*llama))
+    assert result.exit_code == 0 and "probe layer: 4" in result.output and result.output.strip().endswith("ok")

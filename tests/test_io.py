@@ -1,0 +1,168 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from surgeon.data.datasets import column, load_rows
+from surgeon.errors import IncompatibleModelsError, InputError
+from surgeon.io.preflight import check_compatible
+from surgeon.io.references import resolve_model
+from surgeon.io.writer import TensorEntry, write_sharded
+from surgeon.pipeline import run, validate
+from surgeon.recipe import load_recipe
+
+
+def test_written_shards_load_in_transformers_and_match(llama, tmp_path):
+    tuned = resolve_model(str(llama[1]))
+    names = tuned.tensors.names()
+    entries = [TensorEntry(n, tuned.tensors.shape(n), tuned.tensors.dtype(n)) for n in names]
+    shards = write_sharded(tmp_path, entries, tuned.tensors.get, max_shard_bytes=50_000)
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for file in ("config.json", "generation_config.json"):
+        shutil.copy(llama[1] / file, tmp_path / file)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(llama[1])
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+    single = tmp_path / "single"
+    single.mkdir()
+    assert write_sharded(single, entries, tuned.tensors.get, max_shard_bytes=10**9) == ["model.safetensors"]
+    assert not (single / "model.safetensors.index.json").exists()
+
+
+def _copy(folder, to):
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_corrupt_shard_is_a_one_line_input_error_naming_the_file(llama, tmp_path):
+    broken = _copy(llama[1], tmp_path / "broken")
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(InputError) as info:
+        resolve_model(str(broken))
+    assert shard.name in info.value.one_line() and "\n" not in info.value.one_line()
+
+
+def test_mismatched_shapes_are_named_before_any_work(llama, tmp_path):
+    other = _copy(llama[1], tmp_path / "other")
+    shard = next(f for f in other.glob("*.safetensors") if any("mlp.up_proj" in k for k in load_file(f)))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if "mlp.up_proj" in k)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(IncompatibleModelsError, match=f"shape of {name.replace('.', '[.]')}"):
+        check_compatible(resolve_model(str(llama[0])), resolve_model(str(other)))
+
+
+def test_pickle_checkpoints_need_allow_pickle(llama, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(llama[1] / "config.json", folder)
+    state = {}
+    for file in llama[1].glob("*.safetensors"):
+        state.update(load_file(file))
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="allow_pickle"):
+        resolve_model(str(folder))
+    loaded = resolve_model(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.tensors.get("model.layers.0.mlp.up_proj.weight"), state["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_unknown_reference_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_adapter_merges_exactly_like_peft(llama, tmp_path, dtype):
+    from peft import LoraConfig, get_peft_model
+
+    base_model = AutoModelForCausalLM.from_pretrained(llama[0], dtype=dtype)
+    peft_model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload().state_dict()
+    base = resolve_model(str(llama[0]))
+    (tmp_path / "bf").mkdir()
+    if dtype == torch.bfloat16:
+        bf16 = {n: base.tensors.get(n).to(dtype) for n in base.tensors.names()}
+        save_file(bf16, tmp_path / "bf" / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(llama[0] / "config.json", tmp_path / "bf")
+        base = resolve_model(str(tmp_path / "bf"))
+    tuned = resolve_model(str(tmp_path / "adapter"), base=base)
+    assert tuned.adapter_of == base.reference
+    changed = 0
+    for name in base.tensors.names():
+        ours = tuned.tensors.get(name)
+        reference = merged[name] if name in merged else merged["lm_head.weight"]
+        assert ours.dtype == dtype and torch.equal(ours, reference), name
+        changed += not torch.equal(ours, base.tensors.get(name))
+    assert changed == 6 * 3
+
+
+def test_adapter_run_equals_run_on_the_merged_checkpoint(llama, write_recipe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama[0]), LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    a = run(load_recipe(write_recipe(llama[0], tmp_path / "adapter", name="a.yaml", output={"path": str(tmp_path / "out-a")})))
+    b = run(load_recipe(write_recipe(llama[0], tmp_path / "merged", name="b.yaml", output={"path": str(tmp_path / "out-b")})))
+    assert a["restored"] == b["restored"] and a["restored"]["total"] > 0
+    assert a["inputs"]["tuned"]["adapter_of"] == str(llama[0])
+    out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
+    tensors = lambda d: {k: v for f in d.glob("model*.safetensors") for k, v in load_file(f).items()}
+    ta, tb = tensors(out_a), tensors(out_b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (out_a / "tokenizer.json").exists() and json.loads((out_a / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_dataset_formats(tmp_path, suffix):
+    rows = [{"prompt": "a b", "response": "x"}, {"prompt": "c", "response": "y"}]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        path.write_text("prompt,response\na b,x\nc,y\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    assert column(load_rows(str(path)), "prompt", str(path)) == ["a b", "c"]
+    assert column(load_rows(str(path)), "response", str(path), limit=1) == ["x"]
+
+
+def test_dataset_errors_name_the_row_and_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(InputError, match="row 2 has no text field 'prompt' \\(fields: text\\)"):
+        column(load_rows(str(path)), "prompt", str(path))
+    path.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(InputError) as info:
+        load_rows(str(path))
+    assert info.value.where == f"{path}:2"
+    with pytest.raises(InputError, match="unsupported dataset format"):
+        load_rows(str(tmp_path / "d.txt"))
+
+
+def test_validate_reports_the_plan_without_heavy_work(llama, write_recipe):
+    facts = validate(load_recipe(write_recipe(*llama)))
+    assert facts["layers"] == 6 and facts["probe_layer"] == 4 and facts["harmful_prompts"] == 12
+    assert facts["budget_per_step"] == -(-facts["decoder_parameters"] // 100)

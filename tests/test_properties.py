@@ -1,0 +1,67 @@
+"""Property tests for the selection and mask code the method's correctness rests on."""
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surgeon.engine.masks import MaskSet
+from surgeon.engine.topk import StreamingTopK, collect, top, Selection
+from surgeon.io.writer import TensorEntry, plan_shards
+
+values = st.lists(st.floats(0, 8, allow_nan=False, width=32).map(lambda v: round(v, 1)), min_size=0, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(values, min_size=1, max_size=6), k=st.integers(0, 60))
+def test_streaming_topk_equals_a_stable_sort_of_the_concatenation(chunks, k):
+    """Including ties (values are rounded so they repeat): the earlier-offered entry wins."""
+    best = StreamingTopK(k)
+    flat = []
+    for tensor_id, chunk in enumerate(chunks):
+        best.offer(tensor_id, torch.tensor(chunk, dtype=torch.float32), torch.arange(len(chunk)))
+        flat += [(v, tensor_id, i) for i, v in enumerate(chunk)]
+    expected = sorted(flat, key=lambda e: -e[0])[:k]  # Python's sort is stable
+    got = best.result()
+    assert list(zip(got.values.tolist(), got.tensor_ids.tolist(), got.indices.tolist())) == [
+        (float(np.float32(v)), t, i) for v, t, i in expected
+    ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunk=values, ratio=st.floats(0.01, 1.0))
+def test_rollback_count_is_the_ceiling_of_the_ratio(chunk, ratio):
+    candidates = collect([Selection(torch.tensor(chunk), torch.zeros(len(chunk), dtype=torch.long), torch.arange(len(chunk)))])
+    chosen = top(candidates, math.ceil(ratio * len(chunk)))
+    assert chosen.values.numel() == math.ceil(ratio * len(chunk))
+    assert all(chosen.values[i] >= chosen.values[i + 1] for i in range(chosen.values.numel() - 1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), data=st.data())
+def test_masks_set_clear_count_and_round_trip(tmp_path_factory, shape, data):
+    size = math.prod(shape)
+    masks = MaskSet({"w": tuple(shape)})
+    on = data.draw(st.sets(st.integers(0, size - 1)))
+    off = data.draw(st.sets(st.integers(0, size - 1)))
+    masks.set("w", torch.tensor(sorted(on), dtype=torch.long))
+    masks.clear("w", torch.tensor(sorted(off), dtype=torch.long))
+    expected = torch.zeros(size, dtype=torch.bool)
+    expected[list(on - off)] = True
+    assert torch.equal(masks.get("w"), expected.reshape(shape)) and masks.count() == len(on - off)
+    path = tmp_path_factory.mktemp("m") / "masks.safetensors"
+    masks.save(path)
+    loaded = MaskSet.load(path)
+    assert torch.equal(loaded.get("w"), masks.get("w")) and loaded.shapes == masks.shapes
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=30), budget=st.integers(4, 200))
+def test_shard_plan_keeps_order_and_budget(sizes, budget):
+    entries = [TensorEntry(f"t{i}", (s,), torch.float32) for i, s in enumerate(sizes)]
+    shards = plan_shards(entries, budget)
+    assert [e for shard in shards for e in shard] == entries
+    for shard in shards:
+        assert len(shard) == 1 or sum(e.nbytes for e in shard) <= budget

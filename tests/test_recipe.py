@@ -1,0 +1,90 @@
+import pytest
+
+from surgeon.errors import RecipeError, RecipeValidationError
+from surgeon.recipe import load_recipe, parse_recipe
+from surgeon.recipe.sizes import parse_size
+
+MINIMAL = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nrollback: {mode: never}\n"
+
+
+def problems(text):
+    with pytest.raises(RecipeValidationError) as info:
+        parse_recipe(text, "r.yaml")
+    return info.value.problems
+
+
+def test_minimal_recipe_gets_the_documented_defaults():
+    recipe = parse_recipe(MINIMAL)
+    assert recipe.base.path == "a" and recipe.data.harmful.path == "h.jsonl" and recipe.data.harmful.field == "prompt"
+    assert (recipe.restore.sparsity, recipe.restore.steps, recipe.restore.warmup, recipe.restore.save_every) == (0.002, 20, 5, 5)
+    assert (recipe.rollback.ratio, recipe.rollback.max_task_drop) == (0.2, 0.05)
+    assert recipe.probe.layer is None and recipe.probe.batch_size == 8
+    assert recipe.output.max_shard_size == "5GB" and recipe.output.dtype is None and recipe.compute.dtype == "float32"
+
+
+def test_misspelt_key_is_an_error_with_did_you_mean_and_line():
+    found = problems(MINIMAL + "restore:\n  sparsty: 0.1\n")
+    assert found == [("unknown key 'restore.sparsty'; did you mean 'sparsity'?", "r.yaml:6")]
+
+
+def test_every_bad_field_is_reported_once():
+    text = "base: a\ntuned: b\ndata:\n  harmful: {path: h, feild: x}\n  task: t\nrestore: {steps: 0}\nrollback: {mode: sometimes}\n"
+    messages = [m for m, _ in problems(text)]
+    assert len(messages) == 3
+    assert any("data.harmful.feild" in m and "'field'" in m for m in messages)
+    assert any(m.startswith("restore.steps") for m in messages)
+    assert any(m.startswith("rollback.mode") for m in messages)
+
+
+def test_missing_required_keys_are_named():
+    messages = [m for m, _ in problems("base: a\nrollback: {mode: never}\n")]
+    assert "missing required key 'tuned'" in messages and "missing required key 'data'" in messages
+
+
+def test_auto_rollback_without_a_task_metric_names_both_fixes():
+    (message, _), = problems(MINIMAL.replace("rollback: {mode: never}\n", ""))
+    assert "evaluate.task" in message and "'never'" in message
+
+
+def test_secrets_are_refused_in_recipes():
+    (message, where), = problems(MINIMAL + "token: hf_abc\n")
+    assert "HF_TOKEN" in message and "hf_abc" not in message and where == "r.yaml:5"
+
+
+def test_duplicate_keys_are_errors_not_silently_overwritten():
+    with pytest.raises(RecipeError, match="duplicate key 'base'"):
+        parse_recipe(MINIMAL + "base: c\n", "r.yaml")
+
+
+def test_invalid_yaml_names_the_line():
+    with pytest.raises(RecipeError) as info:
+        parse_recipe("base: a\ntuned: [b\n", "r.yaml")
+    assert info.value.where.startswith("r.yaml:")
+
+
+@pytest.mark.parametrize("layer, ok", [(4, True), (0.5, True), (1.5, False), (0, False), (True, False)])
+def test_probe_layer_is_an_int_or_a_fraction(layer, ok):
+    text = MINIMAL + f"probe: {{layer: {str(layer).lower()}}}\n"
+    if ok:
+        assert parse_recipe(text).probe.layer == layer
+    else:
+        problems(text)
+
+
+def test_sizes():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("8GiB") == 8 * 2**30 and parse_size(1024) == 1024
+    for bad in ("5 parsecs", "-1GB", "0", True):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    problems(MINIMAL + "output: {max_shard_size: lots}\n")
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "h.jsonl").write_text("{}\n")
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text(MINIMAL)
+    loaded = load_recipe(path)
+    assert loaded.resolve("h.jsonl") == str(tmp_path / "sub" / "h.jsonl")
+    assert loaded.resolve("org/model@main") == "org/model@main"
+    assert loaded.resolve("hf://datasets/o/n/f.jsonl") == "hf://datasets/o/n/f.jsonl"

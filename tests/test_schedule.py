@@ -1,0 +1,52 @@
+"""The gate of method.md: warm-up, rollback restart, checkpoint choice. Scores are scripted."""
+
+from surgeon.engine.layered import TUNED
+from surgeon.evaluate.task_loss import TaskLoss
+from surgeon.pipeline import run
+from surgeon.recipe import load_recipe
+
+
+def script(monkeypatch, repaired_losses):
+    """tuned scores 1.0 (floor 1.05 for a loss); repaired models get the listed losses in order."""
+    losses = iter(repaired_losses)
+    monkeypatch.setattr(TaskLoss, "__call__", lambda self, plan: 1.0 if plan == TUNED else next(losses))
+
+
+def _run(llama, write_recipe, task_eval_file, **restore):
+    recipe = write_recipe(*llama, rollback={"mode": "auto"}, evaluate={"task": {"path": str(task_eval_file)}},
+                          restore={"warmup": 2, "steps": 4, "save_every": 2, **restore})
+    return run(load_recipe(recipe))
+
+
+def test_warmup_within_the_floor_continues_restore_only(llama, write_recipe, task_eval_file, monkeypatch):
+    script(monkeypatch, [1.01, 1.02])
+    report = _run(llama, write_recipe, task_eval_file)
+    assert not report["task"]["rollback_used"] and report["task"]["warmup"] == 1.01
+    assert [s["phase"] for s in report["steps"]] == ["restore-only"] * 4
+    assert [c["step"] for c in report["task"]["checkpoints"]] == [2, 4] and report["task"]["chosen_step"] == 4
+    assert [s["total_restored"] for s in report["steps"]] == [report["settings"]["budget"] * i for i in (1, 2, 3, 4)]
+
+
+def test_warmup_past_the_floor_restarts_from_tuned_with_rollback(llama, write_recipe, task_eval_file, monkeypatch):
+    script(monkeypatch, [1.5, 1.04, 1.2])
+    report = _run(llama, write_recipe, task_eval_file)
+    task = report["task"]
+    assert task["rollback_used"] and task["warmup"] == 1.5
+    assert [s["phase"] for s in report["steps"]] == ["restore-only"] * 2 + ["restore+rollback"] * 4
+    assert [s["step"] for s in report["steps"]] == [1, 2, 1, 2, 3, 4]
+    assert all(s["reverted"] > 0 for s in report["steps"][2:])
+    # the warm-up's checkpoints are discarded; the latest one within the floor wins
+    assert [(c["step"], c["meets_floor"]) for c in task["checkpoints"]] == [(2, True), (4, False)]
+    assert task["chosen_step"] == 2
+    restarted = report["steps"][2]
+    assert restarted["total_restored"] == restarted["restored"] - restarted["reverted"]
+    assert report["restored"]["total"] == report["steps"][3]["total_restored"]
+
+
+def test_checkpoint_choice_is_the_latest_within_the_floor(llama, write_recipe, task_eval_file, monkeypatch):
+    script(monkeypatch, [1.01, 1.2, 1.03, 1.3])
+    report = _run(llama, write_recipe, task_eval_file, steps=8)
+    task = report["task"]
+    assert [(c["step"], c["meets_floor"]) for c in task["checkpoints"]] == [(2, True), (4, False), (6, True), (8, False)]
+    assert task["chosen_step"] == 6 and not task["rollback_used"]
+    assert report["restored"]["total"] == report["steps"][5]["total_restored"]
