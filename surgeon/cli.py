@@ -99,3 +99,7 @@ def validate(recipe, verbose, quiet):
         for key, value in facts.items():
             click.echo(f"{key.replace('_', ' ')}: {value:,}")
     click.echo(f"{recipe}: ok")
+
+
+if __name__ == "__main__":
+    main()

