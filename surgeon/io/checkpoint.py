@@ -30,29 +30,32 @@ class TensorSource(Protocol):
 
 
 class SafetensorsCheckpoint:
-    """All `*.safetensors` files of a folder (the index is not needed: headers say everything)."""
+    """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
+
+    Headers are read once. Each read opens its shard only for that read: a handle kept open
+    keeps every page read through it resident, so a long run would show the whole model in
+    its RSS; a closed one leaves only the tensors still in use.
+    """
 
     def __init__(self, files: list[Path]):
         if not files:
             raise InputError("no .safetensors files found")
-        self._handles = {}
         self._where: dict[str, Path] = {}
         self._headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for file in sorted(files):
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        if name in self._where:
+                            raise InputError(f"tensor '{name}' appears in two shards", str(file))
+                        view = handle.get_slice(name)
+                        dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                        if dtype is None:
+                            raise InputError(f"tensor '{name}' has unsupported dtype {view.get_dtype()}", str(file))
+                        self._where[name] = file
+                        self._headers[name] = (tuple(view.get_shape()), dtype)
             except (SafetensorError, OSError) as exc:
                 raise InputError(f"cannot read safetensors file: {exc}", str(file)) from None
-            self._handles[file] = handle
-            for name in handle.keys():
-                if name in self._where:
-                    raise InputError(f"tensor '{name}' appears in two shards", str(file))
-                view = handle.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
-                if dtype is None:
-                    raise InputError(f"tensor '{name}' has unsupported dtype {view.get_dtype()}", str(file))
-                self._where[name] = file
-                self._headers[name] = (tuple(view.get_shape()), dtype)
 
     @classmethod
     def from_folder(cls, folder: Path) -> "SafetensorsCheckpoint":
@@ -75,8 +78,9 @@ class SafetensorsCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except SafetensorError as exc:
+            with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
 
 
