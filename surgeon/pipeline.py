@@ -48,8 +48,8 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
 
     recipe = loaded.recipe
     progress.log("resolving models and data")
-    base = resolve_model(loaded.resolve(recipe.base.path), recipe.base.allow_pickle)
-    tuned = resolve_model(loaded.resolve(recipe.tuned.path), recipe.tuned.allow_pickle, base=base)
+    base = resolve_model(loaded.resolve(recipe.base.path, may_be_hub_id=True), recipe.base.allow_pickle)
+    tuned = resolve_model(loaded.resolve(recipe.tuned.path, may_be_hub_id=True), recipe.tuned.allow_pickle, base=base)
     check_compatible(base, tuned)
     evaluation = None
     if recipe.evaluate.task is not None:
@@ -121,6 +121,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from transformers import AutoConfig, AutoTokenizer
 
     from surgeon.data.batches import answer_batches, prompt_batches
+    from surgeon.engine.allocator import return_large_frees_to_os
     from surgeon.engine.layered import BASE, TUNED, LayeredModel
     from surgeon.engine.masks import MaskSet
     from surgeon.engine.store import SpillStore
@@ -131,6 +132,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from surgeon.report import PhaseTimer, build_report, write_report
 
     recipe: Recipe = loaded.recipe
+    return_large_frees_to_os()
     timer = PhaseTimer()
     torch.manual_seed(recipe.seed)
     destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))

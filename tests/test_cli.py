@@ -26,6 +26,17 @@ def test_run_writes_the_output_and_prints_a_summary(llama, write_recipe, tmp_pat
     assert not [p for p in tmp_path.iterdir() if ".surgeon-" in p.name]
 
 
+def test_a_repaired_folder_is_a_valid_input(llama, write_recipe, tmp_path):
+    """The output (with masks.safetensors beside the shards) can be repaired again or compared."""
+    from surgeon.io.references import resolve_model
+
+    assert invoke("run", write_recipe(*llama), "-q").exit_code == 0
+    repaired = resolve_model(str(tmp_path / "repaired"))
+    assert sorted(repaired.tensors.names()) == sorted(resolve_model(str(llama[1])).tensors.names())
+    result = invoke("run", write_recipe(llama[0], tmp_path / "repaired", name="again.yaml"), "-q", "--output", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+
+
 def test_bad_recipe_prints_one_line_per_problem_and_exits_2(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\nrestore: {sparsty: 1, steps: -1}\n")

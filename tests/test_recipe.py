@@ -43,7 +43,7 @@ def test_missing_required_keys_are_named():
 
 def test_auto_rollback_without_a_task_metric_names_both_fixes():
     (message, _), = problems(MINIMAL.replace("rollback: {mode: never}\n", ""))
-    assert "evaluate.task" in message and "'never'" in message
+    assert message.startswith("rollback.mode 'auto' needs a task score") and "evaluate.task" in message and "'never'" in message
 
 
 def test_secrets_are_refused_in_recipes():
@@ -86,5 +86,7 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
     path.write_text(MINIMAL)
     loaded = load_recipe(path)
     assert loaded.resolve("h.jsonl") == str(tmp_path / "sub" / "h.jsonl")
-    assert loaded.resolve("org/model@main") == "org/model@main"
+    assert loaded.resolve("data/missing.jsonl") == str(tmp_path / "sub" / "data" / "missing.jsonl")
+    assert loaded.resolve("org/model@main", may_be_hub_id=True) == "org/model@main"
+    assert loaded.resolve("./models/x", may_be_hub_id=True) == str(tmp_path / "sub" / "models" / "x")
     assert loaded.resolve("hf://datasets/o/n/f.jsonl") == "hf://datasets/o/n/f.jsonl"

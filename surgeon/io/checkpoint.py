@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -59,7 +60,22 @@ class SafetensorsCheckpoint:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "SafetensorsCheckpoint":
-        files = sorted(Path(folder).glob("*.safetensors"))
+        """The index's shards if there is an index, else model.safetensors, else every *.safetensors
+        (so a surgeon output folder, with its masks.safetensors beside the model, reads as a model)."""
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                raise InputError(f"unreadable shard index: {exc}", str(index)) from None
+            files = [folder / name for name in shards]
+            if missing := [f.name for f in files if not f.exists()]:
+                raise InputError(f"the index names {len(missing)} missing shard(s), e.g. {missing[0]}", str(index))
+        elif (folder / "model.safetensors").exists():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise InputError("no .safetensors files in model folder", str(folder))
         return cls(files)

@@ -31,13 +31,16 @@ class LoadedRecipe:
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
-    def resolve(self, relative: str) -> str:
-        """Paths in a recipe are relative to the recipe's folder; other references pass through."""
+    def resolve(self, relative: str, may_be_hub_id: bool = False) -> str:
+        """Paths in a recipe are relative to the recipe's folder. A model reference that names
+        no existing folder there (and does not start with '.') passes through as a Hub id."""
         candidate = Path(relative).expanduser()
         if candidate.is_absolute() or "://" in relative:
-            return relative
+            return str(candidate) if candidate.is_absolute() else relative
         local = self.folder / candidate
-        return str(local) if local.exists() or relative.startswith(".") else relative
+        if may_be_hub_id and not local.exists() and not relative.startswith("."):
+            return relative
+        return str(local)
 
 
 def _line_map(node: yaml.Node, file: str, path: tuple = ()) -> dict[tuple, int]:
@@ -86,7 +89,7 @@ def _describe(error: dict) -> tuple[tuple, str]:
     if error["type"] == "missing":
         return loc, f"missing required key '{dotted}'"
     message = error["msg"].removeprefix("Value error, ")
-    return loc, f"{dotted}: {message}"
+    return loc, f"{dotted}: {message}" if loc else message
 
 
 def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
