@@ -71,7 +71,7 @@ def main():
 @_reported
 def run(recipe, output, overwrite, device, verbose, quiet):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
-    from surgeon.console import RichProgress, summary_lines, summary_table
+    from surgeon.console import RichProgress, models_table, summary_lines, summary_table
     from surgeon.pipeline import RunOverrides
     from surgeon.pipeline import run as run_recipe
     from surgeon.recipe import load_recipe
@@ -81,8 +81,46 @@ def run(recipe, output, overwrite, device, verbose, quiet):
         report = run_recipe(loaded, RunOverrides(output, overwrite, device), progress)
     if not quiet:
         _out.print(summary_table(report))
+    if (table := models_table(report)) is not None:
+        _out.print(table)
     for line in summary_lines(report):
         click.echo(line)
+
+
+@main.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Take the evaluate section (and base/tuned) from this recipe.")
+@click.option("--safety", type=click.Path(dir_okay=False), help="Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt').")
+@click.option("--task", type=click.Path(dir_okay=False), help="Task rows with 'prompt' and 'response'.")
+@click.option("--metric", help="exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function.")
+@click.option("--judge", type=click.Choice(["refusal", "guard", "classifier"]), help="How answers to harmful prompts are judged.")
+@click.option("--judge-model", help="The guard or classifier model for --judge guard/classifier.")
+@click.option("--limit", type=click.IntRange(min=1), help="First N rows of each set.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Prompts per generation batch.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Longest answer generated.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_verbosity
+@_reported
+def evaluate(models, recipe, safety, task, metric, judge, judge_model, limit, batch_size, max_new_tokens, device, as_json, verbose, quiet):
+    """Harmful rate and task score of MODELS side by side ('base'/'tuned' name a recipe's models)."""
+    import json
+
+    from surgeon.console import RichProgress, models_table
+    from surgeon.pipeline import EvalRequest, evaluate_models
+    from surgeon.recipe import load_recipe
+
+    request = EvalRequest(list(models), load_recipe(recipe) if recipe else None, safety, task, metric, judge, judge_model,
+                          limit, batch_size, max_new_tokens, device)
+    with RichProgress(_err, show_bars=not quiet and not as_json, show_log=False) as progress:
+        results = evaluate_models(request, progress)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    _out.print(models_table({"evaluation": results}))
+    generation = results["generation"]
+    if generation["tokens"]:
+        click.echo(f"generated {generation['tokens']:,} tokens in {generation['seconds']:.1f}s ({generation['tokens_per_second']:.1f} tokens/s)")
 
 
 @main.command()

@@ -59,14 +59,33 @@ def _fraction(value: float) -> str:
 def summary_table(report: dict) -> Table:
     task = report["task"]
     table = Table(title="surgeon run", show_header=True)
-    for column in ("step", "phase", "restored", "reverted", "total restored", "task score", ""):
+    for column in ("step", "phase", "+restored", "-reverted", "total", "harm", "task", ""):
         table.add_column(column, justify="right" if column not in ("phase", "") else "left", no_wrap=True)
     scores = {c["step"]: c for c in task["checkpoints"]}
     for step in report["steps"]:
         checkpoint = scores.get(step["step"])
         score = "" if checkpoint is None or checkpoint["score"] is None else f"{checkpoint['score']:.4f}"
+        harm = "" if checkpoint is None or checkpoint.get("harmful_rate") is None else f"{checkpoint['harmful_rate']:.1%}"
         mark = "← chosen" if task["chosen_step"] == step["step"] else ("past floor" if checkpoint and not checkpoint["meets_floor"] else "")
-        table.add_row(str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}", score, mark)
+        table.add_row(str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}", harm, score, mark)
+    return table
+
+
+def models_table(report: dict) -> Table | None:
+    from surgeon.report import model_rows
+
+    rows = model_rows(report)
+    if not rows:
+        return None
+    evaluation = report["evaluation"]
+    table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}")
+    show_restored = any(row[3] != "–" for row in rows)
+    table.add_column("model", overflow="fold")
+    for column in ("harmful rate", "task score", "restored weights", "seconds"):
+        if column != "restored weights" or show_restored:
+            table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(value for i, value in enumerate(row) if i != 3 or show_restored))
     return table
 
 
@@ -77,7 +96,7 @@ def summary_lines(report: dict) -> list[str]:
         f"restored {restored['total']:,} weights ({_fraction(restored['share_of_N'])} of decoder parameters)",
     ]
     if task["tuned"] is not None:
-        lines.append(f"task loss: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}" + (", rollback used" if task["rollback_used"] else ""))
+        lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}" + (", rollback used" if task["rollback_used"] else ""))
     seconds = sum(report["seconds"].values())
     lines.append(f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {report['output']['path']}")
     return lines

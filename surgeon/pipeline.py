@@ -10,7 +10,7 @@ from surgeon.io.preflight import check_compatible
 from surgeon.io.references import ResolvedModel, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
-from surgeon.recipe.schema import PromptSet, Recipe
+from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet
 from surgeon.recipe.sizes import parse_size
 
 
@@ -28,9 +28,10 @@ class Inputs:
     harmful: list[str]
     task: list[str]
     evaluation: tuple[list[str], list[str]] | None
+    safety: list[str] | None = None
 
 
-def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str) -> list[str]:
+def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_name: str) -> list[str]:
     from surgeon.data.datasets import column, load_rows
 
     if prompt_set.prompts is not None:
@@ -57,7 +58,8 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
         reference = loaded.resolve(spec.path)
         rows = load_rows(reference)
         evaluation = (column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit))
-    return Inputs(base, tuned, _prompts(loaded, recipe.data.harmful, "data.harmful"), _prompts(loaded, recipe.data.task, "data.task"), evaluation)
+    safety = _prompts(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
+    return Inputs(base, tuned, _prompts(loaded, recipe.data.harmful, "data.harmful"), _prompts(loaded, recipe.data.task, "data.task"), evaluation, safety)
 
 
 def _device(setting: str) -> str:
@@ -115,24 +117,52 @@ def _numel(shape) -> int:
     return count
 
 
+def build_evaluator(spec: Evaluate, system_prompt: str | None, safety_prompts: list[str] | None, task_rows, engine, tokenizer,
+                    load, resolve, device: str, progress: Progress):
+    """The evaluator of an `evaluate` section, or None when it names nothing to score.
+    `engine` serves the streamed metrics (loss, kl); plan TUNED is the model they score by default."""
+    from surgeon.data.batches import answer_batches, prompt_batches
+    from surgeon.evaluate.evaluator import Evaluator
+    from surgeon.evaluate.setup import build_judge, safety_set, task_set
+    from surgeon.evaluate.streamed import TaskDivergence, TaskLoss
+
+    if spec.safety is None and spec.task is None:
+        return None
+    safety = task = None
+    if spec.safety is not None:
+        safety = safety_set(spec.safety, safety_prompts, build_judge(spec.safety, resolve, device, spec.batch_size))
+    if spec.task is not None:
+        prompts, references = task_rows
+        streamed = None
+        if spec.task.metric == "loss":
+            streamed = TaskLoss(engine, answer_batches(tokenizer, prompts, references, spec.batch_size, system_prompt))
+        elif spec.task.metric == "kl":
+            streamed = TaskDivergence(engine, prompt_batches(tokenizer, prompts, spec.batch_size, system_prompt))
+        task = task_set(spec.task, prompts, references, streamed)
+    return Evaluator(safety, task, load, spec.batch_size, system_prompt, progress=progress)
+
+
+def _generation_budget(recipe: Recipe) -> int | None:
+    return parse_size(recipe.compute.max_memory) if recipe.compute.max_memory else None
+
+
 def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress: Progress = NullProgress()) -> dict:
-    """Repair, write atomically, return the report (also saved as surgeon.json)."""
+    """Repair, write atomically, evaluate, return the report (also saved as surgeon.json and report.md)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from surgeon.data.batches import answer_batches, prompt_batches
-    from surgeon.engine.allocator import return_large_frees_to_os
+    from surgeon.data.batches import prompt_batches
     from surgeon.engine.layered import BASE, TUNED, LayeredModel
     from surgeon.engine.masks import MaskSet
     from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.task_loss import TaskLoss
+    from surgeon.evaluate.evaluator import Candidate
+    from surgeon.evaluate.setup import Candidates, RunScorer
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.repaired import DTYPES, write_repaired
     from surgeon.methods.restore import RestoreMethod, RestoreSettings
-    from surgeon.report import PhaseTimer, build_report, write_report
+    from surgeon.report import PhaseTimer, build_report, render_markdown, write_report
 
     recipe: Recipe = loaded.recipe
-    return_large_frees_to_os()
     timer = PhaseTimer()
     torch.manual_seed(recipe.seed)
     destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))
@@ -151,22 +181,25 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
             engine = LayeredModel(config, inputs.base.tensors, inputs.tuned.tensors, store, device, DTYPES[recipe.compute.dtype], progress)
             layout = engine.layout
             probe_layer = layout.probe_layer(recipe.probe.layer)
+            candidates = Candidates(inputs.base, inputs.tuned, tokenizer_files, output.workspace / "candidates")
+            evaluator = build_evaluator(
+                recipe.evaluate, recipe.probe.system_prompt, inputs.safety, inputs.evaluation, engine, tokenizer,
+                candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
+                lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress,
+            )
+            scorer = RunScorer(evaluator, candidates) if evaluator is not None and evaluator.task is not None else None
             batch = recipe.probe.batch_size
             harmful = prompt_batches(tokenizer, inputs.harmful, batch, recipe.probe.system_prompt)
             task = prompt_batches(tokenizer, inputs.task, batch, recipe.probe.system_prompt)
-            score = None
-            if inputs.evaluation is not None:
-                prompts, answers = inputs.evaluation
-                score = TaskLoss(engine, answer_batches(tokenizer, prompts, answers, recipe.evaluate.batch_size, recipe.probe.system_prompt))
             settings = RestoreSettings(
                 probe_layer=probe_layer, budget=layout.budget(recipe.restore.sparsity), steps=recipe.restore.steps,
                 warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
-                rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop,
+                rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.select,
             )
             method = RestoreMethod(
                 engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
                 engine.prepare(task, TUNED, probe_layer), settings, output.workspace / "checkpoints",
-                SpillStore(budget - budget // 2, output.workspace / "gradients"), score, progress,
+                SpillStore(budget - budget // 2, output.workspace / "gradients"), scorer, progress,
             )
         with timer.phase("repair"):
             result = method.run()
@@ -179,14 +212,32 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                     "nothing written. Lower restore.sparsity or steps, raise rollback.max_task_drop, or set output.write_below_floor",
                     "evaluate.task",
                 )
-            best = min if not score.higher_is_better else max
-            chosen = best(result.checkpoints, key=lambda c: c.score)
+            chosen = (max if scorer.higher_is_better else min)(result.checkpoints, key=lambda c: c.score)
             progress.log(f"no checkpoint met the floor; writing step {chosen.step}, the best task score, as asked")
         masks = MaskSet.load(chosen.path)
         with timer.phase("write"):
             shards = write_repaired(output.temporary, inputs.base, inputs.tuned, masks, recipe.output.dtype, parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
             masks.save(output.temporary / "masks.safetensors", {"step": str(chosen.step)})
             (output.temporary / "recipe.yaml").write_text(loaded.text)
+        evaluation = None
+        if evaluator is not None:
+            with timer.phase("evaluate"):
+                checkpoint = candidates.repaired(masks)
+                # the written output is the repaired model; no need to materialize it again
+                repaired = Candidate("repaired", masks, checkpoint.fingerprint, lambda: output.temporary)
+                chosen_models = {"base": candidates.base, "tuned": candidates.tuned, "repaired": lambda: repaired}
+                models = {name: evaluator.evaluate(chosen_models[name]()).to_dict() for name in recipe.evaluate.models}
+                models.get("repaired", {})["restored"] = masks.count()
+                evaluation = {
+                    "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
+                    "safety_prompts": len(inputs.safety or []),
+                    "metric": evaluator.metric.name if evaluator.metric else None,
+                    "higher_is_better": evaluator.metric.higher_is_better if evaluator.metric else None,
+                    "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
+                    "models": models,
+                    "generation": {"tokens": evaluator.stats.tokens, "seconds": round(evaluator.stats.seconds, 3),
+                                   "tokens_per_second": evaluator.stats.tokens_per_second},
+                }
         report = build_report(
             recipe_sha256=loaded.sha256,
             inputs={"base": inputs.base.describe(), "tuned": inputs.tuned.describe()},
@@ -194,10 +245,130 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                       "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
             result=result, masks=masks, decoder_parameters=layout.decoder_parameters, timer=timer,
             extra={"output": {"shards": shards, "path": str(output.destination)},
+                   "evaluation": evaluation,
                    "memory": {"max_decoder_layers_materialized": engine.max_materialized_layers,
                               "budget_bytes": budget, "activations_peak_bytes": store.peak_bytes,
                               "spilled_bytes": store.spilled_bytes + method.accumulated.spilled_bytes}},
         )
         write_report(output.temporary / "surgeon.json", report)
+        (output.temporary / "report.md").write_text(render_markdown(report))
         output.commit()
     return report
+
+
+@dataclass
+class EvalRequest:
+    """`surgeon eval`: models, and the evaluate section (a recipe's, with flags over it)."""
+
+    models: list[str]
+    recipe: LoadedRecipe | None = None
+    safety: str | None = None
+    task: str | None = None
+    metric: str | None = None
+    judge: str | None = None
+    judge_model: str | None = None
+    limit: int | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    device: str | None = None
+
+
+def _eval_spec(request: EvalRequest) -> Evaluate:
+    """The recipe's evaluate section with the flags laid over it, validated like a recipe."""
+    from pydantic import ValidationError
+
+    from surgeon.errors import RecipeError
+
+    spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {"safety": None, "task": None}
+    if request.safety:
+        spec["safety"] = {**(spec.get("safety") or {}), "path": request.safety, "prompts": None}
+    if request.task:
+        spec["task"] = {**(spec.get("task") or {}), "path": request.task}
+    flags = {
+        "safety": {"judge": request.judge, "model": request.judge_model, "limit": request.limit, "max_new_tokens": request.max_new_tokens},
+        "task": {"metric": request.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
+                 "limit": request.limit, "max_new_tokens": request.max_new_tokens},
+    }
+    for section, values in flags.items():
+        if spec.get(section):
+            spec[section].update({k: v for k, v in values.items() if v is not None})
+    if request.batch_size:
+        spec["batch_size"] = request.batch_size
+    spec["select"] = "last_within_floor"
+    try:
+        return Evaluate.model_validate(spec)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise RecipeError(error["msg"].removeprefix("Value error, "), "evaluate." + ".".join(str(p) for p in error["loc"])) from None
+
+
+def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -> dict:
+    """Harmful rate and task score of each model, side by side (generations cached on disk)."""
+    import tempfile
+    import time
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from surgeon.data.datasets import column, load_rows
+    from surgeon.engine.layered import LayeredModel
+    from surgeon.engine.store import SpillStore
+    from surgeon.evaluate.setup import Candidates
+    from surgeon.io.repaired import DTYPES
+
+    spec = _eval_spec(request)
+    if spec.safety is None and spec.task is None:
+        raise InputError("nothing to evaluate: give --safety and/or --task, or a recipe with an evaluate section", "surgeon eval")
+    recipe = request.recipe.recipe if request.recipe else None
+    resolve = (lambda ref, hub=False: request.recipe.resolve(ref, hub)) if request.recipe else (lambda ref, hub=False: ref)
+    flagged = lambda ref: ref if ref in (request.safety, request.task) else resolve(ref)
+    inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
+    safety_prompts = task_rows = None
+    if spec.safety is not None:
+        reference = flagged(spec.safety.path) if spec.safety.path else None
+        safety_prompts = spec.safety.prompts[: spec.safety.limit] if reference is None else column(load_rows(reference), spec.safety.field, reference, spec.safety.limit)
+    if spec.task is not None:
+        reference = flagged(spec.task.path)
+        rows = load_rows(reference)
+        task_rows = (column(rows, spec.task.prompt_field, reference, spec.task.limit), column(rows, spec.task.answer_field, reference, spec.task.limit))
+    if spec.task is not None and spec.task.metric == "kl" and inputs is None:
+        raise InputError("metric kl compares against a tuned model: give --recipe", "--metric")
+    device = _device(request.device or (recipe.compute.device if recipe else "auto"))
+    dtype = DTYPES[recipe.compute.dtype if recipe else "float32"]
+    system = recipe.probe.system_prompt if recipe else None
+    results, totals = {}, {"tokens": 0, "seconds": 0.0}
+    with tempfile.TemporaryDirectory(prefix="surgeon-eval-") as scratch:
+        for index, reference in enumerate(request.models):
+            started = time.perf_counter()
+            if inputs is not None and reference in ("base", "tuned"):
+                model = inputs.base if reference == "base" else inputs.tuned
+            else:
+                model = resolve_model(resolve(reference, True), base=inputs.base if inputs else None)
+            kl = spec.task is not None and spec.task.metric == "kl"
+            if kl:
+                check_compatible(model, inputs.tuned)
+            base_side, tuned_side = (model, inputs.tuned) if kl else (model if model.adapter_of is None else inputs.base, model)
+            tokenizer_files = tokenizer_folder(model, inputs.base if inputs else model)
+            candidates = Candidates(base_side, tuned_side, tokenizer_files, Path(scratch) / f"m{index}")
+            candidate = replace(candidates.base() if kl else candidates.tuned(), name=reference)
+            engine = LayeredModel(AutoConfig.from_pretrained(model.config_folder), base_side.tensors if kl else model.tensors,
+                                  tuned_side.tensors, SpillStore(_memory_budget(None, device), Path(scratch) / f"s{index}"), device, dtype, progress)
+            evaluator = build_evaluator(spec, system, safety_prompts, task_rows, engine, AutoTokenizer.from_pretrained(tokenizer_files),
+                                        candidates.loader(device, dtype, None), lambda ref: resolve(ref, True), device, progress)
+            scores = evaluator.evaluate(candidate).to_dict()
+            scores["seconds"] = time.perf_counter() - started
+            results[reference] = scores
+            totals["tokens"] += evaluator.stats.tokens
+            totals["seconds"] += evaluator.stats.seconds
+    metric = spec.task.metric if spec.task else None
+    from surgeon.evaluate.metrics import parse_metric
+
+    return {
+        "judge": spec.safety.judge if spec.safety else None,
+        "safety_prompts": len(safety_prompts or []),
+        "metric": metric,
+        "higher_is_better": parse_metric(metric).higher_is_better if metric else None,
+        "task_rows": len(task_rows[0]) if task_rows else 0,
+        "models": results,
+        "generation": {**totals, "tokens_per_second": totals["tokens"] / totals["seconds"] if totals["seconds"] else None},
+    }

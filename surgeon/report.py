@@ -66,10 +66,14 @@ def build_report(
         "steps": [asdict(step) for step in result.steps],
         "task": {
             "tuned": result.tuned_score,
+            "tuned_harmful_rate": result.tuned_harm,
             "floor": result.floor,
             "warmup": result.warmup_score,
             "rollback_used": result.rollback_used,
-            "checkpoints": [{"step": c.step, "restored": c.restored, "score": c.score, "meets_floor": c.meets_floor} for c in result.checkpoints],
+            "checkpoints": [
+                {"step": c.step, "restored": c.restored, "score": c.score, "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor}
+                for c in result.checkpoints
+            ],
             "chosen_step": result.chosen.step if result.chosen else None,
         },
         "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
@@ -80,3 +84,60 @@ def build_report(
 
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _number(value, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1%}" if percent else f"{value:.4f}"
+
+
+def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """(model, harmful rate, task score, restored weights, seconds) for each evaluated model."""
+    evaluation = report.get("evaluation") or {}
+    rows = []
+    for name, scores in evaluation.get("models", {}).items():
+        restored = scores.get("restored", 0 if name == "tuned" else None)
+        unparsable = f" ({scores['unparsable']} unparsable)" if scores.get("unparsable") else ""
+        rows.append((
+            name, _number(scores["harmful_rate"], percent=True) + unparsable, _number(scores["task_score"]),
+            "–" if restored is None else f"{restored:,}", f"{scores['seconds']:.1f}",
+        ))
+    return rows
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: what a person reads first in the output folder."""
+    settings, task, evaluation = report["settings"], report["task"], report.get("evaluation") or {}
+    lines = [
+        "# surgeon repair report",
+        "",
+        f"surgeon {report['tool']['version']}; base `{report['inputs']['base']['reference']}`, "
+        f"tuned `{report['inputs']['tuned']['reference']}`.",
+        f"Probe layer E={settings['probe_layer']} of {settings['layers_L']}; k={settings['budget']:,} weights per step; "
+        f"restored {report['restored']['total']:,} ({report['restored']['share_of_N']:.4%} of decoder parameters).",
+        "",
+    ]
+    if evaluation.get("models"):
+        metric = evaluation["metric"] or "–"
+        direction = "" if evaluation["higher_is_better"] is None else (" (higher is better)" if evaluation["higher_is_better"] else " (lower is better)")
+        lines += [
+            f"## Models (judge: {evaluation['judge'] or '–'} on {evaluation['safety_prompts']} prompts; task: {metric}{direction} on {evaluation['task_rows']} rows)",
+            "",
+            "| model | harmful rate | task score | restored weights | seconds |",
+            "|---|---|---|---|---|",
+            *[f"| {' | '.join(row)} |" for row in model_rows(report)],
+            "",
+        ]
+    checkpoints = {c["step"]: c for c in task["checkpoints"]}
+    lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
+    for step in report["steps"]:
+        c = checkpoints.get(step["step"], {})
+        mark = "chosen" if task["chosen_step"] == step["step"] else ("past floor" if c and not c["meets_floor"] else "")
+        lines.append(
+            f"| {step['step']} | {step['phase']} | {step['restored']:,} | {step['reverted']:,} | {step['total_restored']:,} | "
+            f"{_number(c.get('harmful_rate'), percent=True)} | {_number(c.get('score'))} | {mark} |"
+        )
+    if task["floor"] is not None:
+        lines += ["", f"Task floor {task['floor']:.4f} (tuned {task['tuned']:.4f}); rollback {'used' if task['rollback_used'] else 'not used'}."]
+    return "\n".join(lines) + "\n"

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from surgeon.errors import TaskFloorError
-from surgeon.evaluate.task_loss import TaskLoss
-from surgeon.engine.layered import TUNED
+from surgeon.evaluate.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 
@@ -90,10 +89,10 @@ def test_overwrite_keeps_the_old_output_when_the_new_run_fails(llama, write_reci
 
 
 def _scripted_loss(monkeypatch, repaired_loss):
-    """Task loss 1.0 for tuned and `repaired_loss(restored count)` for any repaired model."""
+    """Task loss 1.0 for base and tuned and `repaired_loss(restored count)` for any repaired model."""
 
     def score(self, plan):
-        return 1.0 if plan == TUNED else repaired_loss(plan.count())
+        return 1.0 if isinstance(plan, str) else repaired_loss(plan.count())
 
     monkeypatch.setattr(TaskLoss, "__call__", score)
 

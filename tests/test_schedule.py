@@ -1,15 +1,23 @@
 """The gate of method.md: warm-up, rollback restart, checkpoint choice. Scores are scripted."""
 
-from surgeon.engine.layered import TUNED
-from surgeon.evaluate.task_loss import TaskLoss
+from surgeon.evaluate.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 
 
 def script(monkeypatch, repaired_losses):
-    """tuned scores 1.0 (floor 1.05 for a loss); repaired models get the listed losses in order."""
-    losses = iter(repaired_losses)
-    monkeypatch.setattr(TaskLoss, "__call__", lambda self, plan: 1.0 if plan == TUNED else next(losses))
+    """base and tuned score 1.0 (floor 1.05 for a loss); each new repaired state gets the next listed
+    loss, and the same state scores the same when asked again (the final table re-scores the choice)."""
+    losses, seen = iter(repaired_losses), {}
+
+    def score(self, plan):
+        if isinstance(plan, str):
+            return 1.0
+        if plan.digest() not in seen:
+            seen[plan.digest()] = next(losses)
+        return seen[plan.digest()]
+
+    monkeypatch.setattr(TaskLoss, "__call__", score)
 
 
 def _run(llama, write_recipe, task_eval_file, **restore):

@@ -18,6 +18,7 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import PretrainedConfig
 
 from surgeon.data.batches import Batch
+from surgeon.engine.allocator import release_free_memory
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
@@ -124,6 +125,7 @@ class LayeredModel:
             for name in names:
                 self._set(name, None)
             self.materialized_layers -= 1
+            release_free_memory()
 
     def parameter(self, name: str) -> torch.nn.Parameter:
         return self.skeleton.get_parameter(name)
@@ -200,15 +202,17 @@ class LayeredModel:
             yield b, self.store.pop(self._key(prepared, num_layers, b))
 
     @contextmanager
-    def output_head(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """tuned's final norm and lm_head (tied to the embedding when the checkpoint has none)."""
+    def output_head(self, plan: Plan = TUNED) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Final norm and lm_head (tied to the embedding when the checkpoint has none): base's for
+        the base model, tuned's otherwise (they are never repaired)."""
+        source = self.base if plan == BASE else self.tuned
         norm_names = [f"model.norm.{n}" for n, _ in self.skeleton.model.norm.named_parameters()]
-        head_source = "lm_head.weight" if "lm_head.weight" in self.tuned.names() else self.embedding_name
-        head = torch.nn.Linear(self.config.hidden_size, self.tuned.shape(head_source)[0], bias=False, device=self.device, dtype=self.dtype)
-        head.weight.data = self.tuned.get(head_source).to(self.device, self.dtype)
+        head_source = "lm_head.weight" if "lm_head.weight" in source.names() else self.embedding_name
+        head = torch.nn.Linear(self.config.hidden_size, source.shape(head_source)[0], bias=False, device=self.device, dtype=self.dtype)
+        head.weight.data = source.get(head_source).to(self.device, self.dtype)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         for name in norm_names:
-            self._set(name, self.tuned.get(name))
+            self._set(name, source.get(name))
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
             out = head(self.skeleton.model.norm(hidden))

@@ -69,3 +69,12 @@ class MaskSet:
         masks.shapes = shapes
         masks._bits = dict(load_file(str(path)))
         return masks
+
+    def digest(self) -> str:
+        """Content identity of the masks, for caches keyed by model content."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in sorted(self._bits):
+            digest.update(name.encode() + b"\0" + self._bits[name].tobytes())
+        return digest.hexdigest()

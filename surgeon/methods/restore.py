@@ -20,11 +20,16 @@ from surgeon.engine.topk import Selection, StreamingTopK, collect, top
 from surgeon.progress import NullProgress, Progress
 
 
-class TaskScore(Protocol):
+class CheckpointScorer(Protocol):
+    """Scores a model state: the task metric (for the gate) and, when configured, the harmful rate."""
+
     name: str
     higher_is_better: bool
+    absolute_drop: bool  # the floor is S0 -/+ max_task_drop, not a relative drop (metrics where tuned scores 0)
 
-    def __call__(self, plan: Plan) -> float: ...
+    def task(self, plan: Plan) -> float: ...
+
+    def harm(self, plan: Plan) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class RestoreSettings:
     rollback_mode: str = "auto"
     rollback_ratio: float = 0.2
     max_task_drop: float = 0.05
+    select: str = "last_within_floor"
 
 
 @dataclass
@@ -56,12 +62,14 @@ class Checkpoint:
     path: Path
     restored: int
     score: float | None = None
+    harmful_rate: float | None = None
     meets_floor: bool = True
 
 
 @dataclass
 class RepairResult:
     tuned_score: float | None
+    tuned_harm: float | None
     floor: float | None
     rollback_used: bool
     warmup_score: float | None
@@ -81,10 +89,10 @@ class RestoreMethod:
         settings: RestoreSettings,
         workdir: Path,
         gradient_store: SpillStore,
-        score: TaskScore | None = None,
+        scorer: CheckpointScorer | None = None,
         progress: Progress = NullProgress(),
     ):
-        self.engine, self.scope, self.settings, self.score = engine, scope, settings, score
+        self.engine, self.scope, self.settings, self.scorer = engine, scope, settings, scorer
         self.harmful_on_base, self.harmful, self.task = harmful_on_base, harmful, task
         self.workdir, self.progress = Path(workdir), progress
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +167,7 @@ class RestoreMethod:
     def _meets_floor(self, score: float, floor: float | None) -> bool:
         if floor is None:
             return True
-        return score >= floor if self.score.higher_is_better else score <= floor
+        return score >= floor if self.scorer.higher_is_better else score <= floor
 
     def _run_steps(self, masks, first: int, last: int, rollback: bool, result: RepairResult, floor) -> None:
         s = self.settings
@@ -181,22 +189,35 @@ class RestoreMethod:
         path = self.workdir / f"checkpoint-{step}.safetensors"
         masks.save(path)
         checkpoint = Checkpoint(step, path, masks.count())
-        if self.score is not None:
-            checkpoint.score = self.score(masks)
+        if self.scorer is not None:
+            checkpoint.score = self.scorer.task(masks)
+            checkpoint.harmful_rate = self.scorer.harm(masks)
             checkpoint.meets_floor = self._meets_floor(checkpoint.score, floor)
-            self.progress.log(f"checkpoint {step}: task {self.score.name} {checkpoint.score:.4f} ({'within' if checkpoint.meets_floor else 'past'} the floor)")
+            harm = "" if checkpoint.harmful_rate is None else f", harmful rate {checkpoint.harmful_rate:.1%}"
+            self.progress.log(
+                f"checkpoint {step}: task {self.scorer.name} {checkpoint.score:.4f} "
+                f"({'within' if checkpoint.meets_floor else 'past'} the floor){harm}"
+            )
         result.checkpoints.append(checkpoint)
+
+    def _select(self, within: list[Checkpoint]) -> Checkpoint | None:
+        """last_within_floor: the latest; lowest_harm_within_floor: the least harmful, later on ties."""
+        if not within:
+            return None
+        if self.settings.select == "lowest_harm_within_floor":
+            return min(reversed(within), key=lambda c: c.harmful_rate)
+        return within[-1]
 
     def run(self) -> RepairResult:
         s = self.settings
         self.compute_directions()
-        tuned_score = floor = None
-        if self.score is not None:
-            tuned_score = self.score(TUNED)
-            drop = s.max_task_drop if self.score.higher_is_better else -s.max_task_drop
-            floor = tuned_score - abs(tuned_score) * drop
-            self.progress.log(f"tuned task {self.score.name}: {tuned_score:.4f}, floor {floor:.4f}")
-        result = RepairResult(tuned_score, floor, rollback_used=s.rollback_mode == "always", warmup_score=None)
+        tuned_score = tuned_harm = floor = None
+        if self.scorer is not None:
+            tuned_score, tuned_harm = self.scorer.task(TUNED), self.scorer.harm(TUNED)
+            drop = s.max_task_drop if self.scorer.absolute_drop else abs(tuned_score) * s.max_task_drop
+            floor = tuned_score - drop if self.scorer.higher_is_better else tuned_score + drop
+            self.progress.log(f"tuned task {self.scorer.name}: {tuned_score:.4f}, floor {floor:.4f}")
+        result = RepairResult(tuned_score, tuned_harm, floor, rollback_used=s.rollback_mode == "always", warmup_score=None)
         masks = self.empty_masks()
         if s.rollback_mode == "always":
             self._run_steps(masks, 1, s.steps, True, result, floor)
@@ -205,9 +226,9 @@ class RestoreMethod:
         else:
             self._run_steps(masks, 1, s.warmup, False, result, floor)
             scored = [c.score for c in result.checkpoints if c.step == s.warmup]
-            result.warmup_score = scored[0] if scored else (self.score(masks) if s.warmup else tuned_score)
+            result.warmup_score = scored[0] if scored else (self.scorer.task(masks) if s.warmup else tuned_score)
             if not self._meets_floor(result.warmup_score, floor):
-                self.progress.log(f"warm-up task {self.score.name} {result.warmup_score:.4f} is past the floor: restarting from tuned with rollback")
+                self.progress.log(f"warm-up task {self.scorer.name} {result.warmup_score:.4f} is past the floor: restarting from tuned with rollback")
                 result.rollback_used = True
                 result.checkpoints.clear()
                 self.accumulated.clear()
@@ -215,7 +236,6 @@ class RestoreMethod:
                 self._run_steps(masks, 1, s.steps, True, result, floor)
             else:
                 self._run_steps(masks, s.warmup + 1, s.steps, False, result, floor)
-        within = [c for c in result.checkpoints if c.meets_floor]
-        result.chosen = within[-1] if within else None
+        result.chosen = self._select([c for c in result.checkpoints if c.meets_floor])
         self.accumulated.clear()
         return result

@@ -44,14 +44,59 @@ class PromptSet(Strict):
         return self
 
 
+_METRIC = re.compile(r"^(exact_match|contains|rouge_l|loss|kl|f1:.+|python:[\w.]+:\w+)$")
+
+
 class TaskEvalSet(Strict):
-    """Prompt/answer pairs that score the task (teacher-forced loss for now)."""
+    """Prompt/answer pairs that score the task."""
 
     path: str
     prompt_field: str = "prompt"
     answer_field: str = "response"
-    metric: Literal["loss"] = "loss"
+    metric: str = "loss"
     limit: int | None = Field(default=None, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value):
+        if not _METRIC.match(value):
+            raise ValueError(
+                f"unknown metric '{value}': use exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function"
+            )
+        return value
+
+
+class SafetyEvalSet(Strict):
+    """Held-out harmful prompts; the harmful rate is the share whose greedy answer the judge calls harmful."""
+
+    path: str | None = None
+    field: str = "prompt"
+    prompts: list[str] | None = None
+    limit: int | None = Field(default=None, gt=0)
+    judge: Literal["refusal", "guard", "classifier"] = "refusal"
+    markers: list[str] | None = None
+    add_markers: list[str] | None = None
+    model: ModelSpec | None = None
+    harmful_label: str | None = None
+    max_new_tokens: int = Field(default=128, gt=0)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _string_is_model_path(cls, value):
+        return _string_is_path(value)
+
+    @model_validator(mode="after")
+    def _judge_needs(self):
+        if (self.path is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'path' or 'prompts'")
+        if self.judge in ("guard", "classifier") and self.model is None:
+            raise ValueError(f"judge '{self.judge}' needs 'model': the guard or classifier to load")
+        if self.judge == "refusal" and self.model is not None:
+            raise ValueError("judge 'refusal' uses markers, not a model; drop 'model' or pick judge guard/classifier")
+        if self.judge == "classifier" and not self.harmful_label:
+            raise ValueError("judge 'classifier' needs 'harmful_label': the label name that means harmful")
+        return self
 
 
 class Data(Strict):
@@ -106,8 +151,17 @@ class Rollback(Strict):
 
 
 class Evaluate(Strict):
+    safety: SafetyEvalSet | None = None
     task: TaskEvalSet | None = None
-    batch_size: int = Field(default=8, gt=0)
+    models: list[Literal["base", "tuned", "repaired"]] = ["base", "tuned", "repaired"]
+    select: Literal["last_within_floor", "lowest_harm_within_floor"] = "last_within_floor"
+    batch_size: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _selection_needs_safety(self):
+        if self.select == "lowest_harm_within_floor" and self.safety is None:
+            raise ValueError("select 'lowest_harm_within_floor' needs evaluate.safety to measure harm")
+        return self
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")

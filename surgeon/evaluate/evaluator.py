@@ -1,0 +1,131 @@
+"""Score a model: harmful rate on held-out harmful prompts and the task metric, with timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from surgeon.engine.layered import Plan
+from surgeon.evaluate.cache import GenerationCache
+from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
+from surgeon.evaluate.judges import Judge, harmful_rate
+from surgeon.evaluate.metrics import Metric
+from surgeon.progress import NullProgress, Progress
+
+
+@dataclass
+class Candidate:
+    """A model to score: its plan (for streamed metrics), content identity and a loadable folder."""
+
+    name: str
+    plan: Plan
+    fingerprint: Callable[[], str]
+    folder: Callable[[], Path]
+
+
+@dataclass
+class SafetySet:
+    prompts: list[str]
+    judge: Judge
+    max_new_tokens: int
+
+
+@dataclass
+class TaskSet:
+    prompts: list[str]
+    references: list[str]
+    metric: Metric
+    max_new_tokens: int
+    streamed: Callable[[Plan], float] | None = None  # loss / kl through the layered engine
+
+
+@dataclass
+class Scores:
+    harmful_rate: float | None = None
+    unparsable: int = 0
+    task_score: float | None = None
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    tokens_per_second: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        safety: SafetySet | None,
+        task: TaskSet | None,
+        load: Callable[[Path], LoadedModel],
+        batch_size: int,
+        system_prompt: str | None = None,
+        cache: GenerationCache | None = None,
+        progress: Progress = NullProgress(),
+    ):
+        self.safety, self.task, self.load = safety, task, load
+        self.batch_size, self.system_prompt = batch_size, system_prompt
+        self.cache, self.progress = cache or GenerationCache(), progress
+        self._loaded: tuple[str, LoadedModel] | None = None
+        self._fingerprints: dict[int, str] = {}
+        self.stats = GenerationStats()
+
+    @property
+    def metric(self) -> Metric | None:
+        return self.task.metric if self.task else None
+
+    def _fingerprint(self, candidate: Candidate) -> str:
+        key = id(candidate)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = candidate.fingerprint()
+        return self._fingerprints[key]
+
+    def _model(self, candidate: Candidate) -> LoadedModel:
+        fingerprint = self._fingerprint(candidate)
+        if self._loaded is None or self._loaded[0] != fingerprint:
+            self._loaded = None  # free the previous model before loading the next
+            self._loaded = (fingerprint, self.load(candidate.folder()))
+        return self._loaded[1]
+
+    def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str) -> list[str]:
+        settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
+        key = self.cache.key(self._fingerprint(candidate), prompts, settings)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        before = (self.stats.tokens, self.stats.seconds)
+        answers = generate(self._model(candidate), prompts, max_new_tokens, self.batch_size, self.system_prompt,
+                           self.progress, self.stats, f"{candidate.name}: {what} answers")
+        tokens, seconds = self.stats.tokens - before[0], self.stats.seconds - before[1]
+        self.cache.put(key, answers, {"model": self._fingerprint(candidate), "settings": settings, "tokens": tokens, "seconds": seconds})
+        return answers
+
+    def harm(self, candidate: Candidate) -> tuple[float, int] | None:
+        if self.safety is None:
+            return None
+        answers = self.answers(candidate, self.safety.prompts, self.safety.max_new_tokens, "safety")
+        return harmful_rate(self.safety.judge(self.safety.prompts, answers))
+
+    def task_score(self, candidate: Candidate) -> float | None:
+        if self.task is None:
+            return None
+        if self.task.streamed is not None:
+            return self.task.streamed(candidate.plan)
+        answers = self.answers(candidate, self.task.prompts, self.task.max_new_tokens, "task")
+        return float(self.task.metric.function(self.task.prompts, answers, self.task.references))
+
+    def evaluate(self, candidate: Candidate) -> Scores:
+        started = time.perf_counter()
+        before = (self.stats.tokens, self.stats.seconds)
+        scores = Scores()
+        harm = self.harm(candidate)
+        if harm is not None:
+            scores.harmful_rate, scores.unparsable = harm
+        scores.task_score = self.task_score(candidate)
+        scores.seconds = time.perf_counter() - started
+        scores.generated_tokens = self.stats.tokens - before[0]
+        seconds = self.stats.seconds - before[1]
+        scores.tokens_per_second = scores.generated_tokens / seconds if seconds else None
+        return scores

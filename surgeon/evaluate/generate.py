@@ -1,0 +1,80 @@
+"""Batched greedy decoding through the chat template, on a fully loaded model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from surgeon.data.batches import prompt_batches
+from surgeon.progress import NullProgress, Progress
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def load_for_generation(folder: Path, tokenizer_folder: Path, device: str, dtype: torch.dtype, max_memory: int | None, offload: Path) -> LoadedModel:
+    """On the device when it fits; past `max_memory`, accelerate's device map offloads to CPU/disk."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": dtype}
+    if max_memory is not None or device.startswith("cuda"):
+        accelerator = int(device.split(":")[1]) if device.startswith("cuda:") else (0 if device.startswith("cuda") else None)
+        budget = max_memory if max_memory is not None else "1000GiB"
+        limits = {"cpu": budget} if accelerator is None else {accelerator: budget, "cpu": "1000GiB"}
+        kwargs.update(device_map="auto", max_memory=limits, offload_folder=str(offload))
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if "device_map" not in kwargs:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    return LoadedModel(model, tokenizer)
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def generate(
+    loaded: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    progress: Progress = NullProgress(),
+    stats: GenerationStats | None = None,
+    description: str = "generating",
+) -> list[str]:
+    """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens."""
+    from transformers import GenerationConfig
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    device = next(model.parameters()).device
+    answers = []
+    with progress.task(description, total=len(prompts)) as task, torch.no_grad():
+        for batch in prompt_batches(tokenizer, prompts, batch_size, system_prompt):
+            started = time.perf_counter()
+            out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), generation_config=config)
+            new = out[:, batch.input_ids.shape[1]:].cpu()
+            for row in new:
+                stop = (row == pad).nonzero()
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                if stats is not None:
+                    stats.tokens += int(stop[0]) + 1 if len(stop) else len(row)
+            if stats is not None:
+                stats.seconds += time.perf_counter() - started
+            task.advance(len(batch))
+    return answers

@@ -1,0 +1,154 @@
+"""Build the evaluation of a recipe: judge, task set, candidates (base, tuned, checkpoints)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from surgeon.engine.layered import BASE, TUNED, Plan
+from surgeon.engine.masks import MaskSet
+from surgeon.errors import InputError
+from surgeon.evaluate.cache import combine, folder_fingerprint
+from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
+from surgeon.evaluate.generate import LoadedModel, load_for_generation
+from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
+from surgeon.evaluate.metrics import parse_metric
+from surgeon.io.references import ResolvedModel, resolve_model
+from surgeon.recipe.schema import SafetyEvalSet
+
+GUARD_NEW_TOKENS = 16
+
+
+def _guard_generate(folder: Path, device: str, batch_size: int) -> Callable[[list[list[dict]]], list[str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def run(conversations: list[list[dict]]) -> list[str]:
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        outputs = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=GUARD_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return outputs
+
+    return run
+
+
+def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) -> Callable[[list[str], list[str]], list[str]]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    labels = model.config.id2label
+    if harmful_label not in labels.values():
+        raise InputError(f"harmful_label '{harmful_label}' is not a label of the classifier (labels: {', '.join(map(str, labels.values()))})", str(folder))
+
+    def run(prompts: list[str], answers: list[str]) -> list[str]:
+        names = []
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], answers[start : start + batch_size], return_tensors="pt",
+                              padding=True, truncation=True).to(device)
+            with torch.no_grad():
+                names += [labels[int(i)] for i in model(**batch).logits.argmax(-1)]
+        return names
+
+    return run
+
+
+def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int) -> Judge:
+    if spec.judge == "refusal":
+        return RefusalJudge(spec.markers, spec.add_markers)
+    model = resolve_model(resolve(spec.model.path), spec.model.allow_pickle)
+    if spec.judge == "guard":
+        return GuardJudge(_guard_generate(model.folder, device, batch_size))
+    return ClassifierJudge(_classify(model.folder, device, batch_size, spec.harmful_label), spec.harmful_label)
+
+
+class Candidates:
+    """Candidates of a run. Checkpoints are materialized (only when generation needs them) into
+    the run's workspace, one at a time."""
+
+    def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_folder: Path, workspace: Path):
+        from surgeon.evaluate.cache import cache_root
+
+        self.base_model, self.tuned_model = base, tuned
+        self.tokenizer_folder, self.workspace = tokenizer_folder, Path(workspace)
+        self._cache_root = cache_root()
+        self._materialized: Path | None = None
+
+    def _fingerprint(self, model: ResolvedModel) -> str:
+        own = folder_fingerprint(model.folder, self._cache_root)
+        return combine(folder_fingerprint(model.config_folder, self._cache_root), own) if model.adapter_of else own
+
+    def _materialize(self, masks: MaskSet, tag: str) -> Path:
+        from surgeon.io.repaired import write_repaired
+
+        folder = self.workspace / f"candidate-{tag[:16]}"
+        if self._materialized == folder:
+            return folder
+        if self._materialized is not None:
+            shutil.rmtree(self._materialized, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_repaired(folder, self.base_model, self.tuned_model, masks, None, 5 * 10**9, self.tokenizer_folder)
+        self._materialized = folder
+        return folder
+
+    def base(self) -> Candidate:
+        return Candidate("base", BASE, lambda: self._fingerprint(self.base_model), lambda: self.base_model.folder)
+
+    def tuned(self) -> Candidate:
+        fingerprint = lambda: self._fingerprint(self.tuned_model)
+        if self.tuned_model.adapter_of is None:
+            return Candidate("tuned", TUNED, fingerprint, lambda: self.tuned_model.folder)
+        return Candidate("tuned", TUNED, fingerprint, lambda: self._materialize(MaskSet({}), fingerprint()))
+
+    def repaired(self, masks: MaskSet, name: str = "repaired") -> Candidate:
+        fingerprint = lambda: combine(self._fingerprint(self.tuned_model), self._fingerprint(self.base_model), masks.digest())
+        return Candidate(name, masks, fingerprint, lambda: self._materialize(masks, fingerprint()))
+
+    def for_plan(self, plan: Plan) -> Candidate:
+        if plan == BASE:
+            return self.base()
+        return self.tuned() if plan == TUNED else self.repaired(plan, "checkpoint")
+
+    def loader(self, device: str, dtype: torch.dtype, max_memory: int | None) -> Callable[[Path], LoadedModel]:
+        def load(folder: Path) -> LoadedModel:
+            has_tokenizer = (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()
+            return load_for_generation(folder, folder if has_tokenizer else self.tokenizer_folder, device, dtype, max_memory, self.workspace / "offload")
+
+        return load
+
+
+class RunScorer:
+    """The method's view of the evaluator: scores by plan."""
+
+    def __init__(self, evaluator: Evaluator, candidates: Candidates):
+        self.evaluator, self.candidates = evaluator, candidates
+        metric = evaluator.metric
+        self.name, self.higher_is_better, self.absolute_drop = metric.name, metric.higher_is_better, metric.absolute_drop
+
+    def task(self, plan: Plan) -> float:
+        return self.evaluator.task_score(self.candidates.for_plan(plan))
+
+    def harm(self, plan: Plan) -> float | None:
+        harm = self.evaluator.harm(self.candidates.for_plan(plan))
+        return None if harm is None else harm[0]
+
+
+def task_set(spec, prompts: list[str], references: list[str], streamed: Callable[[Plan], float] | None) -> TaskSet:
+    metric = parse_metric(spec.metric)
+    return TaskSet(prompts, references, metric, spec.max_new_tokens, streamed if not metric.generates else None)
+
+
+def safety_set(spec: SafetyEvalSet, prompts: list[str], judge: Judge) -> SafetySet:
+    return SafetySet(prompts, judge, spec.max_new_tokens)
