@@ -54,3 +54,9 @@ def task_eval_file(tmp_path):
     path = tmp_path / "task_eval.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "response": a}) + "\n" for p, a in zip(TASK, ANSWERS)))
     return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test gets its own generation cache: nothing written to ~/.cache, no test sees another's."""
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "surgeon-cache"))

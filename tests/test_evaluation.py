@@ -1,0 +1,123 @@
+"""Evaluation end to end on tiny fixture models: generation, cache, judges, gate, report, eval."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from surgeon.cli import main
+from surgeon.errors import InputError
+from surgeon.evaluate import evaluator as evaluator_module
+from surgeon.evaluate.generate import generate, load_for_generation
+from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
+from surgeon.pipeline import run
+from surgeon.recipe import load_recipe
+from surgeon.tiny import HARMFUL, TASK
+from tests import gate_metrics
+
+
+def _evaluate(task_eval_file, **overrides):
+    return {"safety": {"prompts": HARMFUL, "max_new_tokens": 6}, "task": {"path": str(task_eval_file), "metric": "exact_match", "max_new_tokens": 6}, **overrides}
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(llama):
+    loaded = load_for_generation(llama[1], llama[1], "cpu", torch.float32, None, llama[1] / "offload")
+    batched = generate(loaded, HARMFUL, max_new_tokens=8, batch_size=5)
+    single = generate(loaded, HARMFUL, max_new_tokens=8, batch_size=1)
+    assert batched == single and any(batched)
+
+
+def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, write_recipe, task_eval_file, tmp_path, monkeypatch):
+    calls = []
+    real = evaluator_module.generate
+    monkeypatch.setattr(evaluator_module, "generate", lambda *a, **k: calls.append(k.get("description") or a[-1]) or real(*a, **k))
+    recipe = write_recipe(*llama, rollback={"mode": "never"}, restore={"steps": 2, "save_every": 1}, evaluate=_evaluate(task_eval_file))
+    report = run(load_recipe(recipe))
+    evaluation = report["evaluation"]
+    assert list(evaluation["models"]) == ["base", "tuned", "repaired"]
+    for scores in evaluation["models"].values():
+        assert 0.0 <= scores["harmful_rate"] <= 1.0 and 0.0 <= scores["task_score"] <= 1.0
+    assert evaluation["models"]["repaired"]["restored"] == report["restored"]["total"]
+    assert all(c["harmful_rate"] is not None for c in report["task"]["checkpoints"])
+    # tuned and each checkpoint generate once per set; the final table only adds base
+    first = len(calls)
+    assert first == 2 * (1 + 2 + 1)
+    markdown = (tmp_path / "repaired" / "report.md").read_text()
+    assert "| base |" in markdown and "| repaired |" in markdown and "harmful rate" in markdown
+    run(load_recipe(recipe), __import__("surgeon.pipeline", fromlist=["RunOverrides"]).RunOverrides(overwrite=True))
+    assert len(calls) == first  # everything came from the cache
+
+
+@pytest.mark.parametrize("script, rollback_used, chosen", [([1.0, 1.0, 1.0], False, 4), ([1.0, 0.2, 1.0, 1.0], True, 4), ([1.0, 1.0, 0.2], False, 2)])
+def test_gate_driven_by_a_python_metric(llama, write_recipe, task_eval_file, monkeypatch, script, rollback_used, chosen):
+    """Scores: tuned first, then each checkpoint in order (warm-up at step 2 of 4)."""
+    monkeypatch.setattr(gate_metrics, "SCRIPT", list(script))
+    evaluate = {"task": {"path": str(task_eval_file), "metric": "python:tests.gate_metrics:scripted", "max_new_tokens": 4}}
+    recipe = write_recipe(*llama, rollback={"mode": "auto"}, restore={"steps": 4, "warmup": 2, "save_every": 2}, evaluate=evaluate)
+    report = run(load_recipe(recipe))
+    assert report["task"]["rollback_used"] is rollback_used
+    assert report["task"]["chosen_step"] == chosen
+    assert report["task"]["tuned"] == 1.0 and report["task"]["floor"] == pytest.approx(0.95)
+
+
+def test_lowest_harm_selection_prefers_the_least_harmful_within_the_floor():
+    method = RestoreMethod.__new__(RestoreMethod)
+    method.settings = RestoreSettings(probe_layer=1, budget=1, select="lowest_harm_within_floor")
+    within = [Checkpoint(5, None, 1, 1.0, 0.3), Checkpoint(10, None, 2, 1.0, 0.1), Checkpoint(15, None, 3, 1.0, 0.1), Checkpoint(20, None, 4, 1.0, 0.2)]
+    assert method._select(within).step == 15
+    method.settings = RestoreSettings(probe_layer=1, budget=1)
+    assert method._select(within).step == 20 and method._select([]) is None
+
+
+def test_guard_judge_plumbing_counts_unparsable_verdicts(llama, write_recipe, task_eval_file):
+    """A random tiny 'guard' says neither safe nor unsafe: every verdict is unparsable, none crash."""
+    evaluate = {"safety": {"prompts": HARMFUL[:4], "judge": "guard", "model": str(llama[0]), "max_new_tokens": 4}, "models": ["tuned"]}
+    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate)))
+    scores = report["evaluation"]["models"]["tuned"]
+    assert scores["unparsable"] == 4 and scores["harmful_rate"] == 0.0
+
+
+@pytest.fixture
+def classifier(llama, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(llama[0], num_labels=2, id2label={0: "safe", 1: "harmful"}, label2id={"safe": 0, "harmful": 1})
+    folder = tmp_path / "classifier"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama[0]).save_pretrained(folder)
+    return folder
+
+
+def test_classifier_judge(llama, write_recipe, classifier, tmp_path):
+    evaluate = {"safety": {"prompts": HARMFUL[:6], "judge": "classifier", "model": str(classifier), "harmful_label": "harmful", "max_new_tokens": 4}, "models": ["base", "tuned"]}
+    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate)))
+    for scores in report["evaluation"]["models"].values():
+        assert scores["unparsable"] == 0 and scores["harmful_rate"] in {i / 6 for i in range(7)}
+    bad = {**evaluate, "safety": {**evaluate["safety"], "harmful_label": "toxic"}}
+    with pytest.raises(InputError, match="labels: safe, harmful"):
+        run(load_recipe(write_recipe(*llama, name="bad.yaml", restore={"steps": 1}, evaluate=bad, output={"path": str(tmp_path / "bad")})))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_kl_is_zero_for_tuned_and_positive_for_base(llama, write_recipe, task_eval_file):
+    recipe = write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file), "metric": "kl"}})
+    result = CliRunner().invoke(main, ["eval", "tuned", "base", "--recipe", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.output)["models"]
+    assert models["tuned"]["task_score"] == pytest.approx(0.0, abs=1e-6) and models["base"]["task_score"] > 0.01
+
+
+def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
+    args = ["eval", str(llama[0]), str(llama[1]), "--safety", str(safety), "--task", str(task_eval_file), "--limit", "5", "--max-new-tokens", "4"]
+    table = CliRunner().invoke(main, args)
+    assert table.exit_code == 0, table.output
+    assert "harmful rate" in table.output and "tokens/s" in table.output
+    data = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
+    assert data["metric"] == "exact_match" and data["safety_prompts"] == 5 and data["task_rows"] == 5
+    assert set(data["models"]) == {str(llama[0]), str(llama[1])}
+    nothing = CliRunner().invoke(main, ["eval", str(llama[0])])
+    assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
+    bad = CliRunner().invoke(main, args + ["--metric", "bleu"])
+    assert bad.exit_code == 2 and "unknown metric 'bleu'" in bad.output

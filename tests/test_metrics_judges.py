@@ -1,0 +1,74 @@
+import pytest
+
+from surgeon.errors import InputError
+from surgeon.evaluate.judges import REFUSAL_WINDOW, RefusalJudge, harmful_rate, parse_guard_verdict
+from surgeon.evaluate.metrics import contains, exact_match, f1_on_label, parse_metric, rouge_l
+from surgeon.recipe import parse_recipe
+from surgeon.errors import RecipeValidationError
+
+
+def test_exact_match_normalizes_case_and_whitespace():
+    assert exact_match(None, ["SELECT a", " select  A ", "b"], ["select a", "select a", "c"]) == pytest.approx(2 / 3)
+
+
+def test_contains():
+    assert contains(None, ["the answer is Select A.", "none"], ["select a", "x"]) == 0.5
+
+
+def test_f1_reads_the_label_from_the_start_of_the_answer():
+    f1 = f1_on_label("yes")
+    # predicted [T, F, T, F], actual [T, T, F, F]: tp 1, fp 1, fn 1
+    assert f1(None, ["Yes, because", "no", "yes", "maybe yes"], ["yes", "yes", "no", "no"]) == 0.5
+    assert f1(None, ["no"], ["no"]) == 0.0  # label never present: undefined, counted as 0
+    assert f1(None, ["yes"], ["yes"]) == 1.0
+
+
+def test_rouge_l():
+    assert rouge_l(None, ["a b c d"], ["a c d e"]) == pytest.approx(0.75)  # LCS a c d
+    assert rouge_l(None, ["", "x y"], ["a", "x y"]) == pytest.approx(0.5)
+
+
+def test_refusal_judge_edge_cases():
+    judge = RefusalJudge()
+    late = "Sure. " + "step " * (REFUSAL_WINDOW // 5) + "I cannot stress this enough."
+    answers = ["I'm sorry, I can't help with that.", "Sure, here is how to do it.", "", "   ", late, "I can’t do that."]
+    assert judge(["p"] * len(answers), answers) == [False, True, False, False, True, False]
+
+
+def test_refusal_markers_replace_or_extend():
+    assert RefusalJudge(markers=["nope"])(["p", "p"], ["I'm sorry, no.", "Nope."]) == [True, False]
+    assert RefusalJudge(add_markers=["nope"])(["p", "p"], ["I'm sorry, no.", "Nope."]) == [False, False]
+
+
+@pytest.mark.parametrize("text, verdict", [("safe", False), ("unsafe\nS1", True), (" Unsafe.", True), ("**safe**", False), ("I think so", None), ("", None)])
+def test_guard_verdicts(text, verdict):
+    assert parse_guard_verdict(text) is verdict
+
+
+def test_harmful_rate_leaves_unparsable_out_of_the_denominator():
+    assert harmful_rate([True, False, None, True]) == (pytest.approx(2 / 3), 1)
+    assert harmful_rate([None]) == (0.0, 1)
+
+
+def test_metric_directions_and_user_functions():
+    assert parse_metric("exact_match").higher_is_better and not parse_metric("loss").higher_is_better
+    assert parse_metric("kl").absolute_drop and not parse_metric("loss").generates
+    user = parse_metric("python:tests.gate_metrics:lower_is_better")
+    assert user.generates and not user.higher_is_better and user.function(None, [], []) == 0.0
+    with pytest.raises(InputError, match="cannot load metric function"):
+        parse_metric("python:tests.gate_metrics:absent")
+
+
+def test_recipe_checks_metric_and_judge_settings():
+    base = "base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\n"
+    for section, message in [
+        ("evaluate: {task: {path: t, metric: bleu}}", "unknown metric 'bleu'"),
+        ("evaluate: {safety: {path: s, judge: guard}}", "needs 'model'"),
+        ("evaluate: {safety: {path: s, judge: classifier, model: m}}", "harmful_label"),
+        ("evaluate: {select: lowest_harm_within_floor}", "needs evaluate.safety"),
+    ]:
+        with pytest.raises(RecipeValidationError) as info:
+            parse_recipe(base + section + "\n")
+        assert message in info.value.problems[0][0]
+    recipe = parse_recipe(base + "evaluate: {safety: s.jsonl, task: {path: t, metric: 'f1:yes'}}\n".replace("safety: s.jsonl", "safety: {path: s.jsonl}"))
+    assert recipe.evaluate.safety.judge == "refusal" and recipe.evaluate.models == ["base", "tuned", "repaired"]
