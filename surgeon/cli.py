@@ -67,9 +67,10 @@ def main():
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N (overrides compute.device).")
+@click.option("--force-push", is_flag=True, help="Push (output.push) even if the evaluation does not show a repair.")
 @_verbosity
 @_reported
-def run(recipe, output, overwrite, device, verbose, quiet):
+def run(recipe, output, overwrite, device, force_push, verbose, quiet):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
     from surgeon.console import RichProgress, models_table, summary_lines, summary_table
     from surgeon.pipeline import RunOverrides
@@ -78,13 +79,40 @@ def run(recipe, output, overwrite, device, verbose, quiet):
 
     loaded = load_recipe(recipe)
     with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
-        report = run_recipe(loaded, RunOverrides(output, overwrite, device), progress)
+        report = run_recipe(loaded, RunOverrides(output, overwrite, device, force_push), progress)
     if not quiet:
         _out.print(summary_table(report))
     if (table := models_table(report)) is not None:
         _out.print(table)
     for line in summary_lines(report):
         click.echo(line)
+    if report.get("pushed"):
+        click.echo(f"pushed: {report['pushed']}")
+
+
+@main.command(name="push")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo-id", required=True, help="org/name on the Hub (created if missing).")
+@click.option("--private/--public", default=True, show_default=True, help="Visibility of a repo that has to be created.")
+@click.option("--branch", default="main", show_default=True, help="Branch to commit to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--message", help="Commit message (default names surgeon and the recipe).")
+@click.option("--prune", is_flag=True, help="Delete files of the repo that the folder does not have.")
+@click.option("--force", is_flag=True, help="Push even if the run's evaluation does not show a repair.")
+@_verbosity
+@_reported
+def push_command(folder, repo_id, private, branch, create_pr, message, prune, force, verbose, quiet):
+    """Push a finished output FOLDER to the Hub as one commit."""
+    from pathlib import Path
+
+    from surgeon.console import RichProgress
+    from surgeon.publish.push import PushSettings, push
+    from surgeon.recipe.schema import Push
+
+    Push(repo_id=repo_id)  # the same repo id rule as a recipe
+    with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
+        url = push(Path(folder), PushSettings(repo_id, private, branch, create_pr, message, prune, force), progress)
+    click.echo(f"pushed: {url}")
 
 
 @main.command(name="eval")

@@ -19,6 +19,7 @@ class RunOverrides:
     output: str | None = None
     overwrite: bool = False
     device: str | None = None
+    force_push: bool = False
 
 
 @dataclass
@@ -160,6 +161,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.repaired import DTYPES, write_repaired
     from surgeon.methods.restore import RestoreMethod, RestoreSettings
+    from surgeon.publish.card import render_card, tuned_card
     from surgeon.report import PhaseTimer, build_report, render_markdown, write_report
 
     recipe: Recipe = loaded.recipe
@@ -252,7 +254,14 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         )
         write_report(output.temporary / "surgeon.json", report)
         (output.temporary / "report.md").write_text(render_markdown(report))
+        (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
         output.commit()
+    if recipe.output.push is not None:
+        from surgeon.publish.push import PushSettings, push
+
+        spec = recipe.output.push
+        settings = PushSettings(spec.repo_id, spec.private, spec.branch, spec.create_pr, spec.commit_message, spec.prune, overrides.force_push)
+        report["pushed"] = push(output.destination, settings, progress)
     return report
 
 

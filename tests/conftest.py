@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from surgeon.tiny import ANSWERS, HARMFUL, TASK, make_pair
+from tests.hubserver import FakeHub
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +61,22 @@ def task_eval_file(tmp_path):
 def private_cache(tmp_path, monkeypatch):
     """Each test gets its own generation cache: nothing written to ~/.cache, no test sees another's."""
     monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "surgeon-cache"))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-token"))
+    yield server
+    server.close()

@@ -7,23 +7,6 @@ import pytest
 from surgeon.data.datasets import column, load_rows
 from surgeon.errors import InputError
 from surgeon.io.references import resolve_model
-from tests.hubserver import FakeHub
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    server = FakeHub()
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    yield server
-    server.close()
 
 
 def test_hub_model_is_downloaded_and_recorded_by_commit(hub, llama):

@@ -187,8 +187,30 @@ class Compute(Strict):
         return value
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Push(Strict):
+    """Publish the finished output to the Hub as one commit (token from HF_TOKEN or the login)."""
+
+    repo_id: str
+    private: bool = True
+    branch: str = "main"
+    create_pr: bool = False
+    commit_message: str | None = None
+    prune: bool = False
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value):
+        if not _REPO_ID.match(value):
+            raise ValueError(f"'{value}' is not a Hub repo id of the form org/name")
+        return value
+
+
 class Output(Strict):
     path: str = "./repaired"
+    push: Push | None = None
     dtype: DTYPES | None = None
     max_shard_size: str | int = "5GB"
     write_below_floor: bool = False

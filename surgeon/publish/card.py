@@ -1,0 +1,122 @@
+"""The model card (README.md) of a repaired model: the evidence first, tuned's own card after."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from surgeon.report import model_rows
+
+METHOD_REFERENCE = (
+    "Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "
+    "IEEE S&P 2025 ([arXiv 2504.09757](https://arxiv.org/abs/2504.09757))"
+)
+_HF_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+)")
+
+
+def _hub_id(described: dict) -> str | None:
+    """The Hub id of an input that came from the Hub (its revision is then known)."""
+    return described["reference"].split("@")[0] if described.get("revision") else None
+
+
+def _split_card(text: str) -> tuple[dict, str]:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text, ignore_metadata_errors=True)
+    return card.data.to_dict(), card.text
+
+
+def _layer_chart(by_layer: dict, width: int = 30) -> list[str]:
+    peak = max(by_layer.values(), default=0) or 1
+    return [f"layer {int(layer):>3} {'█' * round(width * count / peak):<{width}} {count:,}" for layer, count in by_layer.items()]
+
+
+def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -> str:
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    tuned_meta, tuned_body = _split_card(tuned_card) if tuned_card else ({}, "")
+    inputs, evaluation, restored = report["inputs"], report.get("evaluation") or {}, report["restored"]
+    bases = [b for b in (_hub_id(inputs["tuned"]), _hub_id(inputs["base"])) if b]
+    datasets = sorted(set(_HF_DATASET.findall(recipe_text)))
+    results = []
+    repaired = (evaluation.get("models") or {}).get("repaired")
+    if repaired:
+        name = "repaired"
+        if repaired.get("harmful_rate") is not None:
+            results.append(EvalResult(task_type="text-generation", dataset_type="harmful-prompts", dataset_name="held-out harmful prompts",
+                                      metric_type="harmful_rate", metric_name=f"harmful rate ({evaluation['judge']} judge)",
+                                      metric_value=round(repaired["harmful_rate"], 4)))
+        if repaired.get("task_score") is not None:
+            results.append(EvalResult(task_type="text-generation", dataset_type="task", dataset_name="task evaluation set",
+                                      metric_type=evaluation["metric"], metric_name=f"task {evaluation['metric']}",
+                                      metric_value=round(repaired["task_score"], 4)))
+    data = ModelCardData(
+        base_model=bases or None,
+        base_model_relation="merge" if bases else None,
+        library_name="transformers",
+        license=tuned_meta.get("license"),
+        tags=["surgeon", "safety", "alignment"],
+        datasets=datasets or None,
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
+    tuned_ref, base_ref = inputs["tuned"]["reference"], inputs["base"]["reference"]
+    settings = report["settings"]
+    lines = [
+        "# Safety-repaired model",
+        "",
+        f"This model is `{tuned_ref}` with {restored['total']:,} of its weights ({restored['share_of_N']:.4%} of the decoder "
+        f"parameters) copied back from the aligned model `{base_ref}`, to restore the refusals that fine-tuning removed "
+        f"while keeping its task ability. The weights were chosen by gradient as in {METHOD_REFERENCE}, "
+        f"using surgeon {report['tool']['version']}. Only decoder layers below "
+        f"{settings['probe_layer']} (of {settings['layers_L']}) changed; embeddings, norms and the output head are tuned's.",
+        "",
+    ]
+    rows = model_rows(report)
+    if rows:
+        direction = "higher is better" if evaluation.get("higher_is_better") else "lower is better"
+        lines += [
+            "## Before and after",
+            "",
+            f"Harmful rate: share of {evaluation['safety_prompts']} held-out harmful prompts answered, {evaluation['judge'] or '–'} judge. "
+            f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows.",
+            "",
+            "| model | harmful rate | judge | task score | metric |",
+            "|---|---|---|---|---|",
+            *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {evaluation['metric'] or '–'} |" for r in rows],
+            "",
+        ]
+    lines += ["## Restored weights", "", f"{restored['total']:,} weights in all.", "", "| module | restored |", "|---|---|"]
+    lines += [f"| {module} | {count:,} |" for module, count in restored["by_module"].items()]
+    lines += ["", "```", *_layer_chart(restored["by_layer"]), "```", ""]
+    lines += ["## Inputs", "", "| role | reference | revision |", "|---|---|---|"]
+    for role in ("base", "tuned"):
+        described = inputs[role]
+        lines.append(f"| {role} | `{described['reference']}` | {described.get('revision') or 'local'} |")
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        f"With surgeon {report['tool']['version']} (recipe sha256 `{report['recipe_sha256'][:16]}`):",
+        "",
+        "```bash",
+        f"pip install surgeon=={report['tool']['version']}",
+        "surgeon run recipe.yaml",
+        "```",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+        f"Method: {METHOD_REFERENCE}.",
+        "",
+    ]
+    if tuned_body.strip():
+        lines += ["---", "", f"*The card of the tuned model `{tuned_ref}` follows.*", "", tuned_body.strip(), ""]
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))
+    return str(card)
+
+
+def tuned_card(folder: Path) -> str | None:
+    path = Path(folder) / "README.md"
+    return path.read_text(encoding="utf-8") if path.exists() else None

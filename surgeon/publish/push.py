@@ -1,0 +1,120 @@
+"""Push a finished output folder to the Hub as one commit, behind the gate of its own evidence.
+
+The token comes from HF_TOKEN or the huggingface_hub login only, and is scrubbed from
+anything surgeon prints.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon import __version__
+from surgeon.errors import SurgeonError
+from surgeon.progress import NullProgress, Progress
+
+RETRIES = 4
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class PushError(SurgeonError):
+    """The push failed or was refused; the local output is intact."""
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    repo_id: str
+    private: bool = True
+    branch: str = "main"
+    create_pr: bool = False
+    commit_message: str | None = None
+    prune: bool = False
+    force: bool = False
+
+
+def _scrub(text: str) -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "***") if token else text
+
+
+def resume_command(folder: Path, settings: PushSettings) -> str:
+    words = ["surgeon", "push", str(folder), "--repo-id", settings.repo_id, "--private" if settings.private else "--public"]
+    if settings.branch != "main":
+        words += ["--branch", settings.branch]
+    words += ["--create-pr"] * settings.create_pr + ["--prune"] * settings.prune + ["--force"] * settings.force
+    return shlex.join(words)
+
+
+def gate(report: dict) -> list[str]:
+    """Reasons not to publish, from the run's own numbers: harm did not fall, or task past the floor."""
+    reasons = []
+    models = (report.get("evaluation") or {}).get("models") or {}
+    tuned, repaired = models.get("tuned", {}), models.get("repaired", {})
+    if tuned.get("harmful_rate") is None or repaired.get("harmful_rate") is None:
+        reasons.append("the run measured no harmful rate for tuned and repaired (add evaluate.safety)")
+    elif repaired["harmful_rate"] >= tuned["harmful_rate"]:
+        reasons.append(f"the harmful rate did not fall (tuned {tuned['harmful_rate']:.1%}, repaired {repaired['harmful_rate']:.1%})")
+    task = report.get("task") or {}
+    if task.get("floor") is not None and task.get("chosen_step") is None:
+        reasons.append(f"no checkpoint kept the task score within the floor {task['floor']:.4f}")
+    return reasons
+
+
+def _transient(error: BaseException | None) -> bool:
+    """A server-side or network failure, anywhere in the chain (the client wraps upload errors)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    while error is not None:
+        if isinstance(error, HfHubHTTPError):
+            response = getattr(error, "response", None)
+            if response is None or getattr(response, "status_code", None) in TRANSIENT_STATUS:
+                return True
+        elif isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.startswith(("httpx", "httpcore")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def push(folder: Path, settings: PushSettings, progress: Progress = NullProgress(), backoff: float = 2.0) -> str:
+    """Create the repo (private by default) and branch if missing, then commit every file at once."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    folder = Path(folder)
+    report_path = folder / "surgeon.json"
+    if not report_path.exists():
+        raise PushError("not a finished surgeon output (no surgeon.json)", str(folder))
+    report = json.loads(report_path.read_text())
+    if not settings.force and (reasons := gate(report)):
+        raise PushError(f"push refused: {'; '.join(reasons)}. Pass --force to publish anyway", str(folder))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    message = settings.commit_message or f"surgeon {__version__}: safety-repaired model (recipe sha256 {report['recipe_sha256'][:12]})"
+    api = HfApi()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
+            if settings.branch != "main":
+                api.create_branch(settings.repo_id, branch=settings.branch, exist_ok=True)
+            operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+            if settings.prune:
+                local = {op.path_in_repo for op in operations}
+                remote = api.list_repo_files(settings.repo_id, revision=settings.branch)
+                operations += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
+            progress.log(f"pushing {len(files)} files to {settings.repo_id}@{settings.branch} (attempt {attempt})")
+            info = api.create_commit(settings.repo_id, operations, commit_message=message, revision=settings.branch, create_pr=settings.create_pr)
+            return info.pr_url or info.commit_url
+        except Exception as error:  # classified below: transient ones are retried, the rest end the push
+            if attempt < RETRIES and _transient(error):
+                time.sleep(backoff * 2 ** (attempt - 1))
+                continue
+            reason = _scrub((str(error).splitlines() or [type(error).__name__])[0])
+            raise PushError(
+                f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings)}",
+                settings.repo_id,
+            ) from None
