@@ -105,13 +105,19 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
     """Push a finished output FOLDER to the Hub as one commit."""
     from pathlib import Path
 
+    from pydantic import ValidationError
+
     from surgeon.console import RichProgress
-    from surgeon.publish.push import PushSettings, push
+    from surgeon.errors import RecipeError
+    from surgeon.publish.push import push
     from surgeon.recipe.schema import Push
 
-    Push(repo_id=repo_id)  # the same repo id rule as a recipe
+    try:
+        settings = Push(repo_id=repo_id, private=private, branch=branch, create_pr=create_pr, commit_message=message, prune=prune)
+    except ValidationError as exc:
+        raise RecipeError(exc.errors()[0]["msg"].removeprefix("Value error, "), "--repo-id") from None
     with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
-        url = push(Path(folder), PushSettings(repo_id, private, branch, create_pr, message, prune, force), progress)
+        url = push(Path(folder), settings, force, progress)
     click.echo(f"pushed: {url}")
 
 

@@ -42,3 +42,7 @@ class OutputError(SurgeonError):
 
 class TaskFloorError(SurgeonError):
     """No checkpoint kept the task score at or above the floor."""
+
+
+class PushError(SurgeonError):
+    """The push failed or was refused; the local output is intact."""

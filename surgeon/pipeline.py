@@ -257,11 +257,9 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
         output.commit()
     if recipe.output.push is not None:
-        from surgeon.publish.push import PushSettings, push
+        from surgeon.publish.push import push
 
-        spec = recipe.output.push
-        settings = PushSettings(spec.repo_id, spec.private, spec.branch, spec.create_pr, spec.commit_message, spec.prune, overrides.force_push)
-        report["pushed"] = push(output.destination, settings, progress)
+        report["pushed"] = push(output.destination, recipe.output.push, overrides.force_push, progress)
     return report
 
 

@@ -166,3 +166,26 @@ def test_validate_reports_the_plan_without_heavy_work(llama, write_recipe):
     facts = validate(load_recipe(write_recipe(*llama)))
     assert facts["layers"] == 6 and facts["probe_layer"] == 4 and facts["harmful_prompts"] == 12
     assert facts["budget_per_step"] == -(-facts["decoder_parameters"] // 100)
+
+
+def test_model_plus_adapters_merges_each_in_turn(llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    folders = []
+    model = AutoModelForCausalLM.from_pretrained(llama[0])
+    for i, modules in enumerate((["q_proj"], ["q_proj", "up_proj"])):
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=modules))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+        peft_model.save_pretrained(tmp_path / f"adapter{i}")
+        folders.append(tmp_path / f"adapter{i}")
+        model = peft_model.merge_and_unload()
+    chained = resolve_model(f"{llama[0]}+{folders[0]}+{folders[1]}")
+    expected = model.state_dict()
+    for name in chained.tensors.names():
+        assert torch.allclose(chained.tensors.get(name), expected[name], atol=1e-6), name
+    assert chained.adapter_of == str(llama[0]) and chained.content_folders == (llama[0], *folders)
+    with pytest.raises(InputError, match="not an adapter folder"):
+        resolve_model(f"{llama[0]}+{llama[1]}")

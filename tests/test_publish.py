@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 from surgeon.cli import main
 from surgeon.errors import RecipeValidationError
 from surgeon.pipeline import RunOverrides, run
-from surgeon.publish.push import PushError, PushSettings, gate, push
+from surgeon.publish.push import gate, push
+from surgeon.recipe.schema import Push
 from surgeon.recipe import load_recipe, parse_recipe
 from surgeon.tiny import HARMFUL
 
@@ -75,7 +76,7 @@ def test_card_validates_against_the_hub_rules(hub, finished):
 def test_push_is_one_commit_with_every_file(hub, finished, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     folder = _folder(finished, tmp_path)
-    url = push(folder, PushSettings("org/repaired"), backoff=0)
+    url = push(folder, Push(repo_id="org/repaired"), backoff=0)
     assert url.startswith(f"{hub.endpoint}/org/repaired/commit/")
     assert len(hub.commits) == 1 and hub.created["org/repaired"]["private"] is True
     local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -86,24 +87,24 @@ def test_push_is_one_commit_with_every_file(hub, finished, tmp_path, monkeypatch
 
 def test_public_branch_and_pull_request_are_honoured(hub, finished, tmp_path):
     folder = _folder(finished, tmp_path)
-    push(folder, PushSettings("org/repaired", private=False, branch="dev", create_pr=True), backoff=0)
+    push(folder, Push(repo_id="org/repaired", private=False, branch="dev", create_pr=True), backoff=0)
     assert hub.created["org/repaired"]["private"] is False and "dev" in hub.branches["org/repaired"]
     assert hub.commits[0]["branch"] == "dev" and hub.commits[0]["create_pr"]
 
 
 def test_existing_files_stay_unless_prune(hub, finished, tmp_path):
     folder = _folder(finished, tmp_path)
-    push(folder, PushSettings("org/repaired"), backoff=0)
+    push(folder, Push(repo_id="org/repaired"), backoff=0)
     hub.commits[0]["files"]["old.txt"] = b"keep me?"
-    push(folder, PushSettings("org/repaired"), backoff=0)
+    push(folder, Push(repo_id="org/repaired"), backoff=0)
     assert hub.commits[1]["deleted"] == []
-    push(folder, PushSettings("org/repaired", prune=True), backoff=0)
+    push(folder, Push(repo_id="org/repaired", prune=True), backoff=0)
     assert hub.commits[2]["deleted"] == ["old.txt"]
 
 
 def test_transient_upload_errors_are_retried(hub, finished, tmp_path):
     hub.fail_uploads = 1
-    push(_folder(finished, tmp_path), PushSettings("org/repaired"), backoff=0)
+    push(_folder(finished, tmp_path), Push(repo_id="org/repaired"), backoff=0)
     assert len(hub.commits) == 1 and hub.fail_uploads == 0
 
 
@@ -156,3 +157,8 @@ def test_a_token_in_a_recipe_is_refused():
     with pytest.raises(RecipeValidationError) as info:
         parse_recipe(text)
     assert "secrets never go in a recipe" in info.value.problems[0][0] and "hf_x" not in str(info.value.problems)
+
+
+def test_push_command_checks_the_repo_id(tmp_path):
+    result = CliRunner().invoke(main, ["push", str(tmp_path), "--repo-id", "no-slash"])
+    assert result.exit_code == 2 and "not a Hub repo id" in result.output

@@ -87,8 +87,7 @@ class Candidates:
         self._materialized: Path | None = None
 
     def _fingerprint(self, model: ResolvedModel) -> str:
-        own = folder_fingerprint(model.folder, self._cache_root)
-        return combine(folder_fingerprint(model.config_folder, self._cache_root), own) if model.adapter_of else own
+        return combine(*(folder_fingerprint(folder, self._cache_root) for folder in model.content_folders))
 
     def _materialize(self, masks: MaskSet, tag: str) -> Path:
         from surgeon.io.repaired import write_repaired

@@ -30,6 +30,11 @@ class ResolvedModel:
     config_folder: Path
     revision: str | None = None
     adapter_of: str | None = None
+    content_folders: tuple[Path, ...] = ()  # every folder whose files make up the weights
+
+    def __post_init__(self):
+        if not self.content_folders:
+            self.content_folders = (self.folder,)
 
     @property
     def tokenizer_folder(self) -> Path | None:
@@ -84,7 +89,18 @@ def _checkpoint(folder: Path, reference: str, allow_pickle: bool) -> TensorSourc
 
 
 def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None) -> ResolvedModel:
-    """A local folder wins over a Hub id of the same spelling. Adapters need `base`."""
+    """A local folder wins over a Hub id of the same spelling. Adapters need `base`.
+    `model+adapter[+adapter...]` is the model with each LoRA adapter merged on in turn."""
+    if "+" in reference and not Path(reference).expanduser().exists():
+        first, *adapters = reference.split("+")
+        model = resolve_model(first, allow_pickle, base)
+        for adapter in adapters:
+            merged = resolve_model(adapter, allow_pickle, base=model)
+            if merged.adapter_of is None:
+                raise InputError(f"'{adapter}' follows a '+' but is not an adapter folder (no adapter_config.json)", reference)
+            model = ResolvedModel(reference, merged.folder, merged.tensors, model.config, model.config_folder,
+                                  merged.revision, adapter_of=model.adapter_of or first, content_folders=merged.content_folders)
+        return model
     folder = Path(reference).expanduser()
     revision = None
     if not folder.exists():
@@ -99,6 +115,7 @@ def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedMode
         return ResolvedModel(
             reference=reference, folder=folder, tensors=LoraMergedSource(base.tensors, folder, allow_pickle),
             config=base.config, config_folder=base.config_folder, revision=revision, adapter_of=base.reference,
+            content_folders=base.content_folders + (folder,),
         )
     return ResolvedModel(
         reference=reference, folder=folder, tensors=_checkpoint(folder, reference, allow_pickle),

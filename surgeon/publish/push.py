@@ -9,30 +9,15 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon import __version__
-from surgeon.errors import SurgeonError
+from surgeon.errors import PushError
 from surgeon.progress import NullProgress, Progress
+from surgeon.recipe.schema import Push
 
 RETRIES = 4
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-class PushError(SurgeonError):
-    """The push failed or was refused; the local output is intact."""
-
-
-@dataclass(frozen=True)
-class PushSettings:
-    repo_id: str
-    private: bool = True
-    branch: str = "main"
-    create_pr: bool = False
-    commit_message: str | None = None
-    prune: bool = False
-    force: bool = False
 
 
 def _scrub(text: str) -> str:
@@ -42,11 +27,13 @@ def _scrub(text: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def resume_command(folder: Path, settings: PushSettings) -> str:
+def resume_command(folder: Path, settings: Push, force: bool) -> str:
     words = ["surgeon", "push", str(folder), "--repo-id", settings.repo_id, "--private" if settings.private else "--public"]
     if settings.branch != "main":
         words += ["--branch", settings.branch]
-    words += ["--create-pr"] * settings.create_pr + ["--prune"] * settings.prune + ["--force"] * settings.force
+    if settings.commit_message:
+        words += ["--message", settings.commit_message]
+    words += ["--create-pr"] * settings.create_pr + ["--prune"] * settings.prune + ["--force"] * force
     return shlex.join(words)
 
 
@@ -80,7 +67,7 @@ def _transient(error: BaseException | None) -> bool:
     return False
 
 
-def push(folder: Path, settings: PushSettings, progress: Progress = NullProgress(), backoff: float = 2.0) -> str:
+def push(folder: Path, settings: Push, force: bool = False, progress: Progress = NullProgress(), backoff: float = 2.0) -> str:
     """Create the repo (private by default) and branch if missing, then commit every file at once."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
@@ -89,7 +76,7 @@ def push(folder: Path, settings: PushSettings, progress: Progress = NullProgress
     if not report_path.exists():
         raise PushError("not a finished surgeon output (no surgeon.json)", str(folder))
     report = json.loads(report_path.read_text())
-    if not settings.force and (reasons := gate(report)):
+    if not force and (reasons := gate(report)):
         raise PushError(f"push refused: {'; '.join(reasons)}. Pass --force to publish anyway", str(folder))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     message = settings.commit_message or f"surgeon {__version__}: safety-repaired model (recipe sha256 {report['recipe_sha256'][:12]})"
@@ -115,6 +102,6 @@ def push(folder: Path, settings: PushSettings, progress: Progress = NullProgress
                 continue
             reason = _scrub((str(error).splitlines() or [type(error).__name__])[0])
             raise PushError(
-                f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings)}",
+                f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings, force)}",
                 settings.repo_id,
             ) from None

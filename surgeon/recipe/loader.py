@@ -35,6 +35,8 @@ class LoadedRecipe:
         """Paths in a recipe are relative to the recipe's folder. A model reference that names
         no existing folder there (and does not start with '.') passes through as a Hub id."""
         candidate = Path(relative).expanduser()
+        if may_be_hub_id and "+" in relative and not (self.folder / candidate).exists():
+            return "+".join(self.resolve(part, may_be_hub_id) for part in relative.split("+"))
         if candidate.is_absolute() or "://" in relative:
             return str(candidate) if candidate.is_absolute() else relative
         local = self.folder / candidate
