@@ -121,3 +121,11 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
     bad = CliRunner().invoke(main, args + ["--metric", "bleu"])
     assert bad.exit_code == 2 and "unknown metric 'bleu'" in bad.output
+
+
+def test_a_model_past_the_memory_budget_is_offloaded_not_refused(llama, tmp_path):
+    """max_memory far below the model's size: accelerate's device map puts the weights on disk."""
+    in_memory = load_for_generation(llama[1], llama[1], "cpu", torch.float32, None, tmp_path / "unused")
+    offloaded = load_for_generation(llama[1], llama[1], "cpu", torch.float32, 10_000, tmp_path / "offload")
+    assert set(offloaded.model.hf_device_map.values()) & {"disk"}
+    assert generate(offloaded, HARMFUL[:4], max_new_tokens=6, batch_size=2) == generate(in_memory, HARMFUL[:4], max_new_tokens=6, batch_size=2)

@@ -35,6 +35,18 @@ def load_for_generation(folder: Path, tokenizer_folder: Path, device: str, dtype
     return LoadedModel(model, tokenizer)
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device map's first module's device (disk- and CPU-offloaded run on
+    the CPU); without a map, where the parameters are."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if first in ("cpu", "disk"):
+            return torch.device("cpu")
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    return next(model.parameters()).device
+
+
 @dataclass
 class GenerationStats:
     tokens: int = 0
@@ -62,7 +74,7 @@ def generate(
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    device = next(model.parameters()).device
+    device = input_device(model)
     answers = []
     with progress.task(description, total=len(prompts)) as task, torch.no_grad():
         for batch in prompt_batches(tokenizer, prompts, batch_size, system_prompt):
