@@ -80,7 +80,7 @@ def run(recipe, output, overwrite, device, force_push, verbose, quiet):
     loaded = load_recipe(recipe)
     with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
         report = run_recipe(loaded, RunOverrides(output, overwrite, device, force_push), progress)
-    if not quiet:
+    if not quiet and "steps" in report:
         _out.print(summary_table(report))
     if (table := models_table(report)) is not None:
         _out.print(table)

@@ -90,6 +90,12 @@ def models_table(report: dict) -> Table | None:
 
 
 def summary_lines(report: dict) -> list[str]:
+    from surgeon.report import describe_change
+
+    seconds = sum(report["seconds"].values())
+    final = f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {report['output']['path']}"
+    if "steps" not in report:
+        return [f"{report['method']}: {describe_change(report)}", final]
     settings, restored, task = report["settings"], report["restored"], report["task"]
     lines = [
         f"probe layer E={settings['probe_layer']} of L={settings['layers_L']}, k={settings['budget']:,} per step, N={report['decoder_parameters_N']:,}",
@@ -97,6 +103,5 @@ def summary_lines(report: dict) -> list[str]:
     ]
     if task["tuned"] is not None:
         lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}" + (", rollback used" if task["rollback_used"] else ""))
-    seconds = sum(report["seconds"].values())
-    lines.append(f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {report['output']['path']}")
+    lines.append(final)
     return lines

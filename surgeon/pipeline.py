@@ -30,6 +30,7 @@ class Inputs:
     task: list[str]
     evaluation: tuple[list[str], list[str]] | None
     safety: list[str] | None = None
+    unaligned: ResolvedModel | None = None
 
 
 def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_name: str) -> list[str]:
@@ -53,6 +54,10 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     base = resolve_model(loaded.resolve(recipe.base.path, may_be_hub_id=True), recipe.base.allow_pickle)
     tuned = resolve_model(loaded.resolve(recipe.tuned.path, may_be_hub_id=True), recipe.tuned.allow_pickle, base=base)
     check_compatible(base, tuned)
+    unaligned = None
+    if recipe.unaligned is not None:
+        unaligned = resolve_model(loaded.resolve(recipe.unaligned.path, may_be_hub_id=True), recipe.unaligned.allow_pickle, base=base)
+        check_compatible(base, unaligned)
     evaluation = None
     if recipe.evaluate.task is not None:
         spec = recipe.evaluate.task
@@ -60,7 +65,9 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
         rows = load_rows(reference)
         evaluation = (column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit))
     safety = _prompts(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
-    return Inputs(base, tuned, _prompts(loaded, recipe.data.harmful, "data.harmful"), _prompts(loaded, recipe.data.task, "data.task"), evaluation, safety)
+    harmful = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else []
+    task = _prompts(loaded, recipe.data.task, "data.task") if recipe.data else []
+    return Inputs(base, tuned, harmful, task, evaluation, safety, unaligned)
 
 
 def _device(setting: str) -> str:
@@ -165,6 +172,8 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from surgeon.report import PhaseTimer, build_report, render_markdown, write_report
 
     recipe: Recipe = loaded.recipe
+    if recipe.method != "restore":
+        return _run_baseline(loaded, overrides, progress)
     timer = PhaseTimer()
     torch.manual_seed(recipe.seed)
     destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))
@@ -230,16 +239,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                 chosen_models = {"base": candidates.base, "tuned": candidates.tuned, "repaired": lambda: repaired}
                 models = {name: evaluator.evaluate(chosen_models[name]()).to_dict() for name in recipe.evaluate.models}
                 models.get("repaired", {})["restored"] = masks.count()
-                evaluation = {
-                    "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
-                    "safety_prompts": len(inputs.safety or []),
-                    "metric": evaluator.metric.name if evaluator.metric else None,
-                    "higher_is_better": evaluator.metric.higher_is_better if evaluator.metric else None,
-                    "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
-                    "models": models,
-                    "generation": {"tokens": evaluator.stats.tokens, "seconds": round(evaluator.stats.seconds, 3),
-                                   "tokens_per_second": evaluator.stats.tokens_per_second},
-                }
+                evaluation = _evaluation_summary(recipe, inputs, [evaluator], models)
         report = build_report(
             recipe_sha256=loaded.sha256,
             inputs={"base": inputs.base.describe(), "tuned": inputs.tuned.describe()},
@@ -256,11 +256,109 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         (output.temporary / "report.md").write_text(render_markdown(report))
         (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
         output.commit()
+    return _push(recipe, report, output.destination, overrides, progress)
+
+
+def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict) -> dict:
+    """The `evaluation` section of surgeon.json: what was measured, per model, and how fast."""
+    metric = evaluators[0].metric
+    tokens = sum(e.stats.tokens for e in evaluators)
+    seconds = sum(e.stats.seconds for e in evaluators)
+    return {
+        "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
+        "safety_prompts": len(inputs.safety or []),
+        "metric": metric.name if metric else None,
+        "higher_is_better": metric.higher_is_better if metric else None,
+        "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
+        "models": models,
+        "generation": {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None},
+    }
+
+
+def _push(recipe: Recipe, report: dict, destination: Path, overrides: RunOverrides, progress: Progress) -> dict:
     if recipe.output.push is not None:
         from surgeon.publish.push import push
 
-        report["pushed"] = push(output.destination, recipe.output.push, overrides.force_push, progress)
+        report["pushed"] = push(destination, recipe.output.push, overrides.force_push, progress)
     return report
+
+
+def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progress) -> dict:
+    """reset_layers and resta: write the transformed checkpoint, then evaluate it like any model."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from surgeon.engine.layered import LayeredModel
+    from surgeon.engine.layout import ModelLayout, build_skeleton
+    from surgeon.engine.store import SpillStore
+    from surgeon.evaluate.setup import Candidates
+    from surgeon.io.atomic import AtomicOutputDir
+    from surgeon.io.repaired import DTYPES, write_checkpoint
+    from surgeon.methods.baselines import ResetLayers, Resta
+    from surgeon.publish.card import render_card, tuned_card
+    from surgeon.report import PhaseTimer, baseline_report, render_markdown, write_report
+
+    recipe = loaded.recipe
+    timer = PhaseTimer()
+    destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))
+    with timer.phase("resolve"):
+        inputs = resolve_inputs(loaded, progress)
+    device = _device(overrides.device or recipe.compute.device)
+    protected = [m.folder for m in (inputs.base, inputs.tuned, inputs.unaligned) if m is not None]
+    with AtomicOutputDir(destination, overrides.overwrite, protected) as output:
+        config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
+        tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
+        tensors = inputs.tuned.tensors
+        layout = ModelLayout.from_checkpoint(tensors.names(), {n: tensors.shape(n) for n in tensors.names()}, build_skeleton(config))
+        probe_layer = layout.probe_layer(recipe.probe.layer)
+        if recipe.method == "reset_layers":
+            source = ResetLayers(inputs.base.tensors, tensors, layout, probe_layer)
+            settings = {"method": "reset_layers", "probe_layer": probe_layer}
+        else:
+            source = Resta(inputs.base.tensors, tensors, inputs.unaligned.tensors, recipe.resta.scale)
+            settings = {"method": "resta", "scale": recipe.resta.scale}
+        settings.update(layers_L=layout.num_layers, device=device)
+        with timer.phase("write"):
+            shards = write_checkpoint(output.temporary, inputs.tuned, source.get, recipe.output.dtype,
+                                      parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
+            (output.temporary / "recipe.yaml").write_text(loaded.text)
+        changed = sorted(source.replaced if recipe.method == "reset_layers" else source.changed)
+        evaluation = None
+        with timer.phase("evaluate"):
+            written = resolve_model(str(output.temporary))
+            dtype = DTYPES[recipe.compute.dtype]
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_files)
+            evaluators = {}
+            for name, base_side in (("inputs", inputs.base), ("repaired", written)):
+                engine = LayeredModel(config, base_side.tensors, inputs.tuned.tensors, SpillStore(_memory_budget(recipe.compute.max_memory, device),
+                                      output.workspace / f"spill-{name}"), device, dtype, progress)
+                candidates = Candidates(base_side, inputs.tuned, tokenizer_files, output.workspace / f"candidates-{name}")
+                evaluator = build_evaluator(recipe.evaluate, recipe.probe.system_prompt, inputs.safety, inputs.evaluation, engine, tokenizer,
+                                            candidates.loader(device, dtype, _generation_budget(recipe)),
+                                            lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
+                evaluators[name] = (evaluator, candidates)
+            if evaluators["inputs"][0] is not None:
+                picks = {"base": lambda: evaluators["inputs"][1].base(), "tuned": lambda: evaluators["inputs"][1].tuned(),
+                         "repaired": lambda: replace(evaluators["repaired"][1].base(), name="repaired")}
+                models = {}
+                for name in recipe.evaluate.models:
+                    evaluator = evaluators["repaired" if name == "repaired" else "inputs"][0]
+                    models[name] = evaluator.evaluate(picks[name]()).to_dict()
+                evaluation = _evaluation_summary(recipe, inputs, [e for e, _ in evaluators.values()], models)
+        report = baseline_report(
+            recipe_sha256=loaded.sha256,
+            inputs={role: m.describe() for role, m in (("base", inputs.base), ("tuned", inputs.tuned), ("unaligned", inputs.unaligned)) if m},
+            settings=settings,
+            changed={"tensors": len(changed), "parameters": sum(_numel(tensors.shape(n)) for n in changed),
+                     "share_of_N": sum(_numel(tensors.shape(n)) for n in changed if n in {x for l in layout.layer_tensors for x in l}) / layout.decoder_parameters},
+            evaluation=evaluation, timer=timer, output={"shards": shards, "path": str(output.destination)},
+        )
+        write_report(output.temporary / "surgeon.json", report)
+        (output.temporary / "report.md").write_text(render_markdown(report))
+        (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
+        output.commit()
+    return _push(recipe, report, output.destination, overrides, progress)
 
 
 @dataclass

@@ -82,6 +82,37 @@ def build_report(
     }
 
 
+def baseline_report(*, recipe_sha256: str, inputs: dict, settings: dict, changed: dict, evaluation: dict | None,
+                    timer: PhaseTimer, output: dict) -> dict:
+    """surgeon.json of a baseline method (reset_layers, resta): what changed and the evaluation."""
+    return {
+        "tool": {"name": "surgeon", "version": __version__},
+        "recipe_sha256": recipe_sha256,
+        "method": settings["method"],
+        "inputs": inputs,
+        "settings": settings,
+        "changed": changed,
+        "evaluation": evaluation,
+        "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "peak_memory": peak_memory(),
+        "output": output,
+    }
+
+
+def describe_change(report: dict) -> str:
+    """One sentence on what the method changed in tuned."""
+    settings = report["settings"]
+    if "steps" in report:
+        restored = report["restored"]
+        return (f"{restored['total']:,} weights ({restored['share_of_N']:.4%} of the decoder parameters) restored from base, "
+                f"chosen by gradient in decoder layers below {settings['probe_layer']} of {settings['layers_L']}")
+    changed = report["changed"]
+    if report["method"] == "reset_layers":
+        return f"decoder layers below {settings['probe_layer']} of {settings['layers_L']} copied whole from base ({changed['parameters']:,} parameters)"
+    return (f"RESTA: tuned + {settings['scale']} x (base - unaligned) on {changed['tensors']} tensors "
+            f"({changed['parameters']:,} parameters)")
+
+
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -108,14 +139,13 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
 
 def render_markdown(report: dict) -> str:
     """report.md: what a person reads first in the output folder."""
-    settings, task, evaluation = report["settings"], report["task"], report.get("evaluation") or {}
+    evaluation = report.get("evaluation") or {}
     lines = [
         "# surgeon repair report",
         "",
-        f"surgeon {report['tool']['version']}; base `{report['inputs']['base']['reference']}`, "
+        f"surgeon {report['tool']['version']}, method {report.get('method', 'restore')}; base `{report['inputs']['base']['reference']}`, "
         f"tuned `{report['inputs']['tuned']['reference']}`.",
-        f"Probe layer E={settings['probe_layer']} of {settings['layers_L']}; k={settings['budget']:,} weights per step; "
-        f"restored {report['restored']['total']:,} ({report['restored']['share_of_N']:.4%} of decoder parameters).",
+        describe_change(report) + ".",
         "",
     ]
     if evaluation.get("models"):
@@ -129,6 +159,9 @@ def render_markdown(report: dict) -> str:
             *[f"| {' | '.join(row)} |" for row in model_rows(report)],
             "",
         ]
+    if "steps" not in report:
+        return "\n".join(lines) + "\n"
+    task = report["task"]
     checkpoints = {c["step"]: c for c in task["checkpoints"]}
     lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
     for step in report["steps"]:

@@ -37,8 +37,20 @@ def test_every_bad_field_is_reported_once():
 
 
 def test_missing_required_keys_are_named():
-    messages = [m for m, _ in problems("base: a\nrollback: {mode: never}\n")]
-    assert "missing required key 'tuned'" in messages and "missing required key 'data'" in messages
+    messages = [m for m, _ in problems("rollback: {mode: never}\n")]
+    assert "missing required key 'base'" in messages and "missing required key 'tuned'" in messages
+    (message, _), = problems("base: a\ntuned: b\nrollback: {mode: never}\n")
+    assert message == "method 'restore' needs 'data' (harmful and task prompts)"
+
+
+def test_baseline_methods_take_their_own_inputs():
+    recipe = parse_recipe("method: resta\nbase: a\ntuned: b\nunaligned: c\nresta: {scale: 0.5}\n")
+    assert recipe.unaligned.path == "c" and recipe.resta.scale == 0.5 and recipe.data is None
+    assert parse_recipe("method: reset_layers\nbase: a\ntuned: b\n").probe.layer is None
+    (message, _), = problems("method: resta\nbase: a\ntuned: b\n")
+    assert "needs 'unaligned'" in message
+    (message, _), = problems("base: a\ntuned: b\nunaligned: c\ndata: {harmful: h, task: t}\nrollback: {mode: never}\n")
+    assert "only used by method 'resta'" in message
 
 
 def test_auto_rollback_without_a_task_metric_names_both_fixes():

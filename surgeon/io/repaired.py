@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,12 +17,31 @@ from surgeon.progress import NullProgress, Progress
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet, dtype: torch.dtype | None) -> torch.Tensor:
+def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet) -> torch.Tensor:
     """Bit-exact copies: base's stored value where the mask is set, tuned's elsewhere."""
     value = tuned.tensors.get(name)
     if name in masks:
         value = torch.where(masks.get(name), base.tensors.get(name), value)
-    return value if dtype is None else value.to(dtype)
+    return value
+
+
+def write_checkpoint(
+    folder: Path,
+    tuned: ResolvedModel,
+    get: Callable[[str], torch.Tensor],
+    dtype: str | None,
+    max_shard_bytes: int,
+    tokenizer_folder: Path,
+    progress: Progress = NullProgress(),
+) -> list[str]:
+    """tuned's tensor names and layout, each value from `get`, plus tuned's config and tokenizer."""
+    out_dtype = DTYPES[dtype] if dtype else None
+    source = tuned.tensors
+    entries = [TensorEntry(n, source.shape(n), out_dtype if out_dtype and source.dtype(n).is_floating_point else source.dtype(n)) for n in source.names()]
+    planned = {e.name: e.dtype for e in entries}
+    shards = write_sharded(folder, entries, lambda n: get(n).to(planned[n]), max_shard_bytes, progress)
+    _copy_model_files(folder, tuned, tokenizer_folder, dtype)
+    return shards
 
 
 def write_repaired(
@@ -34,13 +54,7 @@ def write_repaired(
     tokenizer_folder: Path,
     progress: Progress = NullProgress(),
 ) -> list[str]:
-    out_dtype = DTYPES[dtype] if dtype else None
-    names = tuned.tensors.names()
-    entries = [TensorEntry(n, tuned.tensors.shape(n), out_dtype if out_dtype and tuned.tensors.dtype(n).is_floating_point else tuned.tensors.dtype(n)) for n in names]
-    cast = {e.name: (e.dtype if e.dtype != tuned.tensors.dtype(e.name) else None) for e in entries}
-    shards = write_sharded(folder, entries, lambda n: repaired_tensor(n, base, tuned, masks, cast[n]), max_shard_bytes, progress)
-    _copy_model_files(folder, tuned, tokenizer_folder, dtype)
-    return shards
+    return write_checkpoint(folder, tuned, lambda n: repaired_tensor(n, base, tuned, masks), dtype, max_shard_bytes, tokenizer_folder, progress)
 
 
 def _copy_model_files(folder: Path, tuned: ResolvedModel, tokenizer_folder: Path, dtype: str | None) -> None:

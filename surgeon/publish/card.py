@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from surgeon.report import model_rows
+from surgeon.report import describe_change, model_rows
 
 METHOD_REFERENCE = (
     "Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "
@@ -35,7 +35,7 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     tuned_meta, tuned_body = _split_card(tuned_card) if tuned_card else ({}, "")
-    inputs, evaluation, restored = report["inputs"], report.get("evaluation") or {}, report["restored"]
+    inputs, evaluation = report["inputs"], report.get("evaluation") or {}
     bases = [b for b in (_hub_id(inputs["tuned"]), _hub_id(inputs["base"])) if b]
     datasets = sorted(set(_HF_DATASET.findall(recipe_text)))
     results = []
@@ -61,17 +61,18 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
         eval_results=results or None,
     )
     tuned_ref, base_ref = inputs["tuned"]["reference"], inputs["base"]["reference"]
-    settings = report["settings"]
-    lines = [
-        "# Safety-repaired model",
-        "",
-        f"This model is `{tuned_ref}` with {restored['total']:,} of its weights ({restored['share_of_N']:.4%} of the decoder "
-        f"parameters) copied back from the aligned model `{base_ref}`, to restore the refusals that fine-tuning removed "
-        f"while keeping its task ability. The weights were chosen by gradient as in {METHOD_REFERENCE}, "
-        f"using surgeon {report['tool']['version']}. Only decoder layers below "
-        f"{settings['probe_layer']} (of {settings['layers_L']}) changed; embeddings, norms and the output head are tuned's.",
-        "",
-    ]
+    if "steps" in report:
+        intro = (
+            f"This model is `{tuned_ref}` with some of its weights copied back from the aligned model `{base_ref}`, to restore "
+            f"the refusals that fine-tuning removed while keeping its task ability: {describe_change(report)}, as in "
+            f"{METHOD_REFERENCE}, using surgeon {report['tool']['version']}. Embeddings, norms and the output head are tuned's."
+        )
+    else:
+        intro = (
+            f"This model is `{tuned_ref}` changed by the **{report['method']}** baseline of surgeon {report['tool']['version']}: "
+            f"{describe_change(report)}. It is published for comparison with surgeon's main method ({METHOD_REFERENCE})."
+        )
+    lines = ["# Safety-repaired model", "", intro, ""]
     rows = model_rows(report)
     if rows:
         direction = "higher is better" if evaluation.get("higher_is_better") else "lower is better"
@@ -86,11 +87,13 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
             *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {evaluation['metric'] or '–'} |" for r in rows],
             "",
         ]
-    lines += ["## Restored weights", "", f"{restored['total']:,} weights in all.", "", "| module | restored |", "|---|---|"]
-    lines += [f"| {module} | {count:,} |" for module, count in restored["by_module"].items()]
-    lines += ["", "```", *_layer_chart(restored["by_layer"]), "```", ""]
+    if "restored" in report:
+        restored = report["restored"]
+        lines += ["## Restored weights", "", f"{restored['total']:,} weights in all.", "", "| module | restored |", "|---|---|"]
+        lines += [f"| {module} | {count:,} |" for module, count in restored["by_module"].items()]
+        lines += ["", "```", *_layer_chart(restored["by_layer"]), "```", ""]
     lines += ["## Inputs", "", "| role | reference | revision |", "|---|---|---|"]
-    for role in ("base", "tuned"):
+    for role in inputs:
         described = inputs[role]
         lines.append(f"| {role} | `{described['reference']}` | {described.get('revision') or 'local'} |")
     lines += [

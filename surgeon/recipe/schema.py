@@ -222,11 +222,17 @@ class Output(Strict):
         return value
 
 
+class Resta(Strict):
+    scale: float = Field(default=1.0, gt=0.0)
+
+
 class Recipe(Strict):
-    method: Literal["restore"] = "restore"
+    method: Literal["restore", "resta", "reset_layers"] = "restore"
     base: ModelSpec
     tuned: ModelSpec
-    data: Data
+    unaligned: ModelSpec | None = None
+    data: Data | None = None
+    resta: Resta = Resta()
     probe: Probe = Probe()
     restore: Restore = Restore()
     rollback: Rollback = Rollback()
@@ -235,14 +241,24 @@ class Recipe(Strict):
     output: Output = Output()
     seed: int = 0
 
-    @field_validator("base", "tuned", mode="before")
+    @field_validator("base", "tuned", "unaligned", mode="before")
     @classmethod
     def _string_is_model_path(cls, value):
         return _string_is_path(value)
 
     @model_validator(mode="after")
+    def _method_inputs(self):
+        if self.method == "resta" and self.unaligned is None:
+            raise ValueError("method 'resta' needs 'unaligned': base fine-tuned on harmful data")
+        if self.method != "resta" and self.unaligned is not None:
+            raise ValueError(f"'unaligned' is only used by method 'resta', not '{self.method}'")
+        if self.method == "restore" and self.data is None:
+            raise ValueError("method 'restore' needs 'data' (harmful and task prompts)")
+        return self
+
+    @model_validator(mode="after")
     def _gate_needs_a_metric(self):
-        if self.rollback.mode == "auto" and self.evaluate.task is None:
+        if self.method == "restore" and self.rollback.mode == "auto" and self.evaluate.task is None:
             raise ValueError(
                 "rollback.mode 'auto' needs a task score: add evaluate.task, "
                 "or set rollback.mode to 'never' or 'always'"
