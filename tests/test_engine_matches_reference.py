@@ -93,3 +93,26 @@ def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, a
             total += torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum").item()
             count += int(keep.sum())
     assert count > len(TASK) and streamed == pytest.approx(total / count, rel=1e-5)
+
+
+def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, write_recipe):
+    """Stored bf16, computed in fp32: the same entries as the reference, copied as stored."""
+    from surgeon.tiny import make_pair
+
+    base, tuned = make_pair(tmp_path / "bf16", "qwen2", dtype=torch.bfloat16)
+    report = run(load_recipe(write_recipe(base, tuned, rollback={"mode": "always"})))
+    masks = MaskSet.load(tmp_path / "repaired" / "masks.safetensors")
+    expected, _ = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=True, batch_size=4)
+    assert all(torch.equal(masks.get(n), m) for n, m in expected.items()) and report["restored"]["total"] > 0
+    base_t, tuned_t, out_t = _tensors(base), _tensors(tuned), _tensors(tmp_path / "repaired")
+    for name, value in out_t.items():
+        assert value.dtype == torch.bfloat16
+        want = torch.where(masks.get(name), base_t[name], tuned_t[name]) if name in expected else tuned_t[name]
+        assert torch.equal(value, want), name
+
+
+def test_output_dtype_casts_every_float_tensor_and_says_so_in_the_config(llama, write_recipe, tmp_path):
+    run(load_recipe(write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "dtype": "bfloat16"})))
+    out = _tensors(tmp_path / "repaired")
+    assert {v.dtype for v in out.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "repaired" / "config.json").read_text())["dtype"] == "bfloat16"
