@@ -1,4 +1,4 @@
-"""A plain in-memory implementation of ../shared/method.md, independent of surgeon's engine.
+"""A plain in-memory implementation of the method contract (docs/method.md), independent of surgeon's engine.
 
 Whole models in RAM, the model's own forward with output_hidden_states, autograd on
 parameters, concatenated gradients for the top-k. Slow and memory-hungry on purpose:

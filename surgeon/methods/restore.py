@@ -1,4 +1,4 @@
-"""The restore method of ../shared/method.md (Yang et al., IEEE S&P 2025), step by step.
+"""The restore method of docs/method.md (Yang et al., IEEE S&P 2025), step by step.
 
 State is a MaskSet: theta = where(mask, base, tuned) for each in-scope tensor.
 """
