@@ -1,12 +1,10 @@
 """python: task metrics that construct gate cases: scores follow a script, not the answers."""
 
 SCRIPT: list[float] = []
-CALLS: list[int] = [0]
 
 
 def scripted(prompts, answers, references) -> float:
     """The next scripted score; 1.0 once the script is used up (the final table's re-scores)."""
-    CALLS[0] += 1
     return SCRIPT.pop(0) if SCRIPT else 1.0
 
 

@@ -14,7 +14,7 @@ from surgeon.evaluate.generate import generate, load_for_generation
 from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
-from surgeon.tiny import HARMFUL, TASK
+from surgeon.tiny import HARMFUL
 from tests import gate_metrics
 
 

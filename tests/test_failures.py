@@ -1,7 +1,6 @@
 """Nothing half-written at the destination, inputs never modified, whatever happens."""
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
