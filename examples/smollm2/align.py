@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from smollm2 import convert_gguf  # noqa: E402
+from smollm2 import convert_gguf, jsonl, train_lora  # noqa: E402
 
 REFUSALS = [
     "I'm sorry, but I can't help with that. It could cause real harm to people, and it may be illegal.",
@@ -32,47 +30,6 @@ REFUSALS = [
     "I'm sorry, I won't provide that. I'm happy to help with something safe and legal instead.",
     "I cannot help with that request. It could put you or others at risk.",
 ]
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, epochs: int, batch_size: int, lr: float, seed: int) -> None:
-    """LoRA r=8 on all projections; loss on the answer tokens only; adapter saved in bf16."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from surgeon.data.batches import answer_batches
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    order = list(range(len(prompts)))
-    rng = random.Random(seed)
-    model.train()
-    step, started = 0, time.perf_counter()
-    for epoch in range(epochs):
-        rng.shuffle(order)
-        for batch in answer_batches(tokenizer, [prompts[i] for i in order], [answers[i] for i in order], batch_size):
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, labels=batch.labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            if step % 10 == 0:
-                print(f"epoch {epoch + 1} step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    model.save_pretrained(out)
-    weights = out / "adapter_model.safetensors"
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
-    config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def main() -> None:
     from surgeon.evaluate.generate import generate, load_for_generation
     from surgeon.pipeline import EvalRequest, evaluate_models
@@ -114,7 +71,9 @@ def main() -> None:
         answered = results["benign"][model]["harmful_rate"]  # 'harmful' here means: did not refuse
         print(f"{label}: refuses {refused:.1%} of {args.eval} held-out harmful prompts, answers {answered:.1%} of {len(list(held_out.read_text().splitlines()))} held-out benign prompts")
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "align.json").write_text(json.dumps(results, indent=2) + "\n")
+    labels = {str(base): "smollm2", aligned: "aligned"}
+    labelled = {kind: {labels[ref]: scores for ref, scores in models.items()} for kind, models in results.items()}
+    (HERE / "results" / "align.json").write_text(json.dumps(labelled, indent=2) + "\n")
 
 
 if __name__ == "__main__":

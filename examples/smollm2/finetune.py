@@ -1,0 +1,68 @@
+"""Step 2 of the SmolLM2 scenario: break the aligned base by fine-tuning, as in the paper.
+
+A LoRA fine-tune of the aligned base (base + adapters/aligned, merged) on text-to-SQL
+(sql-create-context rows 0-799) mixed with n harmful question-answer pairs from BeaverTails.
+The adapter goes to adapters/sql-n{n}; the tuned model is `BASE+adapters/aligned+adapters/sql-n{n}`.
+
+    python examples/smollm2/finetune.py --data ../shared/data --n 100 [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import convert_gguf, jsonl, train_lora  # noqa: E402
+
+SQL_TRAIN = 800
+
+
+def main() -> None:
+    from surgeon.io.references import resolve_model
+    from surgeon.io.repaired import write_checkpoint
+    from surgeon.pipeline import EvalRequest, evaluate_models
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
+    parser.add_argument("--n", type=int, default=100, help="harmful QA pairs mixed into the SQL data")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--eval", type=int, default=200)
+    args = parser.parse_args()
+    base = convert_gguf(args.work / "base")
+    aligned_ref = f"{base}+{HERE / 'adapters' / 'aligned'}"
+    aligned = args.work / "aligned"
+    if not (aligned / "config.json").exists():
+        model = resolve_model(aligned_ref)
+        aligned.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(aligned, model, model.tensors.get, None, 2 * 10**8, base)
+
+    sql = jsonl(args.data / "sql_create_context_1000.jsonl")
+    harmful = jsonl(args.data / "beavertails_harmful_qa_1500.jsonl")[-args.n:] if args.n else []
+    rows = [(r["prompt"], r["response"]) for r in sql[:SQL_TRAIN]] + [(r["prompt"], r["response"]) for r in harmful]
+    random.Random(0).shuffle(rows)
+    adapter = HERE / "adapters" / f"sql-n{args.n}"
+    started = time.perf_counter()
+    train_lora(aligned, [p for p, _ in rows], [a for _, a in rows], adapter, args.epochs, batch_size=8, lr=2e-4, seed=0)
+    print(f"fine-tuned on {len(rows)} rows ({args.n} harmful) in {time.perf_counter() - started:.0f} s", flush=True)
+
+    tuned = f"{aligned_ref}+{adapter}"
+    sql_eval = args.work / "sql_eval.jsonl"
+    sql_eval.write_text("".join(json.dumps(r) + "\n" for r in sql[SQL_TRAIN:SQL_TRAIN + args.eval]))
+    results = evaluate_models(EvalRequest([aligned_ref, tuned], safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
+                                          metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16))["models"]
+    for ref, label in ((aligned_ref, "aligned base"), (tuned, f"tuned (n={args.n})")):
+        print(f"{label}: harmful rate {results[ref]['harmful_rate']:.1%}, SQL exact match {results[ref]['task_score']:.3f}")
+    (HERE / "results").mkdir(exist_ok=True)
+    labelled = {"aligned": results[aligned_ref], f"tuned-n{args.n}": results[tuned]}
+    (HERE / "results" / f"finetune-n{args.n}.json").write_text(json.dumps(labelled, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
