@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,13 @@ class Candidate:
     plan: Plan
     fingerprint: Callable[[], str]
     folder: Callable[[], Path]
+    _identity: str | None = field(default=None, repr=False, compare=False)
+
+    def identity(self) -> str:
+        """The content fingerprint, computed once per candidate."""
+        if self._identity is None:
+            self._identity = self.fingerprint()
+        return self._identity
 
 
 @dataclass
@@ -69,21 +76,14 @@ class Evaluator:
         self.batch_size, self.system_prompt = batch_size, system_prompt
         self.cache, self.progress = cache or GenerationCache(), progress
         self._loaded: tuple[str, LoadedModel] | None = None
-        self._fingerprints: dict[int, str] = {}
         self.stats = GenerationStats()
 
     @property
     def metric(self) -> Metric | None:
         return self.task.metric if self.task else None
 
-    def _fingerprint(self, candidate: Candidate) -> str:
-        key = id(candidate)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = candidate.fingerprint()
-        return self._fingerprints[key]
-
     def _model(self, candidate: Candidate) -> LoadedModel:
-        fingerprint = self._fingerprint(candidate)
+        fingerprint = candidate.identity()
         if self._loaded is None or self._loaded[0] != fingerprint:
             self._loaded = None  # free the previous model before loading the next
             self._loaded = (fingerprint, self.load(candidate.folder()))
@@ -91,7 +91,7 @@ class Evaluator:
 
     def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str) -> list[str]:
         settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
-        key = self.cache.key(self._fingerprint(candidate), prompts, settings)
+        key = self.cache.key(candidate.identity(), prompts, settings)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -99,7 +99,7 @@ class Evaluator:
         answers = generate(self._model(candidate), prompts, max_new_tokens, self.batch_size, self.system_prompt,
                            self.progress, self.stats, f"{candidate.name}: {what} answers")
         tokens, seconds = self.stats.tokens - before[0], self.stats.seconds - before[1]
-        self.cache.put(key, answers, {"model": self._fingerprint(candidate), "settings": settings, "tokens": tokens, "seconds": seconds})
+        self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
         return answers
 
     def harm(self, candidate: Candidate) -> tuple[float, int] | None:
