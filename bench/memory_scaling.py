@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from surgeon.tiny import HARMFUL, TASK, build_tokenizer
+from timed_run import surgeon_run
 
 
 def make_models(root: Path, layers: int) -> tuple[Path, Path]:
@@ -43,13 +41,9 @@ def make_models(root: Path, layers: int) -> tuple[Path, Path]:
 
 
 def peak_rss(recipe: Path) -> tuple[float, dict]:
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(result.stderr[-2000:])
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1]) / 2**20
+    run = surgeon_run(recipe)
     report = json.loads((recipe.parent / f"{recipe.stem}-out" / "surgeon.json").read_text())
-    return rss, report
+    return run.peak_rss_gib, report
 
 
 def main() -> None:

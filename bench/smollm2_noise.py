@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "smollm2"))
 from smollm2 import convert_gguf  # noqa: E402
+from timed_run import surgeon_run  # noqa: E402
 
 
 def add_noise(base: Path, tuned: Path, scale: float, seed: int) -> Path:
@@ -70,18 +69,13 @@ evaluate:
   batch_size: 16
 output: {{path: {args.work / 'repaired'}, max_shard_size: 200MB}}
 """)
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(result.stderr[-3000:])
-    print(result.stdout.strip())
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr)[1]
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1])
+    run = surgeon_run(recipe)
+    print(run.stdout)
     report = json.loads((args.work / "repaired" / "surgeon.json").read_text())
     shards = sum(p.stat().st_size for p in (args.work / "repaired").glob("model*.safetensors"))
     masks = (args.work / "repaired" / "masks.safetensors").stat().st_size
-    print(f"surgeon run wall time: {wall}")
-    print(f"surgeon run peak RSS (/usr/bin/time -v): {rss_kb / 2**20:.2f} GiB")
+    print(f"surgeon run wall time: {run.wall}")
+    print(f"surgeon run peak RSS (/usr/bin/time -v): {run.peak_rss_gib:.2f} GiB")
     print(f"checkpoint size: {shards / 1e6:.1f} MB in {len(report['output']['shards'])} shard(s); masks.safetensors {masks / 1e6:.2f} MB")
     print(f"phases (s): {report['seconds']}")
     print(f"max decoder layers materialized at once: {report['memory']['max_decoder_layers_materialized']}")
