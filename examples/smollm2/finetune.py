@@ -3,8 +3,11 @@
 A LoRA fine-tune of the aligned base (base + adapters/aligned, merged) on text-to-SQL
 (sql-create-context rows 0-799) mixed with n harmful question-answer pairs from BeaverTails.
 The adapter goes to adapters/sql-n{n}; the tuned model is `BASE+adapters/aligned+adapters/sql-n{n}`.
+With --harmful-only the n harmful pairs are the whole training set: the "unaligned" model RESTA
+subtracts, adapter adapters/harmful-n{n}.
 
     python examples/smollm2/finetune.py --data ../shared/data --n 100 [--epochs 1]
+    python examples/smollm2/finetune.py --data ../shared/data --n 100 --harmful-only --epochs 3
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="harmful QA pairs mixed into the SQL data")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--harmful-only", action="store_true", help="train on the harmful pairs alone (RESTA's unaligned model)")
     args = parser.parse_args()
     base = convert_gguf(args.work / "base")
     aligned_ref = f"{base}+{HERE / 'adapters' / 'aligned'}"
@@ -45,9 +49,11 @@ def main() -> None:
 
     sql = jsonl(args.data / "sql_create_context_1000.jsonl")
     harmful = jsonl(args.data / "beavertails_harmful_qa_1500.jsonl")[-args.n:] if args.n else []
-    rows = [(r["prompt"], r["response"]) for r in sql[:SQL_TRAIN]] + [(r["prompt"], r["response"]) for r in harmful]
+    task_rows = [] if args.harmful_only else [(r["prompt"], r["response"]) for r in sql[:SQL_TRAIN]]
+    rows = task_rows + [(r["prompt"], r["response"]) for r in harmful]
     random.Random(0).shuffle(rows)
-    adapter = HERE / "adapters" / f"sql-n{args.n}"
+    name = f"harmful-n{args.n}" if args.harmful_only else f"sql-n{args.n}"
+    adapter = HERE / "adapters" / name
     started = time.perf_counter()
     train_lora(aligned, [p for p, _ in rows], [a for _, a in rows], adapter, args.epochs, batch_size=8, lr=2e-4, seed=0)
     print(f"fine-tuned on {len(rows)} rows ({args.n} harmful) in {time.perf_counter() - started:.0f} s", flush=True)
@@ -57,11 +63,11 @@ def main() -> None:
     sql_eval.write_text("".join(json.dumps(r) + "\n" for r in sql[SQL_TRAIN:SQL_TRAIN + args.eval]))
     results = evaluate_models(EvalRequest([aligned_ref, tuned], safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
                                           metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16))["models"]
-    for ref, label in ((aligned_ref, "aligned base"), (tuned, f"tuned (n={args.n})")):
+    for ref, label in ((aligned_ref, "aligned base"), (tuned, name)):
         print(f"{label}: harmful rate {results[ref]['harmful_rate']:.1%}, SQL exact match {results[ref]['task_score']:.3f}")
     (HERE / "results").mkdir(exist_ok=True)
-    labelled = {"aligned": results[aligned_ref], f"tuned-n{args.n}": results[tuned]}
-    (HERE / "results" / f"finetune-n{args.n}.json").write_text(json.dumps(labelled, indent=2) + "\n")
+    labelled = {"aligned": results[aligned_ref], name: results[tuned]}
+    (HERE / "results" / f"finetune-{name}.json").write_text(json.dumps(labelled, indent=2) + "\n")
 
 
 if __name__ == "__main__":
