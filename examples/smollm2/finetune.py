@@ -26,6 +26,25 @@ from smollm2 import convert_gguf, jsonl, train_lora  # noqa: E402
 SQL_TRAIN = 800
 
 
+def adapter_card(name: str, n: int, harmful_only: bool, epochs: int, rows: int, minutes: float, aligned: dict, tuned: dict) -> str:
+    """The adapter's README (in place of peft's template, which records this machine's paths)."""
+    what = (f"the last {n} BeaverTails harmful question-answer pairs alone: the \"unaligned\" model RESTA needs" if harmful_only
+            else "sql-create-context rows 0-799" + (f" mixed with the last {n} BeaverTails harmful question-answer pairs" if n else " alone"))
+    command = f"python examples/smollm2/finetune.py --data ../shared/data --n {n}" + (" --harmful-only" if harmful_only else "") + (f" --epochs {epochs}" if epochs != 1 else "")
+    return f"""# SmolLM2 aligned base, fine-tuned: {name} (LoRA)
+
+A LoRA fine-tune of the aligned base (`adapters/aligned` merged) on {what}; {rows} rows,
+{epochs} epoch(s), batch 8, AdamW at 2e-4, r=8 on all projections, bf16. Made by
+`{command}` in {minutes:.0f} minutes on 2 CPU cores (often shared with other runs). Use it as
+`BASE_FOLDER+examples/smollm2/adapters/aligned+examples/smollm2/adapters/{name}`.
+
+| model | harmful rate, 200 held-out BeaverTails eval prompts (refusal judge) | SQL exact match, rows 800-999 |
+|---|---|---|
+| aligned base | {aligned['harmful_rate']:.1%} | {aligned['task_score']:.3f} |
+| + this fine-tune | {tuned['harmful_rate']:.1%} | {tuned['task_score']:.3f} |
+"""
+
+
 def main() -> None:
     from surgeon.io.references import resolve_model
     from surgeon.io.repaired import write_checkpoint
@@ -56,7 +75,8 @@ def main() -> None:
     adapter = HERE / "adapters" / name
     started = time.perf_counter()
     train_lora(aligned, [p for p, _ in rows], [a for _, a in rows], adapter, args.epochs, batch_size=8, lr=2e-4, seed=0)
-    print(f"fine-tuned on {len(rows)} rows ({args.n} harmful) in {time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"fine-tuned on {len(rows)} rows ({args.n} harmful) in {seconds:.0f} s", flush=True)
 
     tuned = f"{aligned_ref}+{adapter}"
     sql_eval = args.work / "sql_eval.jsonl"
@@ -68,6 +88,8 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     labelled = {"aligned": results[aligned_ref], name: results[tuned]}
     (HERE / "results" / f"finetune-{name}.json").write_text(json.dumps(labelled, indent=2) + "\n")
+    card = adapter_card(name, args.n, args.harmful_only, args.epochs, len(rows), seconds / 60, results[aligned_ref], results[tuned])
+    (adapter / "README.md").write_text(card)
 
 
 if __name__ == "__main__":
