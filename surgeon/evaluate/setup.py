@@ -89,8 +89,8 @@ class Candidates:
     def _fingerprint(self, model: ResolvedModel) -> str:
         return combine(*(folder_fingerprint(folder, self._cache_root) for folder in model.content_folders))
 
-    def _materialize(self, masks: MaskSet, tag: str) -> Path:
-        from surgeon.io.repaired import write_repaired
+    def _materialize(self, get: Callable[[str], torch.Tensor], tag: str) -> Path:
+        from surgeon.io.repaired import write_checkpoint
 
         folder = self.workspace / f"candidate-{tag[:16]}"
         if self._materialized == folder:
@@ -98,22 +98,29 @@ class Candidates:
         if self._materialized is not None:
             shutil.rmtree(self._materialized, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        write_repaired(folder, self.base_model, self.tuned_model, masks, None, 5 * 10**9, self.tokenizer_folder)
+        write_checkpoint(folder, self.tuned_model, get, None, 5 * 10**9, self.tokenizer_folder)
         self._materialized = folder
         return folder
 
+    def _input(self, name: str, plan: Plan, model: ResolvedModel) -> Candidate:
+        """An input model; one merged from adapters has no folder from_pretrained can load."""
+        fingerprint = lambda: self._fingerprint(model)
+        if model.adapter_of is None:
+            return Candidate(name, plan, fingerprint, lambda: model.folder)
+        return Candidate(name, plan, fingerprint, lambda: self._materialize(model.tensors.get, fingerprint()))
+
     def base(self) -> Candidate:
-        return Candidate("base", BASE, lambda: self._fingerprint(self.base_model), lambda: self.base_model.folder)
+        return self._input("base", BASE, self.base_model)
 
     def tuned(self) -> Candidate:
-        fingerprint = lambda: self._fingerprint(self.tuned_model)
-        if self.tuned_model.adapter_of is None:
-            return Candidate("tuned", TUNED, fingerprint, lambda: self.tuned_model.folder)
-        return Candidate("tuned", TUNED, fingerprint, lambda: self._materialize(MaskSet({}), fingerprint()))
+        return self._input("tuned", TUNED, self.tuned_model)
 
     def repaired(self, masks: MaskSet, name: str = "repaired") -> Candidate:
+        from surgeon.io.repaired import repaired_tensor
+
         fingerprint = lambda: combine(self._fingerprint(self.tuned_model), self._fingerprint(self.base_model), masks.digest())
-        return Candidate(name, masks, fingerprint, lambda: self._materialize(masks, fingerprint()))
+        get = lambda n: repaired_tensor(n, self.base_model, self.tuned_model, masks)
+        return Candidate(name, masks, fingerprint, lambda: self._materialize(get, fingerprint()))
 
     def for_plan(self, plan: Plan) -> Candidate:
         if plan == BASE:
