@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -106,11 +105,10 @@ def main() -> None:
             out = work / f"n{n}-{method}"
             recipe = work / f"n{n}-{method}.yaml"
             recipe.write_text(recipe_text(method, aligned, tuned, unaligned, out, args.data, work, args))
-            started = time.perf_counter()
             run = surgeon_run(recipe)
             report = json.loads((out / "surgeon.json").read_text())
             runs[method] = {"folder": str(out), "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib, "report": report}
-            print(f"n={n} {method}: {time.perf_counter() - started:.0f} s, peak RSS {run.peak_rss_gib:.2f} GiB", flush=True)
+            print(f"n={n} {method}: {run.wall_seconds:.0f} s, peak RSS {run.peak_rss_gib:.2f} GiB", flush=True)
         request = EvalRequest([aligned, tuned, *(runs[m]["folder"] for m in METHODS)], safety=str(args.data / "beavertails_eval_700.jsonl"),
                               task=str(eval_sql), metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16)
         scores = evaluate_models(request)["models"]
