@@ -168,8 +168,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.repaired import DTYPES, write_repaired
     from surgeon.methods.restore import RestoreMethod, RestoreSettings
-    from surgeon.publish.card import render_card, tuned_card
-    from surgeon.report import PhaseTimer, build_report, render_markdown, write_report
+    from surgeon.report import PhaseTimer, build_report
 
     recipe: Recipe = loaded.recipe
     if recipe.method != "restore":
@@ -229,7 +228,6 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         with timer.phase("write"):
             shards = write_repaired(output.temporary, inputs.base, inputs.tuned, masks, recipe.output.dtype, parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
             masks.save(output.temporary / "masks.safetensors", {"step": str(chosen.step)})
-            (output.temporary / "recipe.yaml").write_text(loaded.text)
         evaluation = None
         if evaluator is not None:
             with timer.phase("evaluate"):
@@ -252,9 +250,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                               "budget_bytes": budget, "activations_peak_bytes": store.peak_bytes,
                               "spilled_bytes": store.spilled_bytes + method.accumulated.spilled_bytes}},
         )
-        write_report(output.temporary / "surgeon.json", report)
-        (output.temporary / "report.md").write_text(render_markdown(report))
-        (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
+        _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
     return _push(recipe, report, output.destination, overrides, progress)
 
@@ -273,6 +269,17 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
         "models": models,
         "generation": {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None},
     }
+
+
+def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
+    """The recipe as written, surgeon.json, report.md and the model card, beside the weights."""
+    from surgeon.publish.card import render_card, tuned_card
+    from surgeon.report import render_markdown, write_report
+
+    (folder / "recipe.yaml").write_text(loaded.text)
+    write_report(folder / "surgeon.json", report)
+    (folder / "report.md").write_text(render_markdown(report))
+    (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder)), encoding="utf-8")
 
 
 def _push(recipe: Recipe, report: dict, destination: Path, overrides: RunOverrides, progress: Progress) -> dict:
@@ -296,8 +303,7 @@ def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progr
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.repaired import DTYPES, write_checkpoint
     from surgeon.methods.baselines import ResetLayers, Resta
-    from surgeon.publish.card import render_card, tuned_card
-    from surgeon.report import PhaseTimer, baseline_report, render_markdown, write_report
+    from surgeon.report import PhaseTimer, baseline_report
 
     recipe = loaded.recipe
     timer = PhaseTimer()
@@ -322,7 +328,6 @@ def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progr
         with timer.phase("write"):
             shards = write_checkpoint(output.temporary, inputs.tuned, source.get, recipe.output.dtype,
                                       parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
-            (output.temporary / "recipe.yaml").write_text(loaded.text)
         changed = sorted(source.replaced if recipe.method == "reset_layers" else source.changed)
         evaluation = None
         with timer.phase("evaluate"):
@@ -354,9 +359,7 @@ def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progr
                      "share_of_N": sum(_numel(tensors.shape(n)) for n in changed if n in {x for l in layout.layer_tensors for x in l}) / layout.decoder_parameters},
             evaluation=evaluation, timer=timer, output={"shards": shards, "path": str(output.destination)},
         )
-        write_report(output.temporary / "surgeon.json", report)
-        (output.temporary / "report.md").write_text(render_markdown(report))
-        (output.temporary / "README.md").write_text(render_card(report, loaded.text, tuned_card(inputs.tuned.folder)), encoding="utf-8")
+        _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
     return _push(recipe, report, output.destination, overrides, progress)
 
