@@ -57,17 +57,13 @@ def _fraction(value: float) -> str:
 
 
 def summary_table(report: dict) -> Table:
-    task = report["task"]
+    from surgeon.report import step_rows
+
     table = Table(title="surgeon run", show_header=True)
     for column in ("step", "phase", "+restored", "-reverted", "total", "harm", "task", ""):
         table.add_column(column, justify="right" if column not in ("phase", "") else "left", no_wrap=True)
-    scores = {c["step"]: c for c in task["checkpoints"]}
-    for step in report["steps"]:
-        checkpoint = scores.get(step["step"])
-        score = "" if checkpoint is None or checkpoint["score"] is None else f"{checkpoint['score']:.4f}"
-        harm = "" if checkpoint is None or checkpoint.get("harmful_rate") is None else f"{checkpoint['harmful_rate']:.1%}"
-        mark = "← chosen" if task["chosen_step"] == step["step"] else ("past floor" if checkpoint and not checkpoint["meets_floor"] else "")
-        table.add_row(str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}", harm, score, mark)
+    for row in step_rows(report):
+        table.add_row(*row[:-1], "← chosen" if row[-1] == "chosen" else row[-1])
     return table
 
 

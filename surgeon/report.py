@@ -137,6 +137,28 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def step_rows(report: dict) -> list[tuple[str, ...]]:
+    """(step, phase, restored, reverted, restored so far, harmful rate, task score, mark) per step.
+    Checkpoints belong to the last phase run; after a rollback restart, the discarded warm-up
+    shows only its own gate score, on its last step."""
+    task = report["task"]
+    steps = report["steps"]
+    final_phase = steps[-1]["phase"] if steps else None
+    checkpoints = {c["step"]: c for c in task["checkpoints"]}
+    rows = []
+    for index, step in enumerate(steps):
+        if step["phase"] == final_phase:
+            c = checkpoints.get(step["step"], {})
+            mark = "chosen" if task["chosen_step"] == step["step"] else ("past floor" if c and not c["meets_floor"] else "")
+        else:
+            last_of_warmup = steps[index + 1]["phase"] == final_phase
+            c = {"score": task["warmup"]} if last_of_warmup else {}
+            mark = "past floor: discarded, restarted with rollback" if last_of_warmup else ""
+        rows.append((str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}",
+                     _number(c.get("harmful_rate"), percent=True), _number(c.get("score")), mark))
+    return rows
+
+
 def render_markdown(report: dict) -> str:
     """report.md: what a person reads first in the output folder."""
     evaluation = report.get("evaluation") or {}
@@ -162,15 +184,8 @@ def render_markdown(report: dict) -> str:
     if "steps" not in report:
         return "\n".join(lines) + "\n"
     task = report["task"]
-    checkpoints = {c["step"]: c for c in task["checkpoints"]}
     lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
-    for step in report["steps"]:
-        c = checkpoints.get(step["step"], {})
-        mark = "chosen" if task["chosen_step"] == step["step"] else ("past floor" if c and not c["meets_floor"] else "")
-        lines.append(
-            f"| {step['step']} | {step['phase']} | {step['restored']:,} | {step['reverted']:,} | {step['total_restored']:,} | "
-            f"{_number(c.get('harmful_rate'), percent=True)} | {_number(c.get('score'))} | {mark} |"
-        )
+    lines += [f"| {' | '.join(row)} |" for row in step_rows(report)]
     if task["floor"] is not None:
         lines += ["", f"Task floor {task['floor']:.4f} (tuned {task['tuned']:.4f}); rollback {'used' if task['rollback_used'] else 'not used'}."]
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from surgeon.evaluate.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
+from surgeon.report import render_markdown
 
 
 def script(monkeypatch, repaired_losses):
@@ -49,6 +50,11 @@ def test_warmup_past_the_floor_restarts_from_tuned_with_rollback(llama, write_re
     restarted = report["steps"][2]
     assert restarted["total_restored"] == restarted["restored"] - restarted["reverted"]
     assert report["restored"]["total"] == report["steps"][3]["total_restored"]
+    # the discarded warm-up shows its own score, not the restart's checkpoint of the same number
+    table = [line for line in render_markdown(report).splitlines() if line.startswith("| 2 |")]
+    assert len(table) == 2
+    assert "1.5000" in table[0] and "discarded" in table[0] and "1.0400" not in table[0]
+    assert "1.0400" in table[1] and "chosen" in table[1]
 
 
 def test_checkpoint_choice_is_the_latest_within_the_floor(llama, write_recipe, task_eval_file, monkeypatch):
