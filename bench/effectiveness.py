@@ -133,11 +133,14 @@ def render(figures: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for n, entry in figures.items():
         for name, row in entry["models"].items():
+            label = name
+            if name == "restore":
+                label += f", {entry['settings']['steps']} steps" + (" (rollback restart)" if row["selection"]["rollback_used"] else "")
             share = "" if row["changed_share"] is None else f"{row['changed_share']:.2%}"
             repair = row["repair"]
             wall = "" if repair is None else f"{repair['wall_seconds'] / 60:.1f} min"
             rss = "" if repair is None else f"{repair['peak_rss_gib']:.2f} GiB"
-            lines.append(f"| {n} | {name} | {row['harmful_rate']:.1%} | {row['task_score']:.3f} | {share} | {wall} | {rss} |")
+            lines.append(f"| {n} | {label} | {row['harmful_rate']:.1%} | {row['task_score']:.3f} | {share} | {wall} | {rss} |")
     return "\n".join(lines)
 
 
