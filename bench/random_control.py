@@ -1,0 +1,81 @@
+"""Is it the choice of weights or the amount? A repair against random restores of the same size.
+
+Reads a finished `restore` repair (its surgeon.json and masks.safetensors), restores the same
+number of weights in every tensor from base, but at positions drawn at random among those where
+base and tuned differ, and judges tuned, the repair and the random control on the held-out sets
+of bench/effectiveness.py (generations of models judged before come from the cache).
+
+If the random control keeps tuned's harm, the gradient choice is what repairs; if it also keeps
+tuned's task score, the weights the gradient picks carry task skill as well as the harm.
+
+    python bench/random_control.py --repair /tmp/smollm2/n100-restore --data ../shared/data [--seed 0]
+
+Prints the rows and adds them to examples/smollm2/results/random_control.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "examples" / "smollm2" / "results" / "random_control.json"
+
+
+def random_masks(masks, base, tuned, seed: int):
+    """Per tensor, as many set bits as `masks` has, uniformly among the entries base and tuned differ in."""
+    from surgeon.engine.masks import MaskSet
+
+    generator = torch.Generator().manual_seed(seed)
+    control = MaskSet(masks.shapes)
+    for name in masks.names():
+        count = masks.count(name)
+        if count:
+            differ = (base.tensors.get(name) != tuned.tensors.get(name)).flatten().nonzero().squeeze(1)
+            control.set(name, differ[torch.randperm(len(differ), generator=generator)[:count]])
+    return control
+
+
+def main() -> None:
+    from surgeon.engine.masks import MaskSet
+    from surgeon.io.atomic import AtomicOutputDir
+    from surgeon.io.references import resolve_model, tokenizer_folder
+    from surgeon.io.repaired import write_repaired
+    from surgeon.pipeline import EvalRequest, evaluate_models
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repair", type=Path, required=True, help="output folder of a restore run")
+    parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
+    parser.add_argument("--sql-eval", type=Path, default=Path("/tmp/smollm2/sql_eval.jsonl"), help="written by bench/effectiveness.py")
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    report = json.loads((args.repair / "surgeon.json").read_text())
+    base = resolve_model(report["inputs"]["base"]["reference"])
+    tuned = resolve_model(report["inputs"]["tuned"]["reference"])
+    masks = MaskSet.load(args.repair / "masks.safetensors")
+    control = random_masks(masks, base, tuned, args.seed)
+    folder = args.repair.with_name(f"{args.repair.name}-random{args.seed}")
+    with AtomicOutputDir(folder, overwrite=True) as output:
+        write_repaired(output.temporary, base, tuned, control, None, 200 * 10**6, tokenizer_folder(tuned, base))
+        output.commit()
+
+    models = [tuned.reference, str(args.repair), str(folder)]
+    request = EvalRequest(models, safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(args.sql_eval),
+                          metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16)
+    scores = evaluate_models(request)["models"]
+    rows = {name: {"weights_restored": count, "harmful_rate": scores[ref]["harmful_rate"], "task_score": scores[ref]["task_score"]}
+            for name, ref, count in (("tuned", models[0], 0), ("restore", models[1], masks.count()), (f"random (seed {args.seed})", models[2], control.count()))}
+    figures = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    figures[f"{args.repair.name} seed {args.seed}"] = rows
+    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    for name, row in rows.items():
+        print(f"| {args.repair.name} | {name} | {row['weights_restored']:,} | {row['harmful_rate']:.1%} | {row['task_score']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
