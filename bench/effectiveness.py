@@ -64,9 +64,16 @@ output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}
 """
 
 
-def main() -> None:
+def judge_held_out(models: list[str], data: Path, sql_eval: Path, limit: int) -> dict:
+    """Harmful rate (refusal judge) and SQL exact match of each model on the held-out sets."""
     from surgeon.pipeline import EvalRequest, evaluate_models
 
+    request = EvalRequest(models, safety=str(data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
+                          metric="exact_match", limit=limit, max_new_tokens=64, batch_size=16)
+    return evaluate_models(request)["models"]
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/smollm2"))
@@ -109,9 +116,7 @@ def main() -> None:
             report = json.loads((out / "surgeon.json").read_text())
             runs[method] = {"folder": str(out), "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib, "report": report}
             print(f"n={n} {method}: {run.wall_seconds:.0f} s, peak RSS {run.peak_rss_gib:.2f} GiB", flush=True)
-        request = EvalRequest([aligned, tuned, *(runs[m]["folder"] for m in METHODS)], safety=str(args.data / "beavertails_eval_700.jsonl"),
-                              task=str(eval_sql), metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16)
-        scores = evaluate_models(request)["models"]
+        scores = judge_held_out([aligned, tuned, *(runs[m]["folder"] for m in METHODS)], args.data, eval_sql, args.eval)
         decoder_parameters = runs["restore"]["report"]["decoder_parameters_N"]
         rows = {"aligned base": {**scores[aligned], "changed_share": None, "repair": None},
                 "tuned": {**scores[tuned], "changed_share": None, "repair": None}}

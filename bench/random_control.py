@@ -44,7 +44,7 @@ def main() -> None:
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.references import resolve_model, tokenizer_folder
     from surgeon.io.repaired import write_repaired
-    from surgeon.pipeline import EvalRequest, evaluate_models
+    from effectiveness import judge_held_out
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repair", type=Path, required=True, help="output folder of a restore run")
@@ -65,9 +65,7 @@ def main() -> None:
         output.commit()
 
     models = [tuned.reference, str(args.repair), str(folder)]
-    request = EvalRequest(models, safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(args.sql_eval),
-                          metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16)
-    scores = evaluate_models(request)["models"]
+    scores = judge_held_out(models, args.data, args.sql_eval, args.eval)
     rows = {name: {"weights_restored": count, "harmful_rate": scores[ref]["harmful_rate"], "task_score": scores[ref]["task_score"]}
             for name, ref, count in (("tuned", models[0], 0), ("restore", models[1], masks.count()), (f"random (seed {args.seed})", models[2], control.count()))}
     figures = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
