@@ -34,6 +34,8 @@ from timed_run import surgeon_run  # noqa: E402
 SQL_TRAIN = 800
 SELECT_SQL = slice(700, 800)
 METHODS = ("restore", "resta", "reset_layers")
+# n = 500 spreads the harm over more weights: its loss floor binds only after ~22 steps.
+STEPS = {0: 8, 100: 8, 500: 24}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -41,7 +43,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def recipe_text(method: str, base: str, tuned: str, unaligned: str, out: Path, data: Path, work: Path, args) -> str:
+def recipe_text(method: str, base: str, tuned: str, unaligned: str, out: Path, data: Path, work: Path, settings: dict) -> str:
     common = f"""method: {method}
 base: {base}
 tuned: {tuned}
@@ -53,12 +55,12 @@ tuned: {tuned}
         return common + output + "evaluate: {models: []}\n"
     return common + f"""data:
   harmful: {{path: {data / 'beavertails_recovery_64.jsonl'}}}
-  task: {{path: {data / 'sql_create_context_1000.jsonl'}, limit: {args.task_prompts}}}
+  task: {{path: {data / 'sql_create_context_1000.jsonl'}, limit: {settings['task_prompts']}}}
 probe: {{batch_size: 16}}
-restore: {{sparsity: {args.sparsity}, steps: {args.steps}, warmup: {args.warmup}, save_every: {args.save_every}}}
-rollback: {{mode: {args.rollback}, ratio: {args.rollback_ratio}, max_task_drop: {args.max_task_drop}}}
+restore: {{sparsity: {settings['sparsity']}, steps: {settings['steps']}, warmup: {settings['warmup']}, save_every: {settings['save_every']}}}
+rollback: {{mode: {settings['rollback']}, ratio: {settings['rollback_ratio']}, max_task_drop: {settings['max_task_drop']}}}
 evaluate:
-  task: {{path: {work / 'select_sql.jsonl'}, metric: {args.select_metric}, max_new_tokens: 64}}
+  task: {{path: {work / 'select_sql.jsonl'}, metric: {settings['select_metric']}, max_new_tokens: 64}}
   models: []
 output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}
 """
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--task-prompts", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.001)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="restore steps for every n (default: 8, and 24 for n = 500)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--rollback", default="auto")
@@ -104,14 +106,15 @@ def main() -> None:
     write_jsonl(work / "select_sql.jsonl", sql[SELECT_SQL])
     results = EXAMPLE / "results" / "effectiveness.json"
     figures = json.loads(results.read_text()) if results.exists() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
     for n in args.n:
+        settings = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
+        settings["steps"] = args.steps or STEPS.get(n, 8)
         tuned = f"{aligned}+{adapters / f'sql-n{n}'}"
         runs = {}
         for method in METHODS:
             out = work / f"n{n}-{method}"
             recipe = work / f"n{n}-{method}.yaml"
-            recipe.write_text(recipe_text(method, aligned, tuned, unaligned, out, args.data, work, args))
+            recipe.write_text(recipe_text(method, aligned, tuned, unaligned, out, args.data, work, settings))
             run = surgeon_run(recipe)
             report = json.loads((out / "surgeon.json").read_text())
             runs[method] = {"folder": str(out), "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib, "report": report}
