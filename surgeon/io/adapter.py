@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from surgeon.errors import IncompatibleModelsError, InputError
-from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from surgeon.io.checkpoint import DerivedSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
 
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
@@ -24,10 +24,11 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-class LoraMergedSource:
+class LoraMergedSource(DerivedSource):
     """tuned = base + scale * B @ A for every targeted weight, computed the way peft merges."""
 
     def __init__(self, base: TensorSource, folder: Path, allow_pickle: bool = False):
+        super().__init__(base)
         self.base = base
         self.folder = Path(folder)
         config_path = self.folder / "adapter_config.json"
@@ -95,15 +96,6 @@ class LoraMergedSource:
     @property
     def merged_names(self) -> set[str]:
         return set(self._deltas) | set(self._replaced)
-
-    def names(self) -> list[str]:
-        return self.base.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.base.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.base.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._replaced:

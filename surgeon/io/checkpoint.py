@@ -30,6 +30,22 @@ class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
+class DerivedSource:
+    """Base of sources that compute their tensors from others: names, shapes and dtypes are `like`'s."""
+
+    def __init__(self, like: TensorSource):
+        self.like = like
+
+    def names(self) -> list[str]:
+        return self.like.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.like.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.like.dtype(name)
+
+
 class SafetensorsCheckpoint:
     """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
 

@@ -10,39 +10,23 @@ from __future__ import annotations
 import torch
 
 from surgeon.engine.layout import ModelLayout
-from surgeon.io.checkpoint import TensorSource
+from surgeon.io.checkpoint import DerivedSource, TensorSource
 
 
-class _Derived:
-    """Names, shapes and dtypes are tuned's."""
-
-    def __init__(self, tuned: TensorSource):
-        self.tuned = tuned
-
-    def names(self) -> list[str]:
-        return self.tuned.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.tuned.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.tuned.dtype(name)
-
-
-class ResetLayers(_Derived):
+class ResetLayers(DerivedSource):
     def __init__(self, base: TensorSource, tuned: TensorSource, layout: ModelLayout, probe_layer: int):
         super().__init__(tuned)
-        self.base = base
+        self.base, self.tuned = base, tuned
         self.replaced = {name for layer in layout.layer_tensors[:probe_layer] for name in layer}
 
     def get(self, name: str) -> torch.Tensor:
         return self.base.get(name) if name in self.replaced else self.tuned.get(name)
 
 
-class Resta(_Derived):
+class Resta(DerivedSource):
     def __init__(self, base: TensorSource, tuned: TensorSource, unaligned: TensorSource, scale: float):
         super().__init__(tuned)
-        self.base, self.unaligned, self.scale = base, unaligned, scale
+        self.base, self.tuned, self.unaligned, self.scale = base, tuned, unaligned, scale
         self.changed: set[str] = set()
 
     def get(self, name: str) -> torch.Tensor:
