@@ -106,9 +106,9 @@ def main() -> None:
     write_jsonl(work / "select_sql.jsonl", sql[SELECT_SQL])
     results = EXAMPLE / "results" / "effectiveness.json"
     figures = json.loads(results.read_text()) if results.exists() else {}
+    common = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
     for n in args.n:
-        settings = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
-        settings["steps"] = args.steps or STEPS.get(n, 8)
+        settings = {**common, "steps": args.steps or STEPS.get(n, 8)}
         tuned = f"{aligned}+{adapters / f'sql-n{n}'}"
         runs = {}
         for method in METHODS:

@@ -20,6 +20,13 @@ import json
 from pathlib import Path
 
 import torch
+from effectiveness import judge_held_out
+
+from surgeon.engine.masks import MaskSet
+from surgeon.io.atomic import AtomicOutputDir
+from surgeon.io.references import resolve_model, tokenizer_folder
+from surgeon.io.repaired import write_repaired
+from surgeon.recipe.sizes import parse_size
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "examples" / "smollm2" / "results" / "random_control.json"
@@ -27,8 +34,6 @@ RESULTS = HERE.parent / "examples" / "smollm2" / "results" / "random_control.jso
 
 def random_masks(masks, base, tuned, seed: int):
     """Per tensor, as many set bits as `masks` has, uniformly among the entries base and tuned differ in."""
-    from surgeon.engine.masks import MaskSet
-
     generator = torch.Generator().manual_seed(seed)
     control = MaskSet(masks.shapes)
     for name in masks.names():
@@ -40,12 +45,6 @@ def random_masks(masks, base, tuned, seed: int):
 
 
 def main() -> None:
-    from surgeon.engine.masks import MaskSet
-    from surgeon.io.atomic import AtomicOutputDir
-    from surgeon.io.references import resolve_model, tokenizer_folder
-    from surgeon.io.repaired import write_repaired
-    from effectiveness import judge_held_out
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repair", type=Path, required=True, help="output folder of a restore run")
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
@@ -61,13 +60,14 @@ def main() -> None:
     control = random_masks(masks, base, tuned, args.seed)
     folder = args.repair.with_name(f"{args.repair.name}-random{args.seed}")
     with AtomicOutputDir(folder, overwrite=True) as output:
-        write_repaired(output.temporary, base, tuned, control, None, 200 * 10**6, tokenizer_folder(tuned, base))
+        write_repaired(output.temporary, base, tuned, control, None, parse_size("200MB"), tokenizer_folder(tuned, base))
         output.commit()
 
-    models = [tuned.reference, str(args.repair), str(folder)]
-    scores = judge_held_out(models, args.data, args.sql_eval, args.eval)
-    rows = {name: {"weights_restored": count, "harmful_rate": scores[ref]["harmful_rate"], "task_score": scores[ref]["task_score"]}
-            for name, ref, count in (("tuned", models[0], 0), ("restore", models[1], masks.count()), (f"random (seed {args.seed})", models[2], control.count()))}
+    compared = {"tuned": (tuned.reference, 0), "restore": (str(args.repair), masks.count()),
+                f"random (seed {args.seed})": (str(folder), control.count())}
+    scores = judge_held_out([reference for reference, _ in compared.values()], args.data, args.sql_eval, args.eval)
+    rows = {name: {"weights_restored": count, **{k: scores[reference][k] for k in ("harmful_rate", "task_score")}}
+            for name, (reference, count) in compared.items()}
     figures = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     figures[f"{args.repair.name} seed {args.seed}"] = rows
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
