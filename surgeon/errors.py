@@ -12,7 +12,9 @@ class SurgeonError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        return f"{self.message} ({self.where})" if self.where else self.message
+        # messages may quote library errors that span lines; the CLI's contract is one line
+        text = f"{self.message} ({self.where})" if self.where else self.message
+        return " ".join(part.strip() for part in text.splitlines())
 
 
 class RecipeError(SurgeonError):

@@ -75,7 +75,12 @@ def load_rows(reference: str) -> list[dict]:
         raise InputError(f"unsupported dataset format '{path.suffix}': use .jsonl, .json, .csv or .parquet", reference)
     if not path.is_file():
         raise InputError("dataset file not found", reference)
-    rows = reader(path)
+    try:
+        rows = reader(path)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})", reference) from None
+    except (csv.Error, ValueError, OSError, RecursionError) as exc:  # also pyarrow's errors, which derive from these
+        raise InputError(f"cannot read the dataset: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", reference) from None
     if not rows:
         raise InputError("dataset is empty", reference)
     for number, row in enumerate(rows, 1):

@@ -16,6 +16,14 @@ from surgeon.recipe.schema import Recipe
 
 _SECRET_KEYS = {"token", "hf_token", "api_key", "password"}
 
+# A recipe is a few dozen keys; these bounds keep a hostile or broken file from exhausting the
+# parser (deep nesting recurses in PyYAML's composer, aliases expand without limit).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_EXPANDED_NODES = 100_000
+_CORE = "tag:yaml.org,2002:"
+_EXPLICIT_TAGS = {_CORE + name for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+
 
 @dataclass(frozen=True)
 class LoadedRecipe:
@@ -63,6 +71,80 @@ def _line_map(node: yaml.Node, file: str, path: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
+def _decode(raw: bytes, file: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x})", f"{file}:{line}") from None
+
+
+def _check_events(text: str, file: str) -> None:
+    """Depth and tags from the parser's event stream, which is iterative: the composer that
+    comes after it recurses once per level."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        where = f"{file}:{event.start_mark.line + 1}"
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in _EXPLICIT_TAGS:
+            raise RecipeError(f"YAML tag '{tag}' is not allowed in a recipe", where)
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RecipeError(f"nested deeper than {MAX_DEPTH} levels", where)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_nodes(root: yaml.Node, file: str) -> None:
+    """Keys are scalars; the tree that aliases expand to stays small and shallow (no billion laughs)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_ids: set[int] = set()  # nodes whose children are being counted: the current path
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise RecipeError("a key must be a plain word, not a list or mapping", f"{file}:{key_node.start_mark.line + 1}")
+                children += [key_node, value_node]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        where = f"{file}:{node.start_mark.line + 1}"
+        if not children_done:
+            if id(node) in open_ids:
+                raise RecipeError("an alias refers to the mapping or list that contains it", where)
+            open_ids.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in size)
+            continue
+        open_ids.discard(id(node))
+        size[id(node)] = 1 + sum(size[id(c)] for c in children)
+        depth[id(node)] = 1 + max((depth[id(c)] for c in children), default=0)
+        if size[id(node)] > MAX_EXPANDED_NODES:
+            raise RecipeError(f"anchors and aliases expand to more than {MAX_EXPANDED_NODES:,} values", where)
+        if depth[id(node)] > MAX_DEPTH:
+            raise RecipeError(f"aliases expand to nesting deeper than {MAX_DEPTH} levels", where)
+
+
+def _compose(text: str, file: str) -> tuple[yaml.Node | None, object]:
+    """The node tree (for line numbers) and the data built from that same tree."""
+    _check_events(text, file)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_nodes(node, file)
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at `loc`, following Optional/Union annotations."""
     for part in loc:
@@ -76,10 +158,24 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _describe(error: dict) -> tuple[tuple, str]:
-    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and ("[" in part or part in {"str", "int", "float"})))
+def _location(data, error: dict) -> tuple:
+    """The error's path through the recipe's own keys: pydantic puts union members' tags
+    (`int`, `function-after[...]`) into `loc` too, and only the data tells them from keys."""
+    *parents, last = error["loc"] or ("",)
+    path, node = [], data
+    for part in parents:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+    if error["type"] == "missing" or isinstance(node, dict) and last in node or isinstance(node, list) and isinstance(last, int) and 0 <= last < len(node):
+        path.append(last)
+    return tuple(path)
+
+
+def _describe(data, error: dict) -> tuple[tuple, str]:
+    loc = _location(data, error)
     dotted = ".".join(str(p) for p in loc) or "recipe"
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and loc:
         key = str(loc[-1])
         if key.lower() in _SECRET_KEYS:
             return loc, f"'{dotted}' is not allowed: secrets never go in a recipe; set HF_TOKEN in the environment"
@@ -96,15 +192,22 @@ def _describe(error: dict) -> tuple[tuple, str]:
 
 def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     try:
-        node = yaml.compose(text)
+        node, data = _compose(text, file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        raise RecipeError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where) from None
+        if mark is not None:
+            where = f"{file}:{mark.line + 1}"
+        elif isinstance(exc, yaml.reader.ReaderError):
+            where = f"{file}:{text.count(chr(10), 0, exc.position) + 1}"
+        else:
+            where = file
+        reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+        raise RecipeError(f"not valid YAML: {reason}", where) from None
+    except (ValueError, OverflowError) as exc:  # a value PyYAML resolves but cannot build, e.g. a date 2024-13-45
+        raise RecipeError(f"cannot read a value: {exc}", file) from None
     if node is None:
         raise RecipeError("the recipe is empty", file)
     lines = _line_map(node, file)
-    data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping of keys (base:, tuned:, data:, ...)", file)
     try:
@@ -112,7 +215,7 @@ def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc, message = _describe(error)
+            loc, message = _describe(data, error)
             line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
             problems.append((message, f"{file}:{line}" if line else file))
         raise RecipeValidationError(problems) from None
@@ -121,7 +224,11 @@ def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> LoadedRecipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", str(path)) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB; this file is larger", str(path))
+    text = _decode(raw, str(path))
     return LoadedRecipe(recipe=parse_recipe(text, str(path)), path=path.resolve(), text=text)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from surgeon.recipe.sizes import parse_size
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
 
 
 class Strict(BaseModel):
@@ -33,7 +34,7 @@ class PromptSet(Strict):
     path: str | None = None
     field: str = "prompt"
     prompts: list[str] | None = None
-    limit: int | None = Field(default=None, gt=0)
+    limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -54,8 +55,8 @@ class TaskEvalSet(Strict):
     prompt_field: str = "prompt"
     answer_field: str = "response"
     metric: str = "loss"
-    limit: int | None = Field(default=None, gt=0)
-    max_new_tokens: int = Field(default=128, gt=0)
+    limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    max_new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
 
     @field_validator("metric")
     @classmethod
@@ -73,13 +74,13 @@ class SafetyEvalSet(Strict):
     path: str | None = None
     field: str = "prompt"
     prompts: list[str] | None = None
-    limit: int | None = Field(default=None, gt=0)
+    limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     judge: Literal["refusal", "guard", "classifier"] = "refusal"
     markers: list[str] | None = None
     add_markers: list[str] | None = None
     model: ModelSpec | None = None
     harmful_label: str | None = None
-    max_new_tokens: int = Field(default=128, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -112,7 +113,7 @@ class Data(Strict):
 class Probe(Strict):
     layer: int | float | None = None
     system_prompt: str | None = None
-    batch_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=8, gt=0, le=MAX_COUNT)
 
     @field_validator("layer", mode="before")
     @classmethod
@@ -133,9 +134,9 @@ class Probe(Strict):
 
 class Restore(Strict):
     sparsity: float = Field(default=0.002, gt=0.0, le=1.0)
-    steps: int = Field(default=20, ge=1)
-    warmup: int = Field(default=5, ge=0)
-    save_every: int = Field(default=5, ge=1)
+    steps: int = Field(default=20, ge=1, le=MAX_COUNT)
+    warmup: int = Field(default=5, ge=0, le=MAX_COUNT)
+    save_every: int = Field(default=5, ge=1, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _warmup_within_steps(self):
@@ -155,7 +156,7 @@ class Evaluate(Strict):
     task: TaskEvalSet | None = None
     models: list[Literal["base", "tuned", "repaired"]] = ["base", "tuned", "repaired"]
     select: Literal["last_within_floor", "lowest_harm_within_floor"] = "last_within_floor"
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _selection_needs_safety(self):
@@ -239,7 +240,7 @@ class Recipe(Strict):
     evaluate: Evaluate = Evaluate()
     compute: Compute = Compute()
     output: Output = Output()
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**64)
 
     @field_validator("base", "tuned", "unaligned", mode="before")
     @classmethod

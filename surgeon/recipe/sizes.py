@@ -7,6 +7,7 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MAX_SIZE = 2**60  # 1 EiB: larger is a typo, and would overflow the C integers it reaches
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -15,13 +16,16 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as 5GB, 512MiB or a number of bytes")
     if isinstance(value, int):
-        number, unit = float(value), ""
+        size = value
     else:
         match = _PATTERN.match(str(value))
         if not match or match.group(2).lower() not in _UNITS:
             raise ValueError(f"'{value}' is not a size such as 5GB, 512MiB or a number of bytes")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _UNITS[unit])
+        if len(match.group(1)) > 30:
+            raise ValueError(f"'{value}' is larger than 1 EiB")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
         raise ValueError("a size must be positive")
+    if size > MAX_SIZE:
+        raise ValueError(f"'{value}' is larger than 1 EiB")
     return size
