@@ -11,7 +11,7 @@ import torch
 from surgeon.engine.layered import BASE, TUNED, Plan
 from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError
-from surgeon.evaluate.cache import combine, folder_fingerprint
+from surgeon.io.fingerprint import combine, folder_fingerprint
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluate.generate import LoadedModel, load_for_generation
 from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
@@ -79,7 +79,7 @@ class Candidates:
     the run's workspace, one at a time."""
 
     def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_folder: Path, workspace: Path):
-        from surgeon.evaluate.cache import cache_root
+        from surgeon.io.fingerprint import cache_root
 
         self.base_model, self.tuned_model = base, tuned
         self.tokenizer_folder, self.workspace = tokenizer_folder, Path(workspace)
