@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback
+from contextlib import contextmanager, nullcontext
 
 import click
 from rich.console import Console
@@ -12,8 +14,55 @@ from rich.console import Console
 from surgeon import __version__
 from surgeon.errors import RecipeValidationError, SurgeonError
 
-_err = Console(stderr=True, highlight=False, log_path=False)
-_out = Console(highlight=False)
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _consoles() -> tuple[Console, Console]:
+    """(stdout, stderr), made when a command runs (the streams may have been replaced). Off a
+    terminal, tables print at their full width instead of being cut at 80 columns."""
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 10_000)
+    return out, Console(stderr=True, highlight=False, log_path=False)
+
+
+def _progress(quiet: bool):
+    """Bars on a terminal, timestamped lines in a log, nothing with --quiet."""
+    from surgeon.console import LogProgress, RichProgress
+    from surgeon.progress import NullProgress
+
+    if quiet:
+        return nullcontext(NullProgress())
+    if sys.stderr.isatty():
+        return RichProgress(_consoles()[1])
+    return LogProgress()
+
+
+def _fail(lines: list[tuple[str, str | None]], exit_code: int):
+    """The one error format: `error: what (where)`, one line each, then exit."""
+    for message, where in lines:
+        text = f"{message} ({where})" if where else message
+        click.echo("error: " + " ".join(part.strip() for part in text.splitlines()), err=True)
+    sys.exit(exit_code)
+
+
+class _Interrupted(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupt(signum, frame):
+    raise _Interrupted(signum)
+
+
+@contextmanager
+def _terminations_interrupt():
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so temporary folders are removed on the way out."""
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in _HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _verbosity(function):
@@ -23,7 +72,7 @@ def _verbosity(function):
 
 
 def _reported(function):
-    """SurgeonError: one line per problem, exit 2. Anything else: one line, exit 1."""
+    """SurgeonError: one line per problem, exit 2. Interrupted: exit 128 + signal. Anything else: one line, exit 1."""
 
     @functools.wraps(function)
     def wrapper(*args, debug: bool = False, verbose: bool = False, quiet: bool = False, **kwargs):
@@ -33,19 +82,19 @@ def _reported(function):
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
         try:
-            return function(*args, verbose=verbose, quiet=quiet, **kwargs)
+            with _terminations_interrupt():
+                return function(*args, verbose=verbose, quiet=quiet, **kwargs)
         except RecipeValidationError as exc:
-            for message, where in exc.problems:
-                click.echo(f"error: {message} ({where})", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc.problems, exc.exit_code)
         except SurgeonError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc.one_line()}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written to the destination", err=True)
-            sys.exit(130)
+            _fail([(exc.message, exc.where)], exc.exit_code)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
+            reason = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            click.echo(f"{reason}; nothing was written to the destination", err=True)
+            sys.exit(128 + signum)
         except Exception as exc:  # the last line of defence: one line unless --debug
             if debug:
                 traceback.print_exc()
@@ -56,35 +105,58 @@ def _reported(function):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _SurgeonGroup(click.Group):
+    """click's own usage errors (unknown option, missing argument) in surgeon's one-line format."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            param = getattr(exc, "param", None)
+            where = param.get_error_hint(exc.ctx).replace("'", "") if param is not None and exc.ctx is not None else None
+            message = exc.message if param is not None else exc.format_message()
+            _fail([(message, where or (exc.ctx.command_path if exc.ctx else "surgeon"))], exc.exit_code)
+        except click.Abort:
+            click.echo("interrupted; nothing was written to the destination", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            _fail([(exc.format_message(), None)], exc.exit_code)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="surgeon")
 def main():
     """Repair the safety alignment a fine-tuned model lost, from a YAML recipe."""
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.argument("recipe")
+@click.option("--output", "-o", help="Output folder (overrides output.path).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier surgeon output at the destination.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N (overrides compute.device).")
 @click.option("--force-push", is_flag=True, help="Push (output.push) even if the evaluation does not show a repair.")
 @_verbosity
 @_reported
 def run(recipe, output, overwrite, device, force_push, verbose, quiet):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
-    from surgeon.console import RichProgress, models_table, summary_lines, summary_table
-    from surgeon.pipeline import RunOverrides
+    from surgeon.console import models_table, summary_lines, summary_table
+    from surgeon.pipeline import RunOverrides, destination
     from surgeon.pipeline import run as run_recipe
     from surgeon.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
-        report = run_recipe(loaded, RunOverrides(output, overwrite, device, force_push), progress)
+    overrides = RunOverrides(output, overwrite, device, force_push)
+    with _progress(quiet) as progress:
+        report = run_recipe(loaded, overrides, progress)
+    out, _ = _consoles()
     if not quiet and "steps" in report:
-        _out.print(summary_table(report))
+        out.print(summary_table(report))
     if (table := models_table(report)) is not None:
-        _out.print(table)
-    for line in summary_lines(report):
+        out.print(table)
+    for line in summary_lines(report, destination(loaded, overrides)):
         click.echo(line)
     if report.get("pushed"):
         click.echo(f"pushed: {report['pushed']}")
@@ -107,7 +179,6 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
 
     from pydantic import ValidationError
 
-    from surgeon.console import RichProgress
     from surgeon.errors import RecipeError
     from surgeon.publish.push import push
     from surgeon.recipe.schema import Push
@@ -116,16 +187,16 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
         settings = Push(repo_id=repo_id, private=private, branch=branch, create_pr=create_pr, commit_message=message, prune=prune)
     except ValidationError as exc:
         raise RecipeError(exc.errors()[0]["msg"].removeprefix("Value error, "), "--repo-id") from None
-    with RichProgress(_err, show_bars=not quiet, show_log=not quiet) as progress:
+    with _progress(quiet) as progress:
         url = push(Path(folder), settings, force, progress)
     click.echo(f"pushed: {url}")
 
 
 @main.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Take the evaluate section (and base/tuned) from this recipe.")
-@click.option("--safety", type=click.Path(dir_okay=False), help="Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt').")
-@click.option("--task", type=click.Path(dir_okay=False), help="Task rows with 'prompt' and 'response'.")
+@click.option("--recipe", help="Take the evaluate section (and base/tuned) from this recipe.")
+@click.option("--safety", help="Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt').")
+@click.option("--task", help="Task rows with 'prompt' and 'response'.")
 @click.option("--metric", help="exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function.")
 @click.option("--judge", type=click.Choice(["refusal", "guard", "classifier"]), help="How answers to harmful prompts are judged.")
 @click.option("--judge-model", help="The guard or classifier model for --judge guard/classifier.")
@@ -140,25 +211,25 @@ def evaluate(models, recipe, safety, task, metric, judge, judge_model, limit, ba
     """Harmful rate and task score of MODELS side by side ('base'/'tuned' name a recipe's models)."""
     import json
 
-    from surgeon.console import RichProgress, models_table
+    from surgeon.console import models_table
     from surgeon.pipeline import EvalRequest, evaluate_models
     from surgeon.recipe import load_recipe
 
     request = EvalRequest(list(models), load_recipe(recipe) if recipe else None, safety, task, metric, judge, judge_model,
                           limit, batch_size, max_new_tokens, device)
-    with RichProgress(_err, show_bars=not quiet and not as_json, show_log=False) as progress:
+    with _progress(quiet or as_json) as progress:
         results = evaluate_models(request, progress)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    _out.print(models_table({"evaluation": results}))
+    _consoles()[0].print(models_table({"evaluation": results}))
     generation = results["generation"]
     if generation["tokens"]:
         click.echo(f"generated {generation['tokens']:,} tokens in {generation['seconds']:.1f}s ({generation['tokens_per_second']:.1f} tokens/s)")
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe")
 @_verbosity
 @_reported
 def validate(recipe, verbose, quiet):

@@ -1,8 +1,13 @@
-"""Terminal rendering for the CLI: rich progress bars and tables. The engine never imports this."""
+"""Terminal rendering for the CLI: rich progress bars and tables, or timestamped lines in a log.
+The engine never imports this."""
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from contextlib import contextmanager
+from datetime import datetime
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -42,6 +47,9 @@ class RichProgress:
             def advance(self, amount: float = 1) -> None:
                 progress.advance(task_id, amount)
 
+            def detail(self, text: str) -> None:
+                progress.update(task_id, description=f"{description} · {text}")
+
         try:
             yield _Task()
         finally:
@@ -50,6 +58,72 @@ class RichProgress:
     def log(self, message: str) -> None:
         if self.show_log:
             self.console.log(message)
+
+
+class _LoggedTask:
+    def __init__(self, description: str, total: float | None):
+        self.description, self.total = description, total
+        self.completed, self.text = 0.0, ""
+        self.started = time.monotonic()
+
+    def advance(self, amount: float = 1) -> None:
+        self.completed += amount
+
+    def detail(self, text: str) -> None:
+        self.text = text
+
+    def state(self) -> str:
+        count = f" {self.completed:g}/{self.total:g}" if self.total else ""
+        detail = f", {self.text}" if self.text else ""
+        return f"{self.description}:{count}{detail} ({time.monotonic() - self.started:.0f}s)"
+
+
+class LogProgress:
+    """For output that is not a terminal (a log file, CI, nohup): a timestamped line when a
+    phase starts and ends, and a line on the innermost phase whenever `interval` seconds pass
+    without one, so a log never goes quiet during long work."""
+
+    def __init__(self, stream=None, interval: float = 30.0):
+        self.stream, self.interval = stream, interval
+        self._tasks: list[_LoggedTask] = []
+        self._lock = threading.Lock()
+        self._last_line = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name="surgeon-progress", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _line(self, text: str) -> None:
+        with self._lock:
+            stream = self.stream or sys.stderr
+            stream.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {text}\n")
+            stream.flush()
+            self._last_line = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(self.interval, 1.0)):
+            if self._tasks and time.monotonic() - self._last_line >= self.interval:
+                self._line(self._tasks[-1].state())
+
+    @contextmanager
+    def task(self, description: str, total: float | None):
+        task = _LoggedTask(description, total)
+        self._line(f"{description}: started" + (f", {total:g} to do" if total else ""))
+        self._tasks.append(task)
+        try:
+            yield task
+        finally:
+            self._tasks.remove(task)
+            self._line(f"{description}: done {task.completed:g}" + (f"/{total:g}" if total else "") + f" in {time.monotonic() - task.started:.1f}s")
+
+    def log(self, message: str) -> None:
+        self._line(message)
 
 
 def _fraction(value: float) -> str:
@@ -85,11 +159,11 @@ def models_table(report: dict) -> Table | None:
     return table
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(report: dict, destination) -> list[str]:
     from surgeon.report import describe_change
 
     seconds = sum(report["seconds"].values())
-    final = f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {report['output']['path']}"
+    final = f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {destination}"
     if "steps" not in report:
         return [f"{report['method']}: {describe_change(report)}", final]
     settings, restored, task = report["settings"], report["restored"], report["task"]

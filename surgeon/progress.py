@@ -9,6 +9,9 @@ from typing import Iterator, Protocol
 class ProgressTask(Protocol):
     def advance(self, amount: float = 1) -> None: ...
 
+    def detail(self, text: str) -> None:
+        """Where a long item stands (`token 40/128`), for displays that show it."""
+
 
 class Progress(Protocol):
     def task(self, description: str, total: float | None) -> "contextmanager[ProgressTask]": ...
@@ -18,6 +21,9 @@ class Progress(Protocol):
 
 class _NullTask:
     def advance(self, amount: float = 1) -> None:
+        pass
+
+    def detail(self, text: str) -> None:
         pass
 
 

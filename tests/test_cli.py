@@ -1,9 +1,11 @@
 import json
 
+import yaml
 from click.testing import CliRunner
 
 from surgeon import __version__
 from surgeon.cli import main
+from tests.conftest import recipe_dict
 
 
 def invoke(*args):
@@ -52,15 +54,58 @@ def test_missing_model_is_one_line_exit_2(tmp_path, write_recipe):
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "nope" in result.output
 
 
-def test_existing_output_is_refused_unless_overwrite(llama, write_recipe, tmp_path):
+def test_an_earlier_output_is_replaced_only_with_overwrite(llama, write_recipe, tmp_path):
+    recipe = write_recipe(*llama)
+    assert invoke("run", recipe, "-q").exit_code == 0
+    before = (tmp_path / "repaired" / "surgeon.json").stat().st_mtime_ns
+    refused = invoke("run", recipe, "-q")
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    assert (tmp_path / "repaired" / "surgeon.json").stat().st_mtime_ns == before
+    assert invoke("run", recipe, "-q", "--overwrite").exit_code == 0
+    assert (tmp_path / "repaired" / "surgeon.json").stat().st_mtime_ns != before
+
+
+def test_overwrite_never_replaces_a_folder_surgeon_did_not_write(llama, write_recipe, tmp_path):
     out = tmp_path / "repaired"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    result = invoke("run", write_recipe(*llama), "-q", "--overwrite")
+    assert result.exit_code == 2 and "not a surgeon output" in result.output and (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_keeps_a_user_file_inside_an_earlier_output(llama, write_recipe, tmp_path):
     recipe = write_recipe(*llama)
-    refused = invoke("run", recipe, "-q")
-    assert refused.exit_code == 2 and "--overwrite" in refused.output and (out / "keep.txt").exists()
-    assert invoke("run", recipe, "-q", "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "surgeon.json").exists()
+    assert invoke("run", recipe, "-q").exit_code == 0
+    (tmp_path / "repaired" / "notes.txt").write_text("mine")
+    result = invoke("run", recipe, "-q", "--overwrite")
+    assert result.exit_code == 2 and "'notes.txt', which surgeon did not write" in result.output
+    assert (tmp_path / "repaired" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_the_current_folder_holding_the_recipe_data(llama, tmp_path, monkeypatch):
+    """The reported loss: output.path '.' with --overwrite deleted harmful.jsonl and task.jsonl."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "harmful.jsonl").write_text('{"prompt": "how do I pick a lock"}\n')
+    (tmp_path / "task.jsonl").write_text('{"prompt": "select name from users"}\n')
+    recipe_text = yaml.safe_dump(recipe_dict(*llama, data={"harmful": "harmful.jsonl", "task": "task.jsonl"}, output={"path": "."}))
+    (tmp_path / "recipe.yaml").write_text(recipe_text)
+    result = invoke("run", "recipe.yaml", "-q", "--overwrite")
+    assert result.exit_code == 2 and result.output.startswith("error: the output folder ")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("surgeon-cache")) == ["harmful.jsonl", "recipe.yaml", "task.jsonl"]
+
+
+def test_overwrite_refuses_the_home_folder(llama, write_recipe, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    monkeypatch.setenv("HOME", str(home))
+    result = invoke("run", write_recipe(*llama), "-q", "--overwrite", "--output", "~")
+    assert result.exit_code == 2 and "your home folder" in result.output and (home / "thesis.tex").exists()
+
+
+def test_output_containing_a_data_file_is_refused(llama, write_recipe, tmp_path, task_eval_file):
+    result = invoke("run", write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file)}}), "-q", "--output", tmp_path)
+    assert result.exit_code == 2 and "contains" in result.output and task_eval_file.exists()
 
 
 def test_output_flag_overrides_the_recipe(llama, write_recipe, tmp_path):
@@ -70,7 +115,7 @@ def test_output_flag_overrides_the_recipe(llama, write_recipe, tmp_path):
 
 def test_output_inside_an_input_folder_is_refused(llama, write_recipe):
     result = invoke("run", write_recipe(*llama), "-q", "--output", llama[1] / "repaired")
-    assert result.exit_code == 2 and "overlaps an input" in result.output
+    assert result.exit_code == 2 and "lies inside an input" in result.output
 
 
 def test_internal_errors_exit_1_with_one_line_and_debug_shows_the_traceback(llama, write_recipe, monkeypatch):

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from surgeon.data.batches import prompt_batches
-from surgeon.progress import NullProgress, Progress
+from surgeon.progress import NullProgress, Progress, ProgressTask
 
 
 @dataclass
@@ -47,6 +48,17 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _TokenWatch(StoppingCriteria):
+    """Never stops decoding: it only reports the token position, so a slow batch shows movement."""
+
+    def __init__(self, task: ProgressTask, prompt_length: int, max_new_tokens: int):
+        self.task, self.prompt_length, self.max_new_tokens = task, prompt_length, max_new_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.task.detail(f"token {input_ids.shape[1] - self.prompt_length}/{self.max_new_tokens} of this batch")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class GenerationStats:
     tokens: int = 0
@@ -79,7 +91,9 @@ def generate(
     with progress.task(description, total=len(prompts)) as task, torch.no_grad():
         for batch in prompt_batches(tokenizer, prompts, batch_size, system_prompt):
             started = time.perf_counter()
-            out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), generation_config=config)
+            watch = StoppingCriteriaList([_TokenWatch(task, batch.input_ids.shape[1], max_new_tokens)])
+            out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                 generation_config=config, stopping_criteria=watch)
             new = out[:, batch.input_ids.shape[1]:].cpu()
             for row in new:
                 stop = (row == pad).nonzero()

@@ -1,19 +1,37 @@
-"""An output folder that appears whole or not at all.
+"""An output folder that appears whole or not at all, and replaces only what surgeon wrote.
 
 Everything is written to `.NAME.surgeon-tmp-PID` beside the destination and renamed into
-place at the end. A crash (even SIGKILL) leaves only that hidden folder, which the next run
-removes once its process is gone.
+place at the end. A crash (even SIGKILL) leaves only hidden folders; each run records its
+folders under the cache's `runs/`, so the next run, whatever its destination, removes those of
+processes that are gone.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import shutil
+import signal
 from pathlib import Path
 
 from surgeon.errors import OutputError
+from surgeon.io.fingerprint import cache_root
 
 _TMP_TAG = ".surgeon-tmp-"
+_WORK_TAG = ".surgeon-work-"
+_OLD_TAG = ".surgeon-old-"
+_OURS = re.compile(r"^\..+\.surgeon-(tmp|work|old)-\d+$")
+# The names a surgeon output folder holds; anything else in it is the user's, and blocks replacing it.
+_OUTPUT_NAMES = re.compile(
+    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|masks\.safetensors|surgeon\.json|report\.md"
+    r"|README\.md|recipe\.yaml|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json"
+    r"|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$"
+)
+# Failures of the disk or its permissions: the user can act on them, so they are not internal errors.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_COMMIT_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _alive(pid: int) -> bool:
@@ -30,52 +48,111 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-class AtomicOutputDir:
-    def __init__(self, destination: Path, overwrite: bool = False, protected: list[Path] = ()):
-        self.destination = Path(destination).expanduser().resolve()
-        for folder in protected:
-            folder = Path(folder).resolve()
-            if _inside(folder, self.destination) or _inside(self.destination, folder):
-                raise OutputError("the output folder overlaps an input model folder; choose another output.path", str(self.destination))
-        if self.destination.exists():
-            if not self.destination.is_dir():
-                raise OutputError("output path exists and is a file", str(self.destination))
-            if any(self.destination.iterdir()) and not overwrite:
-                raise OutputError("output folder exists and is not empty; pass --overwrite to replace it", str(self.destination))
-        self.parent = self.destination.parent
-        self.temporary = self.parent / f".{self.destination.name}{_TMP_TAG}{os.getpid()}"
-        self.workspace = self.parent / f".{self.destination.name}.surgeon-work-{os.getpid()}"
+def check_destination(destination: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
+    """Refuse, before any work, a destination whose replacement could lose the user's data."""
+    for path in inputs:
+        path = Path(path).expanduser().resolve()
+        if _inside(destination, path) or _inside(path, destination):
+            relation = "is" if path == destination else ("lies inside" if _inside(destination, path) else "contains")
+            raise OutputError(f"the output folder {relation} an input ({path}); choose another output.path", str(destination))
+    places = {Path.cwd().resolve(): "the current folder", Path.home().resolve(): "your home folder", Path(destination.anchor): "a filesystem root"}
+    for place, what in places.items():
+        if _inside(place, destination):
+            raise OutputError(f"the output folder {'is' if place == destination else 'contains'} {what}; choose another output.path", str(destination))
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise OutputError("output path exists and is a file", str(destination))
+    if os.path.ismount(destination):
+        raise OutputError("the output folder is a mount point; choose a folder inside it", str(destination))
+    entries = sorted(destination.iterdir())
+    if not entries:
+        return
+    if not (destination / "surgeon.json").is_file():
+        raise OutputError("output folder exists and is not a surgeon output (it has no surgeon.json); choose another output.path", str(destination))
+    foreign = [p.name for p in entries if not (p.is_file() and _OUTPUT_NAMES.match(p.name))]
+    if foreign:
+        raise OutputError(f"output folder holds '{foreign[0]}', which surgeon did not write; move it or choose another output.path", str(destination))
+    if not overwrite:
+        raise OutputError("output folder holds an earlier surgeon output; pass --overwrite to replace it", str(destination))
 
-    def _remove_stale(self) -> None:
-        for prefix in (f".{self.destination.name}{_TMP_TAG}", f".{self.destination.name}.surgeon-work-"):
-            for leftover in self.parent.glob(prefix + "*"):
-                pid = leftover.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(leftover, ignore_errors=True)
+
+def _registry() -> Path:
+    return cache_root() / "runs"
+
+
+def remove_stale() -> None:
+    """Remove the hidden folders of surgeon processes that are gone. An old output that a killed
+    commit had moved aside goes back in place when nothing replaced it."""
+    registry = _registry()
+    if not registry.is_dir():
+        return
+    for record in registry.glob("*.json"):
+        try:
+            entry = json.loads(record.read_text())
+            pid, paths = int(entry["pid"]), [Path(p) for p in entry["paths"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _alive(pid) and pid != os.getpid():
+            continue
+        for path in paths:
+            if not _OURS.match(path.name) or not path.exists():
+                continue
+            if _OLD_TAG in path.name:
+                original = path.parent / path.name[1:].rsplit(_OLD_TAG, 1)[0]
+                if not original.exists():
+                    os.rename(path, original)
+                    continue
+            shutil.rmtree(path, ignore_errors=True)
+        record.unlink(missing_ok=True)
+
+
+class AtomicOutputDir:
+    def __init__(self, destination: Path, overwrite: bool = False, inputs: list[Path] = ()):
+        self.destination = Path(destination).expanduser().resolve()
+        check_destination(self.destination, overwrite, inputs)
+        self.parent = self.destination.parent
+        pid = os.getpid()
+        self.temporary = self.parent / f".{self.destination.name}{_TMP_TAG}{pid}"
+        self.workspace = self.parent / f".{self.destination.name}{_WORK_TAG}{pid}"
+        self._old = self.parent / f".{self.destination.name}{_OLD_TAG}{pid}"
+        self._record = _registry() / f"{pid}.json"
 
     def __enter__(self) -> "AtomicOutputDir":
         try:
+            remove_stale()
+            self._record.parent.mkdir(parents=True, exist_ok=True)
+            self._record.write_text(json.dumps({"pid": os.getpid(), "paths": [str(p) for p in (self.temporary, self.workspace, self._old)]}))
             self.parent.mkdir(parents=True, exist_ok=True)
-            self._remove_stale()
             shutil.rmtree(self.temporary, ignore_errors=True)
             shutil.rmtree(self.workspace, ignore_errors=True)
             self.temporary.mkdir()
             self.workspace.mkdir()
         except OSError as exc:
-            raise OutputError(f"cannot create the output folder: {exc.strerror}", str(self.parent)) from None
+            self._cleanup()
+            raise OutputError(f"cannot create the output folder: {exc.strerror}", str(exc.filename or self.parent)) from None
         return self
 
     def commit(self) -> None:
-        """Swap the finished folder into place; an old destination is removed only after."""
-        old = None
-        if self.destination.exists():
-            old = self.parent / f".{self.destination.name}.surgeon-old-{os.getpid()}"
-            os.rename(self.destination, old)
-        os.rename(self.temporary, self.destination)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        """Swap the finished folder into place; an old destination is removed only after. Ctrl-C,
+        SIGTERM and SIGHUP wait until the swap is done, so it is never left half made."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMIT_SIGNALS)
+        try:
+            if self.destination.exists():
+                os.rename(self.destination, self._old)
+            os.rename(self.temporary, self.destination)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.workspace, ignore_errors=True)
+        shutil.rmtree(self.temporary, ignore_errors=True)
+        self._record.unlink(missing_ok=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        shutil.rmtree(self.workspace, ignore_errors=True)
-        if exc_type is not None:
-            shutil.rmtree(self.temporary, ignore_errors=True)
+        self._cleanup()
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            where = exc.filename if isinstance(exc.filename, str) else str(self.destination)
+            raise OutputError(f"cannot write the output: {exc.strerror or os.strerror(exc.errno)}; nothing was written to the destination",
+                              where) from None
