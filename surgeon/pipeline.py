@@ -70,6 +70,47 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     return Inputs(base, tuned, harmful, task, evaluation, safety, unaligned)
 
 
+def destination(loaded: LoadedRecipe, overrides: RunOverrides) -> Path:
+    """Where a run writes: --output (from the current folder), else output.path (from the recipe's)."""
+    return Path(overrides.output or loaded.resolve(loaded.recipe.output.path)).expanduser().resolve()
+
+
+def _local_data(loaded: LoadedRecipe) -> dict[str, Path]:
+    """The recipe fields that name local data files (or a local judge model), with their paths."""
+    recipe = loaded.recipe
+    references = {}
+    if recipe.data is not None:
+        references.update({"data.harmful": recipe.data.harmful.path, "data.task": recipe.data.task.path})
+    if recipe.evaluate.task is not None:
+        references["evaluate.task"] = recipe.evaluate.task.path
+    if recipe.evaluate.safety is not None:
+        references["evaluate.safety"] = recipe.evaluate.safety.path
+        if recipe.evaluate.safety.model is not None:
+            references["evaluate.safety.model"] = recipe.evaluate.safety.model.path
+    paths = {field: Path(loaded.resolve(ref)) for field, ref in references.items() if ref and "://" not in ref}
+    return {field: path for field, path in paths.items() if path.exists()}
+
+
+def _input_paths(loaded: LoadedRecipe, inputs: Inputs) -> list[Path]:
+    """Everything a run reads, which its output may never replace, contain or sit inside."""
+    models = [m for m in (inputs.base, inputs.tuned, inputs.unaligned) if m is not None]
+    return [loaded.path, *_local_data(loaded).values(), *(f for m in models for f in (m.folder, *m.content_folders))]
+
+
+def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -> dict:
+    """surgeon.json's `inputs`, by recipe field: Hub inputs by id@commit, local ones by name and
+    content hash (the records are published with the model; local paths are private)."""
+    from surgeon.io.fingerprint import file_sha256, folder_fingerprint
+
+    models = {role: m for role, m in (("base", inputs.base), ("tuned", inputs.tuned), ("unaligned", inputs.unaligned)) if m is not None}
+    with progress.task("fingerprinting local inputs", total=None):
+        described = {role: model.describe() for role, model in models.items()}
+        for field, path in _local_data(loaded).items():
+            digest = "sha256:" + (file_sha256(path) if path.is_file() else folder_fingerprint(path))
+            described[field] = {"reference": f"./{path.name}", "fingerprint": digest}
+    return described
+
+
 def _device(setting: str) -> str:
     import torch
 
@@ -175,12 +216,10 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         return _run_baseline(loaded, overrides, progress)
     timer = PhaseTimer()
     torch.manual_seed(recipe.seed)
-    destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
     device = _device(overrides.device or recipe.compute.device)
-    protected = [inputs.base.folder, inputs.tuned.folder]
-    with AtomicOutputDir(destination, overrides.overwrite, protected) as output:
+    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
         with timer.phase("prepare"):
             config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
             tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
@@ -240,11 +279,11 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                 evaluation = _evaluation_summary(recipe, inputs, [evaluator], models)
         report = build_report(
             recipe_sha256=loaded.sha256,
-            inputs={"base": inputs.base.describe(), "tuned": inputs.tuned.describe()},
+            inputs=_describe_inputs(loaded, inputs, progress),
             settings={**asdict(settings), "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
                       "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
             result=result, masks=masks, decoder_parameters=layout.decoder_parameters, timer=timer,
-            extra={"output": {"shards": shards, "path": str(output.destination)},
+            extra={"output": {"shards": shards, "folder": output.destination.name},
                    "evaluation": evaluation,
                    "memory": {"max_decoder_layers_materialized": engine.max_materialized_layers,
                               "budget_bytes": budget, "activations_peak_bytes": store.peak_bytes,
@@ -282,11 +321,11 @@ def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> N
     (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder)), encoding="utf-8")
 
 
-def _push(recipe: Recipe, report: dict, destination: Path, overrides: RunOverrides, progress: Progress) -> dict:
+def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOverrides, progress: Progress) -> dict:
     if recipe.output.push is not None:
         from surgeon.publish.push import push
 
-        report["pushed"] = push(destination, recipe.output.push, overrides.force_push, progress)
+        report["pushed"] = push(folder, recipe.output.push, overrides.force_push, progress)
     return report
 
 
@@ -307,12 +346,10 @@ def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progr
 
     recipe = loaded.recipe
     timer = PhaseTimer()
-    destination = Path(overrides.output) if overrides.output else Path(loaded.resolve(recipe.output.path))
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
     device = _device(overrides.device or recipe.compute.device)
-    protected = [m.folder for m in (inputs.base, inputs.tuned, inputs.unaligned) if m is not None]
-    with AtomicOutputDir(destination, overrides.overwrite, protected) as output:
+    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
         config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
         tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
         tensors = inputs.tuned.tensors
@@ -353,11 +390,11 @@ def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progr
                 evaluation = _evaluation_summary(recipe, inputs, [e for e, _ in evaluators.values()], models)
         report = baseline_report(
             recipe_sha256=loaded.sha256,
-            inputs={role: m.describe() for role, m in (("base", inputs.base), ("tuned", inputs.tuned), ("unaligned", inputs.unaligned)) if m},
+            inputs=_describe_inputs(loaded, inputs, progress),
             settings=settings,
             changed={"tensors": len(changed), "parameters": sum(_numel(tensors.shape(n)) for n in changed),
                      "share_of_N": sum(_numel(tensors.shape(n)) for n in changed if n in {x for l in layout.layer_tensors for x in l}) / layout.decoder_parameters},
-            evaluation=evaluation, timer=timer, output={"shards": shards, "path": str(output.destination)},
+            evaluation=evaluation, timer=timer, output={"shards": shards, "folder": output.destination.name},
         )
         _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()

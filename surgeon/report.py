@@ -5,15 +5,32 @@ from __future__ import annotations
 import json
 import re
 import resource
+import subprocess
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from surgeon import __version__
+from surgeon import DISTRIBUTION, __version__
 from surgeon.engine.masks import MaskSet
 from surgeon.methods.restore import RepairResult
+
+
+def tool_identity() -> dict:
+    """Which surgeon made the output: the release, or the git commit when it ran from a checkout
+    (a version number alone would not say which code that was)."""
+    identity = {"name": "surgeon", "distribution": DISTRIBUTION, "version": __version__}
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        try:
+            git = ["git", "-C", str(checkout)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, check=True)
+            identity.update(commit=commit, modified=bool(changes.stdout.strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return identity
 
 
 class PhaseTimer:
@@ -57,7 +74,7 @@ def build_report(
 ) -> dict:
     restored = masks.count()
     return {
-        "tool": {"name": "surgeon", "version": __version__},
+        "tool": tool_identity(),
         "recipe_sha256": recipe_sha256,
         "inputs": inputs,
         "settings": settings,
@@ -86,7 +103,7 @@ def baseline_report(*, recipe_sha256: str, inputs: dict, settings: dict, changed
                     timer: PhaseTimer, output: dict) -> dict:
     """surgeon.json of a baseline method (reset_layers, resta): what changed and the evaluation."""
     return {
-        "tool": {"name": "surgeon", "version": __version__},
+        "tool": tool_identity(),
         "recipe_sha256": recipe_sha256,
         "method": settings["method"],
         "inputs": inputs,

@@ -10,6 +10,7 @@ from pathlib import Path
 from surgeon.errors import InputError
 from surgeon.io.adapter import LoraMergedSource
 from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from surgeon.io.fingerprint import combine, folder_fingerprint
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -45,7 +46,28 @@ class ResolvedModel:
         return None
 
     def describe(self) -> dict:
-        return {"reference": self.reference, "revision": self.revision, "adapter_of": self.adapter_of, "folder": str(self.folder)}
+        """How the published records name this model: a Hub input by id@commit, a local one by
+        `./folder-name` and a sha256 of its weights and config, never by a path on this machine."""
+        local = any(Path(part).expanduser().exists() for part in _parts(self.reference))
+        return {
+            "reference": portable_reference(self.reference, self.revision),
+            "revision": self.revision,
+            "adapter_of": portable_reference(self.adapter_of) if self.adapter_of else None,
+            "fingerprint": "sha256:" + combine(*(folder_fingerprint(f) for f in self.content_folders)) if local else None,
+        }
+
+
+def _parts(reference: str) -> list[str]:
+    return reference.split("+") if "+" in reference and not Path(reference).expanduser().exists() else [reference]
+
+
+def portable_reference(reference: str, revision: str | None = None) -> str:
+    """A recipe reference that names nothing private: local folders as `./name`, a Hub id pinned
+    to the commit it resolved to."""
+    parts = _parts(reference)
+    if len(parts) == 1 and revision and not Path(reference).expanduser().exists():
+        return f"{reference.split('@')[0]}@{revision}"
+    return "+".join(f"./{Path(part).expanduser().resolve().name}" if Path(part).expanduser().exists() else part for part in parts)
 
 
 def _download(reference: str, allow_pickle: bool) -> tuple[Path, str]:

@@ -92,32 +92,53 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
         lines += ["## Restored weights", "", f"{restored['total']:,} weights in all.", "", "| module | restored |", "|---|---|"]
         lines += [f"| {module} | {count:,} |" for module, count in restored["by_module"].items()]
         lines += ["", "```", *_layer_chart(restored["by_layer"]), "```", ""]
-    lines += ["## Inputs", "", "| role | reference | revision |", "|---|---|---|"]
-    for role in inputs:
-        described = inputs[role]
-        lines.append(f"| {role} | `{described['reference']}` | {described.get('revision') or 'local'} |")
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        f"With surgeon {report['tool']['version']} (recipe sha256 `{report['recipe_sha256'][:16]}`):",
-        "",
-        "```bash",
-        f"pip install surgeon=={report['tool']['version']}",
-        "surgeon run recipe.yaml",
-        "```",
-        "",
-        "```yaml",
-        recipe_text.rstrip(),
-        "```",
-        "",
-        f"Method: {METHOD_REFERENCE}.",
-        "",
-    ]
+    lines += ["## Inputs", "", "| role | reference | revision or content |", "|---|---|---|"]
+    for role, described in inputs.items():
+        content = described.get("revision") or (f"`{described['fingerprint']}`" if described.get("fingerprint") else "–")
+        lines.append(f"| {role} | `{described['reference']}` | {content} |")
+    supply = [(role, d) for role, d in inputs.items() if d.get("fingerprint")]
+    lines += ["", "## Reproduce", "", f"Recipe sha256 `{report['recipe_sha256'][:16]}`.", ""]
+    if supply:
+        lines += ["The local inputs are not published with this model; put these beside `recipe.yaml`:", ""]
+        lines += [f"- `{d['reference']}` ({role}), {d['fingerprint']}" for role, d in supply]
+        lines.append("")
+    lines += ["```bash", *_install_lines(report["tool"]), "surgeon run recipe.yaml", "```", "", "```yaml",
+              portable_recipe(recipe_text, inputs, report["output"]["folder"]).rstrip(), "```", "", f"Method: {METHOD_REFERENCE}.", ""]
     if tuned_body.strip():
         lines += ["---", "", f"*The card of the tuned model `{tuned_ref}` follows.*", "", tuned_body.strip(), ""]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))
     return str(card)
+
+
+def _install_lines(tool: dict) -> list[str]:
+    """Install exactly the surgeon that made this output: the release, or the git commit it ran from."""
+    if tool.get("commit"):
+        changes = ", with uncommitted changes" if tool.get("modified") else ""
+        return [f"# {tool['distribution']} {tool['version']} at git commit {tool['commit']}{changes}, not a published release:",
+                f"git checkout {tool['commit']} && pip install ."]
+    return [f"pip install {tool['distribution']}=={tool['version']}"]
+
+
+def portable_recipe(recipe_text: str, inputs: dict, output_folder: str) -> str:
+    """The recipe with every input named as the records name it (`./name` for a local input, id@commit
+    for the Hub) and the output as `./folder`: nothing of the machine it ran on."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_text)
+    for field, described in inputs.items():
+        *parents, key = field.split(".")
+        owner = recipe
+        for parent in parents:
+            owner = owner.get(parent) if isinstance(owner, dict) else None
+        if not isinstance(owner, dict) or owner.get(key) is None:
+            continue
+        if isinstance(owner[key], dict):
+            owner[key]["path"] = described["reference"]
+        else:
+            owner[key] = described["reference"]
+    output = recipe.get("output") if isinstance(recipe.get("output"), dict) else {}
+    recipe["output"] = {**output, "path": f"./{output_folder}"}
+    return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 
 def tuned_card(folder: Path) -> str | None:
