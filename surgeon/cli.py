@@ -114,7 +114,8 @@ class _SurgeonGroup(click.Group):
         except click.UsageError as exc:
             param = getattr(exc, "param", None)
             where = param.get_error_hint(exc.ctx).replace("'", "") if param is not None and exc.ctx is not None else None
-            message = exc.message if param is not None else exc.format_message()
+            detailed = isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter)
+            message = (exc.message if detailed else exc.format_message()).rstrip(".")
             _fail([(message, where or (exc.ctx.command_path if exc.ctx else "surgeon"))], exc.exit_code)
         except click.Abort:
             click.echo("interrupted; nothing was written to the destination", err=True)

@@ -34,6 +34,10 @@ class InputError(SurgeonError):
     """A referenced model, adapter or dataset cannot be read as asked."""
 
 
+class NonFiniteError(SurgeonError):
+    """A weight, gradient, direction or score is NaN or infinite: no repair can be trusted past it."""
+
+
 class IncompatibleModelsError(SurgeonError):
     """base and tuned (or an adapter) do not describe the same architecture."""
 

@@ -61,7 +61,7 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as parquet
     except ImportError:
-        raise InputError("reading .parquet needs pyarrow: pip install 'surgeon[parquet]'", str(path)) from None
+        raise InputError("reading .parquet needs pyarrow: pip install 'alignment-surgeon[parquet]'", str(path)) from None
     return parquet.read_table(path).to_pylist()
 
 

@@ -22,7 +22,7 @@ from surgeon.engine.allocator import release_free_memory
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
-from surgeon.io.checkpoint import TensorSource
+from surgeon.io.checkpoint import TensorSource, check_finite
 from surgeon.progress import NullProgress, Progress
 
 BASE = "base"
@@ -268,7 +268,8 @@ class LayeredModel:
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                             self.store.delete(self._key(prepared, i, b))
-                    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in params.items()}
+                    grads = {name: check_finite(f"gradient of {name}", p.grad if p.grad is not None else torch.zeros_like(p), description)
+                             for name, p in params.items()}
                     on_layer(raw, grads)
                     for p in params.values():
                         p.grad = None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+from surgeon.io.writer import write_file
 
 
 class MaskSet:
@@ -56,8 +57,7 @@ class MaskSet:
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
         """Packed bits per tensor (little bit order) and the shapes, so a repair can be re-applied."""
         meta = {"format": "surgeon-masks", "bitorder": "little", "shapes": json.dumps(self.shapes)}
-        save_file(self._bits, str(path), metadata={**meta, **(metadata or {})})
-        os.chmod(path, 0o644)  # safetensors writes through a private temp file
+        write_file(path, {name: torch.from_numpy(bits) for name, bits in self._bits.items()}, {**meta, **(metadata or {})})
 
     @classmethod
     def load(cls, path: Path) -> "MaskSet":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -10,7 +11,7 @@ import torch
 
 from surgeon.engine.layered import BASE, TUNED, Plan
 from surgeon.engine.masks import MaskSet
-from surgeon.errors import InputError
+from surgeon.errors import InputError, NonFiniteError
 from surgeon.io.fingerprint import combine, folder_fingerprint
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluate.generate import LoadedModel, load_for_generation
@@ -144,7 +145,11 @@ class RunScorer:
         self.name, self.higher_is_better, self.absolute_drop = metric.name, metric.higher_is_better, metric.absolute_drop
 
     def task(self, plan: Plan) -> float:
-        return self.evaluator.task_score(self.candidates.for_plan(plan))
+        candidate = self.candidates.for_plan(plan)
+        score = self.evaluator.task_score(candidate)
+        if not math.isfinite(score):
+            raise NonFiniteError(f"the task {self.name} of {candidate.name} is {score}; try compute.dtype float32", "evaluate.task")
+        return score
 
     def harm(self, plan: Plan) -> float | None:
         harm = self.evaluator.harm(self.candidates.for_plan(plan))

@@ -9,13 +9,36 @@ from typing import Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from surgeon.errors import InputError
+from surgeon.errors import InputError, NonFiniteError
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """The tensor itself, or NonFiniteError naming it: a NaN would silently skew every choice after it."""
+    if tensor.is_floating_point():
+        values = tensor.float() if tensor.element_size() == 1 else tensor  # float8 has no isfinite kernel
+        if not torch.isfinite(values).all():
+            raise NonFiniteError(f"tensor '{name}' holds NaN or infinite values", where)
+    return tensor
+
+
+class _FiniteOnce:
+    """Checks each tensor the first time it is read: the check rides on the read the run does
+    anyway, and costs nothing on the later reads of the same tensor."""
+
+    def __init__(self):
+        self._checked: set[str] = set()
+
+    def _finite(self, name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
+        if name not in self._checked:
+            check_finite(name, tensor, where)
+            self._checked.add(name)
+        return tensor
 
 
 class TensorSource(Protocol):
@@ -46,7 +69,7 @@ class DerivedSource:
         return self.like.dtype(name)
 
 
-class SafetensorsCheckpoint:
+class SafetensorsCheckpoint(_FiniteOnce):
     """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
 
     Headers are read once. Each read opens its shard only for that read: a handle kept open
@@ -55,6 +78,7 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, files: list[Path]):
+        super().__init__()
         if not files:
             raise InputError("no .safetensors files found")
         self._where: dict[str, Path] = {}
@@ -111,15 +135,18 @@ class SafetensorsCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         try:
             with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+                tensor = handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
+        return self._finite(name, tensor, str(self._where[name]))
 
 
-class PickleCheckpoint:
+class PickleCheckpoint(_FiniteOnce):
     """`.bin`/`.pt` checkpoints, only when the recipe says allow_pickle; loaded weights_only."""
 
     def __init__(self, files: list[Path]):
+        super().__init__()
+        self._files = ", ".join(str(f) for f in files)
         self._tensors: dict[str, torch.Tensor] = {}
         for file in sorted(files):
             try:
@@ -138,4 +165,4 @@ class PickleCheckpoint:
         return self._tensors[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+        return self._finite(name, self._tensors[name].clone(), self._files)

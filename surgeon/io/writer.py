@@ -68,6 +68,20 @@ def _header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """One safetensors file whose header keeps the given order, so equal content is equal bytes
+    (safetensors' own writer orders the metadata by a hash map, differently each run)."""
+    entries = [TensorEntry(name, tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()]
+    with open(path, "wb") as out:
+        out.write(_header(entries, metadata))
+        for entry in entries:
+            out.write(_tensor_bytes(tensors[entry.name]))
+
+
 def write_sharded(
     folder: Path,
     entries: list[TensorEntry],
@@ -87,7 +101,7 @@ def write_sharded(
                     tensor = get_tensor(entry.name)
                     if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
                         raise ValueError(f"{entry.name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
-                    out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                    out.write(_tensor_bytes(tensor))
                     weight_map[entry.name] = shard_name
                     task.advance()
     if len(names) > 1:

@@ -17,6 +17,7 @@ from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, collect, top
+from surgeon.io.checkpoint import check_finite
 from surgeon.progress import NullProgress, Progress
 
 
@@ -110,8 +111,8 @@ class RestoreMethod:
     def compute_directions(self) -> None:
         """v_harm: mean h(x) over H with base; v_task: mean h(x) over T with tuned."""
         E = self.settings.probe_layer
-        self.v_harm = self.engine.last_token_states(self.harmful_on_base, BASE, E, "direction v_harm (base)").mean(0)
-        self.v_task = self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0)
+        self.v_harm = check_finite("direction v_harm", self.engine.last_token_states(self.harmful_on_base, BASE, E, "direction v_harm (base)").mean(0), "data.harmful")
+        self.v_task = check_finite("direction v_task", self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0), "data.task")
 
     # -- Restore step ----------------------------------------------------------------------
 
