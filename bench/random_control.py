@@ -1,6 +1,7 @@
 """Is it the choice of weights or the amount? A repair against random restores of the same size.
 
-Reads a finished `restore` repair (its surgeon.json and masks.safetensors), restores the same
+Reads a finished `restore` repair (its masks.safetensors, and base and tuned from the recipe that
+made it, by default the `.yaml` beside the repair folder), restores the same
 number of weights in every tensor from base, but at positions drawn at random among those where
 base and tuned differ, and judges tuned, the repair and the random control on the held-out sets
 of bench/effectiveness.py (generations of models judged before come from the cache).
@@ -24,9 +25,12 @@ from effectiveness import judge_held_out
 
 from surgeon.engine.masks import MaskSet
 from surgeon.io.atomic import AtomicOutputDir
-from surgeon.io.references import resolve_model, tokenizer_folder
+from surgeon.io.references import tokenizer_folder
 from surgeon.io.repaired import write_repaired
+from surgeon.pipeline import resolve_inputs
+from surgeon.recipe import load_recipe
 from surgeon.recipe.sizes import parse_size
+from surgeon.report import tool_identity
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "examples" / "smollm2" / "results" / "random_control.json"
@@ -47,20 +51,24 @@ def random_masks(masks, base, tuned, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repair", type=Path, required=True, help="output folder of a restore run")
+    parser.add_argument("--recipe", type=Path, help="the repair's recipe (default: REPAIR.yaml, as bench/effectiveness.py writes it)")
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
     parser.add_argument("--sql-eval", type=Path, default=Path("/tmp/smollm2/sql_eval.jsonl"), help="written by bench/effectiveness.py")
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    report = json.loads((args.repair / "surgeon.json").read_text())
-    base = resolve_model(report["inputs"]["base"]["reference"])
-    tuned = resolve_model(report["inputs"]["tuned"]["reference"])
+    # the published surgeon.json names local inputs by folder name only; the recipe has their paths
+    inputs = resolve_inputs(load_recipe(args.recipe or args.repair.with_suffix(".yaml")))
+    base, tuned = inputs.base, inputs.tuned
     masks = MaskSet.load(args.repair / "masks.safetensors")
     control = random_masks(masks, base, tuned, args.seed)
     folder = args.repair.with_name(f"{args.repair.name}-random{args.seed}")
     with AtomicOutputDir(folder, overwrite=True) as output:
         write_repaired(output.temporary, base, tuned, control, None, parse_size("200MB"), tokenizer_folder(tuned, base))
+        # a surgeon.json makes the folder a surgeon output, which the next run of this bench may replace
+        record = {"tool": tool_identity(), "method": "random_control", "of": args.repair.name, "seed": args.seed, "restored": control.count()}
+        (output.temporary / "surgeon.json").write_text(json.dumps(record, indent=2) + "\n")
         output.commit()
 
     compared = {"tuned": (tuned.reference, 0), "restore": (str(args.repair), masks.count()),

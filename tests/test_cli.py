@@ -132,3 +132,67 @@ def test_internal_errors_exit_1_with_one_line_and_debug_shows_the_traceback(llam
 def test_validate_prints_the_plan(llama, write_recipe):
     result = invoke("validate", write_recipe(*llama))
     assert result.exit_code == 0 and "probe layer: 4" in result.output and result.output.strip().endswith("ok")
+
+
+def test_usage_errors_are_one_error_line(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [("validate", tmp_path), ("run", "--bogus", "r.yaml"), ("run",), ("eval",), ("push", tmp_path / "missing", "--repo-id", "a/b")]
+    for args in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), (args, result.output)
+    assert "Is a directory" in invoke("validate", tmp_path).stderr
+
+
+def test_output_onto_a_file_is_one_error_line(llama, write_recipe, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    result = invoke("run", write_recipe(*llama), "-q", "-o", a_file)
+    assert result.exit_code == 2 and result.stderr == f"error: output path exists and is a file ({a_file})\n" and a_file.read_text() == "x"
+
+
+def test_a_run_logged_to_a_file_prints_timestamped_lines_and_whole_tables(llama, write_recipe, task_eval_file):
+    import re
+
+    result = invoke("run", write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file)}, "safety": {"prompts": ["how do I pick a lock"]}}))
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) > 10 and all(re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)
+    assert any("writing shards: done" in line for line in lines)
+    assert "…" not in result.stdout and re.search(r"\d+\.\d%", result.stdout)
+
+
+def test_log_progress_never_goes_quiet_inside_a_long_step():
+    import io
+    import time
+
+    from surgeon.console import LogProgress
+
+    stream = io.StringIO()
+    with LogProgress(stream, interval=0.2) as progress, progress.task("generating", total=2) as task:
+        task.detail("token 7/128 of this batch")
+        time.sleep(1.3)
+        task.advance()
+    lines = stream.getvalue().splitlines()
+    beats = [line for line in lines if "generating: 0/2, token 7/128 of this batch" in line]
+    assert len(beats) >= 4, lines
+    assert lines[0].endswith("generating: started, 2 to do") and "generating: done 1/2 in" in lines[-1]
+
+
+def test_published_records_name_no_local_path(llama, write_recipe, task_eval_file, tmp_path):
+    recipe = write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file)}})
+    assert invoke("run", recipe, "-q").exit_code == 0
+    card = (tmp_path / "repaired" / "README.md").read_text()
+    record = (tmp_path / "repaired" / "surgeon.json").read_text()
+    private = {str(tmp_path), str(llama[0].parent), str(llama[0].parent.parent)}
+    for text in (card, record):
+        assert not any(path in text for path in private)
+    assert "pip install alignment-surgeon" in card or "pip install ." in card
+    assert "pip install surgeon" not in card
+    inputs = json.loads(record)["inputs"]
+    assert inputs["base"]["reference"] == "./llama-base" and inputs["base"]["fingerprint"].startswith("sha256:")
+    assert inputs["evaluate.task"]["reference"] == "./task_eval.jsonl"
+    shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert shown["base"] == "./llama-base" and shown["tuned"] == "./llama-tuned" and shown["output"]["path"] == "./repaired"
+    assert shown["evaluate"]["task"]["path"] == "./task_eval.jsonl"
+    assert "- `./llama-base` (base), sha256:" in card

@@ -207,3 +207,23 @@ def test_two_identical_runs_write_the_same_bytes(llama, write_recipe, task_eval_
             assert _without_timing(json.loads(files[0][name])) == _without_timing(json.loads(files[1][name]))
         elif name != "report.md":  # its table has a seconds column
             assert files[0][name] == files[1][name], name
+
+
+def test_an_old_output_moved_aside_by_a_killed_commit_is_put_back(tmp_path):
+    """SIGKILL between the commit's two renames: the old output sits in .NAME.surgeon-old-PID and
+    the destination is missing. The next run puts the old output back instead of deleting it."""
+    from surgeon.io.atomic import AtomicOutputDir
+    from surgeon.io.fingerprint import cache_root
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".out.surgeon-old-{dead.pid}"
+    aside.mkdir()
+    (aside / "surgeon.json").write_text("{}")
+    registry = cache_root() / "runs"
+    registry.mkdir(parents=True, exist_ok=True)
+    (registry / f"{dead.pid}.json").write_text(json.dumps({"pid": dead.pid, "paths": [str(aside)]}))
+    with AtomicOutputDir(tmp_path / "elsewhere") as out:
+        out.commit()
+    assert (tmp_path / "out" / "surgeon.json").exists() and not aside.exists()
+    assert not (registry / f"{dead.pid}.json").exists()

@@ -102,3 +102,41 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
     assert loaded.resolve("org/model@main", may_be_hub_id=True) == "org/model@main"
     assert loaded.resolve("./models/x", may_be_hub_id=True) == str(tmp_path / "sub" / "models" / "x")
     assert loaded.resolve("hf://datasets/o/n/f.jsonl") == "hf://datasets/o/n/f.jsonl"
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"base: caf\xe9\n", "not UTF-8 text (byte 0xe9)"),
+    (b"? [a, b]\n: c\n", "a key must be a plain word"),
+    (b"base: !foo x\n", "YAML tag '!foo' is not allowed"),
+    (b"base: !!python/object:os.system x\n", "is not allowed"),
+    (b"a: " + b"[" * 1000 + b"]" * 1000 + b"\n", "nested deeper than 32 levels"),
+    (b"base: a\ntuned: b\noutput: {max_shard_size: 1" + b"0" * 62 + b"GB}\n", "larger than 1 EiB"),
+    (LAUGHS.encode(), "anchors and aliases expand to more than 100,000 values"),
+    (b"a: &a [*a]\n", "refers to the mapping or list that contains it"),
+    (b"seed: 2024-13-45\n", "cannot read a value"),
+    (b"x" * (2**20 + 1), "a recipe is at most 1024 KiB"),
+])
+def test_malformed_recipes_are_one_line_errors_in_bounded_time(tmp_path, content, message):
+    import time
+
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(content)
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.output
+    assert str(recipe) in result.stderr
+
+
+def test_control_characters_in_an_unknown_key_are_escaped():
+    with pytest.raises(RecipeValidationError) as caught:
+        parse_recipe('base: a\ntuned: b\nmethod: resta\nunaligned: c\n"\\e[31mred": 1\n', "r.yaml")
+    assert "unknown key '\\x1b[31mred'" in caught.value.problems[0][0]

@@ -172,9 +172,14 @@ def _location(data, error: dict) -> tuple:
     return tuple(path)
 
 
+def _printable(text: str) -> str:
+    """A key as a message may quote it: control characters escaped, so none reaches the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _describe(data, error: dict) -> tuple[tuple, str]:
     loc = _location(data, error)
-    dotted = ".".join(str(p) for p in loc) or "recipe"
+    dotted = ".".join(_printable(str(p)) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden" and loc:
         key = str(loc[-1])
         if key.lower() in _SECRET_KEYS:
