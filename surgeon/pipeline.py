@@ -107,7 +107,7 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
         described = {role: model.describe() for role, model in models.items()}
         for field, path in _local_data(loaded).items():
             digest = "sha256:" + (file_sha256(path) if path.is_file() else folder_fingerprint(path))
-            described[field] = {"reference": f"./{path.name}", "fingerprint": digest}
+            described[field] = {"reference": f"./{path.name}", "local": {f"./{path.name}": digest}}
     return described
 
 

@@ -60,7 +60,7 @@ def test_resta_adds_the_safety_vector_where_base_and_unaligned_differ(llama, tmp
     assert report["changed"]["tensors"] == len(changed) > 0
     models = report["evaluation"]["models"]
     assert abs(models["tuned"]["task_score"]) < 1e-6 and models["repaired"]["task_score"] > 0
-    assert report["inputs"]["unaligned"]["reference"] == f"./{unaligned.name}" and report["inputs"]["unaligned"]["fingerprint"]
+    assert report["inputs"]["unaligned"]["reference"] == f"./{unaligned.name}" and report["inputs"]["unaligned"]["local"]
 
 
 def test_baseline_run_on_the_command_line(llama, tmp_path):

@@ -190,9 +190,9 @@ def test_published_records_name_no_local_path(llama, write_recipe, task_eval_fil
     assert "pip install alignment-surgeon" in card or "pip install ." in card
     assert "pip install surgeon" not in card
     inputs = json.loads(record)["inputs"]
-    assert inputs["base"]["reference"] == "./llama-base" and inputs["base"]["fingerprint"].startswith("sha256:")
+    assert inputs["base"]["reference"] == "./llama-base" and inputs["base"]["local"]["./llama-base"].startswith("sha256:")
     assert inputs["evaluate.task"]["reference"] == "./task_eval.jsonl"
     shown = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert shown["base"] == "./llama-base" and shown["tuned"] == "./llama-tuned" and shown["output"]["path"] == "./repaired"
     assert shown["evaluate"]["task"]["path"] == "./task_eval.jsonl"
-    assert "- `./llama-base` (base), sha256:" in card
+    assert "- `./llama-base` (base): sha256:" in card

@@ -123,6 +123,8 @@ def test_adapter_run_equals_run_on_the_merged_checkpoint(llama, write_recipe, tm
     b = run(load_recipe(write_recipe(llama[0], tmp_path / "merged", name="b.yaml", output={"path": str(tmp_path / "out-b")})))
     assert a["restored"] == b["restored"] and a["restored"]["total"] > 0
     assert a["inputs"]["tuned"]["adapter_of"] == f"./{llama[0].name}" and a["inputs"]["tuned"]["reference"] == "./adapter"
+    chained = resolve_model(f"{llama[0]}+{tmp_path / 'adapter'}").describe()
+    assert chained["reference"] == f"./{llama[0].name}+./adapter" and list(chained["local"]) == [f"./{llama[0].name}", "./adapter"]
     out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
     tensors = lambda d: {k: v for f in d.glob("model*.safetensors") for k, v in load_file(f).items()}
     ta, tb = tensors(out_a), tensors(out_b)

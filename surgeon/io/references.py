@@ -10,7 +10,7 @@ from pathlib import Path
 from surgeon.errors import InputError
 from surgeon.io.adapter import LoraMergedSource
 from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
-from surgeon.io.fingerprint import combine, folder_fingerprint
+from surgeon.io.fingerprint import folder_fingerprint
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -47,13 +47,15 @@ class ResolvedModel:
 
     def describe(self) -> dict:
         """How the published records name this model: a Hub input by id@commit, a local one by
-        `./folder-name` and a sha256 of its weights and config, never by a path on this machine."""
-        local = any(Path(part).expanduser().exists() for part in _parts(self.reference))
+        `./folder-name`, with a sha256 of each local folder's weights and config in `local`; never
+        by a path on this machine."""
+        folders = [Path(part).expanduser() for part in _parts(self.reference)]
+        local = {f"./{f.resolve().name}": "sha256:" + folder_fingerprint(f) for f in folders if f.exists()}
         return {
             "reference": portable_reference(self.reference, self.revision),
             "revision": self.revision,
             "adapter_of": portable_reference(self.adapter_of) if self.adapter_of else None,
-            "fingerprint": "sha256:" + combine(*(folder_fingerprint(f) for f in self.content_folders)) if local else None,
+            "local": local or None,
         }
 
 

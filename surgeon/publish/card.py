@@ -93,14 +93,15 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
         lines += [f"| {module} | {count:,} |" for module, count in restored["by_module"].items()]
         lines += ["", "```", *_layer_chart(restored["by_layer"]), "```", ""]
     lines += ["## Inputs", "", "| role | reference | revision or content |", "|---|---|---|"]
+    supply: dict[tuple[str, str], list[str]] = {}
     for role, described in inputs.items():
-        content = described.get("revision") or (f"`{described['fingerprint']}`" if described.get("fingerprint") else "–")
-        lines.append(f"| {role} | `{described['reference']}` | {content} |")
-    supply = [(role, d) for role, d in inputs.items() if d.get("fingerprint")]
+        lines.append(f"| {role} | `{described['reference']}` | {described.get('revision') or ('local' if described.get('local') else '–')} |")
+        for name, digest in (described.get("local") or {}).items():
+            supply.setdefault((name, digest), []).append(role)
     lines += ["", "## Reproduce", "", f"Recipe sha256 `{report['recipe_sha256'][:16]}`.", ""]
     if supply:
         lines += ["The local inputs are not published with this model; put these beside `recipe.yaml`:", ""]
-        lines += [f"- `{d['reference']}` ({role}), {d['fingerprint']}" for role, d in supply]
+        lines += [f"- `{name}` ({', '.join(roles)}): {digest}" for (name, digest), roles in supply.items()]
         lines.append("")
     lines += ["```bash", *_install_lines(report["tool"]), "surgeon run recipe.yaml", "```", "", "```yaml",
               portable_recipe(recipe_text, inputs, report["output"]["folder"]).rstrip(), "```", "", f"Method: {METHOD_REFERENCE}.", ""]
