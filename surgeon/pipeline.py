@@ -10,7 +10,7 @@ from surgeon.io.preflight import check_compatible
 from surgeon.io.references import ResolvedModel, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
-from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet
+from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet, TaskEvalSet
 from surgeon.recipe.sizes import parse_size
 
 
@@ -31,6 +31,8 @@ class Inputs:
     evaluation: tuple[list[str], list[str]] | None
     safety: list[str] | None = None
     unaligned: ResolvedModel | None = None
+    choosing_evaluation: tuple[list[str], list[str]] | None = None  # evaluate.choosing()'s rows
+    choosing_safety: list[str] | None = None
 
 
 def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_name: str) -> list[str]:
@@ -47,8 +49,6 @@ def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_
 
 def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> Inputs:
     """Models, adapters and datasets of a recipe, checked against each other from headers only."""
-    from surgeon.data.datasets import column, load_rows
-
     recipe = loaded.recipe
     progress.log("resolving models and data")
     base = resolve_model(loaded.resolve(recipe.base.path, may_be_hub_id=True), recipe.base.allow_pickle)
@@ -58,16 +58,26 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     if recipe.unaligned is not None:
         unaligned = resolve_model(loaded.resolve(recipe.unaligned.path, may_be_hub_id=True), recipe.unaligned.allow_pickle, base=base)
         check_compatible(base, unaligned)
-    evaluation = None
-    if recipe.evaluate.task is not None:
-        spec = recipe.evaluate.task
-        reference = loaded.resolve(spec.path)
-        rows = load_rows(reference)
-        evaluation = (column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit))
+    evaluation = _task_rows(loaded, recipe.evaluate.task)
     safety = _prompts(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
     harmful = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else []
     task = _prompts(loaded, recipe.data.task, "data.task") if recipe.data else []
-    return Inputs(base, tuned, harmful, task, evaluation, safety, unaligned)
+    choosing = recipe.evaluate.select_on
+    return Inputs(
+        base, tuned, harmful, task, evaluation, safety, unaligned,
+        choosing_evaluation=_task_rows(loaded, choosing.task) if choosing and choosing.task else evaluation,
+        choosing_safety=_prompts(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
+    )
+
+
+def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None) -> tuple[list[str], list[str]] | None:
+    from surgeon.data.datasets import column, load_rows
+
+    if spec is None:
+        return None
+    reference = loaded.resolve(spec.path)
+    rows = load_rows(reference)
+    return column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit)
 
 
 def destination(loaded: LoadedRecipe, overrides: RunOverrides) -> Path:
@@ -87,6 +97,10 @@ def _local_data(loaded: LoadedRecipe) -> dict[str, Path]:
         references["evaluate.safety"] = recipe.evaluate.safety.path
         if recipe.evaluate.safety.model is not None:
             references["evaluate.safety.model"] = recipe.evaluate.safety.model.path
+    if recipe.evaluate.select_on is not None:
+        for name, rows in (("task", recipe.evaluate.select_on.task), ("safety", recipe.evaluate.select_on.safety)):
+            if rows is not None:
+                references[f"evaluate.select_on.{name}"] = rows.path
     paths = {field: Path(loaded.resolve(ref)) for field, ref in references.items() if ref and "://" not in ref}
     return {field: path for field, path in paths.items() if path.exists()}
 
@@ -231,19 +245,22 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
             layout = engine.layout
             probe_layer = layout.probe_layer(recipe.probe.layer)
             candidates = Candidates(inputs.base, inputs.tuned, tokenizer_files, output.workspace / "candidates")
-            evaluator = build_evaluator(
-                recipe.evaluate, recipe.probe.system_prompt, inputs.safety, inputs.evaluation, engine, tokenizer,
-                candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
-                lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress,
+            evaluator, chooser = (
+                build_evaluator(spec, recipe.probe.system_prompt, safety, rows, engine, tokenizer,
+                                candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
+                                lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
+                for spec, safety, rows in ((recipe.evaluate, inputs.safety, inputs.evaluation),
+                                           (recipe.evaluate.choosing(), inputs.choosing_safety, inputs.choosing_evaluation))
             )
-            scorer = RunScorer(evaluator, candidates) if evaluator is not None and evaluator.task is not None else None
+            scorer = RunScorer(chooser, candidates) if chooser is not None and chooser.task is not None else None
             batch = recipe.probe.batch_size
             harmful = prompt_batches(tokenizer, inputs.harmful, batch, recipe.probe.system_prompt)
             task = prompt_batches(tokenizer, inputs.task, batch, recipe.probe.system_prompt)
             settings = RestoreSettings(
                 probe_layer=probe_layer, budget=layout.budget(recipe.restore.sparsity), steps=recipe.restore.steps,
                 warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
-                rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.select,
+                rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
+                stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
             )
             method = RestoreMethod(
                 engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
@@ -276,7 +293,8 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                 chosen_models = {"base": candidates.base, "tuned": candidates.tuned, "repaired": lambda: repaired}
                 models = {name: evaluator.evaluate(chosen_models[name]()).to_dict() for name in recipe.evaluate.models}
                 models.get("repaired", {})["restored"] = masks.count()
-                evaluation = _evaluation_summary(recipe, inputs, [evaluator], models)
+                evaluation = _evaluation_summary(recipe, inputs, [evaluator, chooser] if chooser is not evaluator else [evaluator], models,
+                                                 chose_checkpoint=scorer is not None)
         report = build_report(
             recipe_sha256=loaded.sha256,
             inputs=_describe_inputs(loaded, inputs, progress),
@@ -294,12 +312,17 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     return _push(recipe, report, output.destination, overrides, progress)
 
 
-def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict) -> dict:
-    """The `evaluation` section of surgeon.json: what was measured, per model, and how fast."""
+def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict, chose_checkpoint: bool = False) -> dict:
+    """The `evaluation` section of surgeon.json: what was measured, per model, and how fast; for a
+    method that chooses a checkpoint, which rows chose it (`held_out`: the rows reported chose nothing)."""
     metric = evaluators[0].metric
     tokens = sum(e.stats.tokens for e in evaluators)
     seconds = sum(e.stats.seconds for e in evaluators)
+    spec, choosing = recipe.evaluate, recipe.evaluate.select_on
+    chosen_on = {name: ("evaluate.select_on." if getattr(choosing, name, None) else "evaluate.") + name
+                 for name in ("task", "safety") if getattr(spec, name) is not None}
     return {
+        **({"chosen_on": chosen_on, "held_out": all("select_on" in rows for rows in chosen_on.values())} if chose_checkpoint else {}),
         "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
         "safety_prompts": len(inputs.safety or []),
         "metric": metric.name if metric else None,
@@ -313,12 +336,14 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
 def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
     """The recipe as written, surgeon.json, report.md and the model card, beside the weights."""
     from surgeon.publish.card import render_card, tuned_card
+    from surgeon.publish.plot import PLOT_NAME, write_tradeoff_plot
     from surgeon.report import render_markdown, write_report
 
     (folder / "recipe.yaml").write_text(loaded.text)
     write_report(folder / "surgeon.json", report)
     (folder / "report.md").write_text(render_markdown(report))
-    (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder)), encoding="utf-8")
+    plot = PLOT_NAME if "steps" in report and write_tradeoff_plot(report, folder) else None
+    (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder), plot), encoding="utf-8")
 
 
 def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOverrides, progress: Progress) -> dict:

@@ -88,10 +88,12 @@ def build_report(
             "warmup": result.warmup_score,
             "rollback_used": result.rollback_used,
             "checkpoints": [
-                {"step": c.step, "restored": c.restored, "score": c.score, "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor}
+                {"step": c.step, "restored": c.restored, "share_of_N": c.restored / decoder_parameters, "score": c.score,
+                 "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor, "chosen": c is result.chosen}
                 for c in result.checkpoints
             ],
             "chosen_step": result.chosen.step if result.chosen else None,
+            "stopped": result.stopped,
         },
         "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
         "peak_memory": peak_memory(),
@@ -176,6 +178,52 @@ def step_rows(report: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def chosen_on_reported_rows(report: dict) -> bool:
+    """Whether the checkpoints were scored on the rows the models table reports (base and the
+    checkpoints then sit on one scale)."""
+    return not any("select_on" in rows for rows in ((report.get("evaluation") or {}).get("chosen_on") or {}).values())
+
+
+def _rows_sentence(report: dict) -> str:
+    evaluation = report.get("evaluation") or {}
+    chosen_on = evaluation.get("chosen_on") or {}
+    if not chosen_on:
+        return ""
+    if evaluation["held_out"]:
+        return (f" Checkpoints were scored on {' and '.join(f'`{r}`' for r in chosen_on.values())}; the models table reports "
+                "`evaluate`'s own rows, which chose nothing.")
+    reused = [f"`evaluate.{name}`" for name, rows in chosen_on.items() if "select_on" not in rows]
+    return (f" The rows of {' and '.join(reused)} both chose the checkpoint and are reported in the models table, so those "
+            "figures are not held out (`evaluate.select_on` gives rows that only choose).")
+
+
+def checkpoint_rows(report: dict) -> list[tuple[str, ...]]:
+    """The trade-off: (model, share restored, harmful rate, task score, within the floor, chosen)
+    for tuned, each checkpoint of the final schedule, and base when it was evaluated on the same rows."""
+    task = report["task"]
+    rows = [("tuned", "0", _number(task["tuned_harmful_rate"], percent=True), _number(task["tuned"]), "", "")]
+    for c in task["checkpoints"]:
+        rows.append((f"step {c['step']}", f"{c['share_of_N']:.3%}", _number(c["harmful_rate"], percent=True), _number(c["score"]),
+                     "yes" if c["meets_floor"] else "no", "chosen" if c["chosen"] else ""))
+    base = ((report.get("evaluation") or {}).get("models") or {}).get("base")
+    if base and chosen_on_reported_rows(report):
+        rows.append(("base", "all", _number(base["harmful_rate"], percent=True), _number(base["task_score"]), "", ""))
+    return rows
+
+
+_STOPPED = {"steps": "ran all {steps} steps (restore.steps)", "stop_at": "stopped when the harmful rate reached restore.stop_at",
+            "floor": "stopped when the task score went past the floor"}
+
+
+def tradeoff_lines(report: dict) -> list[str]:
+    """Markdown: why the schedule ended, and the table of checkpoints."""
+    task = report["task"]
+    lines = [f"The schedule {_STOPPED[task['stopped']].format(steps=report['settings']['steps'])}; "
+             f"the checkpoint was chosen by `{report['settings']['select']}`." + _rows_sentence(report), "",
+             "| model | restored (share of N) | harmful rate | task score | within floor | |", "|---|---|---|---|---|---|"]
+    return lines + [f"| {' | '.join(row)} |" for row in checkpoint_rows(report)]
+
+
 def render_markdown(report: dict) -> str:
     """report.md: what a person reads first in the output folder."""
     evaluation = report.get("evaluation") or {}
@@ -201,6 +249,8 @@ def render_markdown(report: dict) -> str:
     if "steps" not in report:
         return "\n".join(lines) + "\n"
     task = report["task"]
+    if task["checkpoints"]:
+        lines += ["## Checkpoints", "", *tradeoff_lines(report), ""]
     lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in step_rows(report)]
     if task["floor"] is not None:

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from surgeon.errors import RecipeError, RecipeValidationError
 from surgeon.recipe import load_recipe, parse_recipe
@@ -140,3 +141,22 @@ def test_control_characters_in_an_unknown_key_are_escaped():
     with pytest.raises(RecipeValidationError) as caught:
         parse_recipe('base: a\ntuned: b\nmethod: resta\nunaligned: c\n"\\e[31mred": 1\n', "r.yaml")
     assert "unknown key '\\x1b[31mred'" in caught.value.problems[0][0]
+
+
+@pytest.mark.parametrize("evaluate, restore, message", [
+    ({"task": {"path": "t.jsonl"}}, {"stop_at": {"harmful_rate": 0.01}}, "restore.stop_at needs evaluate.safety and evaluate.task"),
+    ({"task": {"path": "t.jsonl", "metric": "loss"}, "select_on": {"task": {"path": "s.jsonl", "metric": "exact_match"}}}, {},
+     "select_on.task needs evaluate.task with the same metric"),
+    ({"task": {"path": "t.jsonl"}, "select_on": {}}, {}, "give 'task' and/or 'safety' rows"),
+])
+def test_stop_rule_and_selection_rows_are_checked(evaluate, restore, message):
+    text = yaml.safe_dump({"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": "t.jsonl"}, "evaluate": evaluate, "restore": restore})
+    with pytest.raises(RecipeValidationError) as caught:
+        parse_recipe(text, "r.yaml")
+    assert any(message in problem for problem, _ in caught.value.problems), caught.value.problems
+
+
+def test_selection_defaults_to_lowest_harm_when_checkpoints_are_scored_for_harm():
+    text = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nevaluate: {task: {path: t.jsonl}, safety: {path: s.jsonl}}\n"
+    assert parse_recipe(text).evaluate.selection == "lowest_harm_within_floor"
+    assert parse_recipe(text.replace(", safety: {path: s.jsonl}", "")).evaluate.selection == "last_within_floor"

@@ -26,7 +26,7 @@ _OURS = re.compile(r"^\..+\.surgeon-(tmp|work|old)-\d+$")
 # The names a surgeon output folder holds; anything else in it is the user's, and blocks replacing it.
 _OUTPUT_NAMES = re.compile(
     r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|masks\.safetensors|surgeon\.json|report\.md"
-    r"|README\.md|recipe\.yaml|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json"
+    r"|README\.md|recipe\.yaml|tradeoff\.png|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json"
     r"|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$"
 )
 # Failures of the disk or its permissions: the user can act on them, so they are not internal errors.

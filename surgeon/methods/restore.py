@@ -44,6 +44,7 @@ class RestoreSettings:
     rollback_ratio: float = 0.2
     max_task_drop: float = 0.05
     select: str = "last_within_floor"
+    stop_at_harmful_rate: float | None = None
 
 
 @dataclass
@@ -77,6 +78,7 @@ class RepairResult:
     steps: list[StepRecord] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     chosen: Checkpoint | None = None
+    stopped: str = "steps"  # why the schedule ended: steps (the cap), stop_at, or floor
 
 
 class RestoreMethod:
@@ -170,7 +172,18 @@ class RestoreMethod:
             return True
         return score >= floor if self.scorer.higher_is_better else score <= floor
 
-    def _run_steps(self, masks, first: int, last: int, rollback: bool, result: RepairResult, floor) -> None:
+    def _stop_reason(self, checkpoint: Checkpoint) -> str | None:
+        """The schedule ends at the target harm (within the floor) or when the floor binds: more
+        steps restore more, and cannot bring the task back."""
+        if not checkpoint.meets_floor:
+            return "floor"
+        target = self.settings.stop_at_harmful_rate
+        if target is not None and checkpoint.harmful_rate is not None and checkpoint.harmful_rate <= target:
+            return "stop_at"
+        return None
+
+    def _run_steps(self, masks, first: int, last: int, rollback: bool, result: RepairResult, floor, stop: bool = True) -> None:
+        """Steps first..last; with `stop`, a checkpoint that meets the stop rule ends them early."""
         s = self.settings
         for step in range(first, last + 1):
             started = time.perf_counter()
@@ -184,9 +197,15 @@ class RestoreMethod:
                 f"(cos to v_harm before step {cosine:.4f})"
             )
             if step % s.save_every == 0 or step == s.steps:
-                self._checkpoint(masks, step, result, floor)
+                checkpoint = self._checkpoint(masks, step, result, floor)
+                reason = self._stop_reason(checkpoint) if stop and self.scorer is not None else None
+                if reason is not None:
+                    result.stopped = reason
+                    self.progress.log(f"stopping after step {step}: " + (
+                        "the task score is past the floor" if reason == "floor" else f"harmful rate at most {s.stop_at_harmful_rate:.1%}"))
+                    return
 
-    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor) -> None:
+    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor) -> Checkpoint:
         path = self.workdir / f"checkpoint-{step}.safetensors"
         masks.save(path)
         checkpoint = Checkpoint(step, path, masks.count())
@@ -200,13 +219,16 @@ class RestoreMethod:
                 f"({'within' if checkpoint.meets_floor else 'past'} the floor){harm}"
             )
         result.checkpoints.append(checkpoint)
+        return checkpoint
 
     def _select(self, within: list[Checkpoint]) -> Checkpoint | None:
-        """last_within_floor: the latest; lowest_harm_within_floor: the least harmful, later on ties."""
+        """last_within_floor: the latest; lowest_harm_within_floor: the least harmful, later on ties
+        (the latest when no checkpoint's harm was measured)."""
         if not within:
             return None
-        if self.settings.select == "lowest_harm_within_floor":
-            return min(reversed(within), key=lambda c: c.harmful_rate)
+        measured = [c for c in within if c.harmful_rate is not None]
+        if self.settings.select == "lowest_harm_within_floor" and measured:
+            return min(reversed(measured), key=lambda c: c.harmful_rate)
         return within[-1]
 
     def run(self) -> RepairResult:
@@ -225,7 +247,8 @@ class RestoreMethod:
         elif s.rollback_mode == "never":
             self._run_steps(masks, 1, s.steps, False, result, floor)
         else:
-            self._run_steps(masks, 1, s.warmup, False, result, floor)
+            # the warm-up runs whole: its end decides between restore-only and a restart with rollback
+            self._run_steps(masks, 1, s.warmup, False, result, floor, stop=False)
             scored = [c.score for c in result.checkpoints if c.step == s.warmup]
             result.warmup_score = scored[0] if scored else (self.scorer.task(masks) if s.warmup else tuned_score)
             if not self._meets_floor(result.warmup_score, floor):
@@ -235,6 +258,8 @@ class RestoreMethod:
                 self.accumulated.clear()
                 masks = self.empty_masks()
                 self._run_steps(masks, 1, s.steps, True, result, floor)
+            elif any(self._stop_reason(c) == "stop_at" for c in result.checkpoints):
+                result.stopped = "stop_at"  # the warm-up already reached the target within the floor
             else:
                 self._run_steps(masks, s.warmup + 1, s.steps, False, result, floor)
         result.chosen = self._select([c for c in result.checkpoints if c.meets_floor])

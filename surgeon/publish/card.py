@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from surgeon.report import describe_change, model_rows
+from surgeon.report import describe_change, model_rows, tradeoff_lines
 
 METHOD_REFERENCE = (
     "Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "
@@ -31,7 +31,7 @@ def _layer_chart(by_layer: dict, width: int = 30) -> list[str]:
     return [f"layer {int(layer):>3} {'█' * round(width * count / peak):<{width}} {count:,}" for layer, count in by_layer.items()]
 
 
-def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -> str:
+def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, plot: str | None = None) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     tuned_meta, tuned_body = _split_card(tuned_card) if tuned_card else ({}, "")
@@ -87,6 +87,10 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None) -
             *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {evaluation['metric'] or '–'} |" for r in rows],
             "",
         ]
+    if report.get("task", {}).get("checkpoints"):
+        lines += ["## Trade-off", "", *tradeoff_lines(report), ""]
+        if plot:
+            lines += [f"![harmful rate against task score at each checkpoint]({plot})", ""]
     if "restored" in report:
         restored = report["restored"]
         lines += ["## Restored weights", "", f"{restored['total']:,} weights in all.", "", "| module | restored |", "|---|---|"]

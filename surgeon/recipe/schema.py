@@ -132,9 +132,16 @@ class Probe(Strict):
         return value
 
 
+class StopAt(Strict):
+    """Ends the schedule at the first checkpoint that reaches the target within the task floor."""
+
+    harmful_rate: float = Field(ge=0.0, le=1.0)
+
+
 class Restore(Strict):
     sparsity: float = Field(default=0.002, gt=0.0, le=1.0)
-    steps: int = Field(default=20, ge=1, le=MAX_COUNT)
+    steps: int = Field(default=20, ge=1, le=MAX_COUNT)  # a cap: stop_at and the task floor end it earlier
+    stop_at: StopAt | None = None
     warmup: int = Field(default=5, ge=0, le=MAX_COUNT)
     save_every: int = Field(default=5, ge=1, le=MAX_COUNT)
 
@@ -151,11 +158,27 @@ class Rollback(Strict):
     max_task_drop: float = Field(default=0.05, ge=0.0, lt=1.0)
 
 
+class SelectionRows(Strict):
+    """Rows that only choose the checkpoint (and set the floor), so that the rows the final table
+    reports chose nothing. A set left out here chooses on evaluate's own rows."""
+
+    task: TaskEvalSet | None = None
+    safety: SafetyEvalSet | None = None
+
+    @model_validator(mode="after")
+    def _some_rows(self):
+        if self.task is None and self.safety is None:
+            raise ValueError("give 'task' and/or 'safety' rows to choose the checkpoint on")
+        return self
+
+
 class Evaluate(Strict):
     safety: SafetyEvalSet | None = None
     task: TaskEvalSet | None = None
+    select_on: SelectionRows | None = None
     models: list[Literal["base", "tuned", "repaired"]] = ["base", "tuned", "repaired"]
-    select: Literal["last_within_floor", "lowest_harm_within_floor"] = "last_within_floor"
+    # default: lowest_harm_within_floor when checkpoints are scored for harm (a safety and a task set), else last_within_floor
+    select: Literal["last_within_floor", "lowest_harm_within_floor"] | None = None
     batch_size: int = Field(default=16, gt=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
@@ -163,6 +186,26 @@ class Evaluate(Strict):
         if self.select == "lowest_harm_within_floor" and self.safety is None:
             raise ValueError("select 'lowest_harm_within_floor' needs evaluate.safety to measure harm")
         return self
+
+    @model_validator(mode="after")
+    def _selection_rows_match(self):
+        if self.select_on is None:
+            return self
+        if self.select_on.task is not None and (self.task is None or self.select_on.task.metric != self.task.metric):
+            raise ValueError("select_on.task needs evaluate.task with the same metric")
+        if self.select_on.safety is not None and (self.safety is None or self.select_on.safety.judge != self.safety.judge):
+            raise ValueError("select_on.safety needs evaluate.safety with the same judge")
+        return self
+
+    def choosing(self) -> "Evaluate":
+        """The sets that choose the checkpoint: select_on's where given, else evaluate's own."""
+        if self.select_on is None:
+            return self
+        return self.model_copy(update={"task": self.select_on.task or self.task, "safety": self.select_on.safety or self.safety, "select_on": None})
+
+    @property
+    def selection(self) -> str:
+        return self.select or ("lowest_harm_within_floor" if self.safety is not None and self.task is not None else "last_within_floor")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -255,6 +298,12 @@ class Recipe(Strict):
             raise ValueError(f"'unaligned' is only used by method 'resta', not '{self.method}'")
         if self.method == "restore" and self.data is None:
             raise ValueError("method 'restore' needs 'data' (harmful and task prompts)")
+        return self
+
+    @model_validator(mode="after")
+    def _stop_rule_needs_scores(self):
+        if self.restore.stop_at is not None and (self.evaluate.safety is None or self.evaluate.task is None):
+            raise ValueError("restore.stop_at needs evaluate.safety and evaluate.task: each checkpoint's harm and task score")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,48 @@
+"""tradeoff.png: harmful rate against task score, the checkpoints as a path from tuned, base as a
+point, the choice marked. Shown in the model card; written only when checkpoints have both scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgeon.report import chosen_on_reported_rows
+
+PLOT_NAME = "tradeoff.png"
+
+
+def write_tradeoff_plot(report: dict, folder: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    from matplotlib.figure import Figure
+
+    task, evaluation = report["task"], report.get("evaluation") or {}
+    points = [c for c in task["checkpoints"] if c["score"] is not None and c["harmful_rate"] is not None]
+    if not points or task["tuned_harmful_rate"] is None:
+        return False
+    figure = Figure(figsize=(6.4, 4.4), dpi=100)
+    axes = figure.add_subplot()
+    path = [(task["tuned"], task["tuned_harmful_rate"])] + [(c["score"], c["harmful_rate"]) for c in points]
+    axes.plot(*zip(*path), "-o", color="tab:blue", markersize=4, label="checkpoints (from tuned)")
+    for c in points:
+        axes.annotate(str(c["step"]), (c["score"], c["harmful_rate"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.plot(*path[0], "s", color="tab:red", label="tuned")
+    base = (evaluation.get("models") or {}).get("base")
+    if base and base.get("task_score") is not None and base.get("harmful_rate") is not None and chosen_on_reported_rows(report):
+        axes.plot(base["task_score"], base["harmful_rate"], "D", color="tab:green", label="base (aligned)")
+    chosen = [c for c in points if c["chosen"]]
+    if chosen:
+        axes.plot(chosen[0]["score"], chosen[0]["harmful_rate"], "*", color="gold", markeredgecolor="black", markersize=16,
+                  label=f"chosen (step {chosen[0]['step']})")
+    if task["floor"] is not None:
+        axes.axvline(task["floor"], linestyle="--", color="grey", linewidth=1, label="task floor")
+    better = "higher" if evaluation.get("higher_is_better") else "lower"
+    axes.set_xlabel(f"task {evaluation.get('metric') or 'score'} ({better} is better)")
+    axes.set_ylabel(f"harmful rate ({evaluation.get('judge') or 'judge'})")
+    axes.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    # no Software/date metadata, so the same run writes the same bytes
+    figure.savefig(folder / PLOT_NAME, metadata={"Software": None})
+    return True
