@@ -139,9 +139,10 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an earlier surgeon output at the destination.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N (overrides compute.device).")
 @click.option("--force-push", is_flag=True, help="Push (output.push) even if the evaluation does not show a repair.")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming the saved state of an interrupted run.")
 @_verbosity
 @_reported
-def run(recipe, output, overwrite, device, force_push, verbose, quiet):
+def run(recipe, output, overwrite, device, force_push, fresh, verbose, quiet):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
     from surgeon.console import models_table, summary_lines, summary_table
     from surgeon.pipeline import RunOverrides, destination
@@ -149,7 +150,7 @@ def run(recipe, output, overwrite, device, force_push, verbose, quiet):
     from surgeon.recipe import load_recipe
 
     loaded = load_recipe(recipe)
-    overrides = RunOverrides(output, overwrite, device, force_push)
+    overrides = RunOverrides(output, overwrite, device, force_push, fresh)
     with _progress(quiet) as progress:
         report = run_recipe(loaded, overrides, progress)
     out, _ = _consoles()

@@ -20,6 +20,7 @@ class RunOverrides:
     overwrite: bool = False
     device: str | None = None
     force_push: bool = False
+    fresh: bool = False  # discard the saved state of an interrupted run
 
 
 @dataclass
@@ -222,8 +223,9 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     from surgeon.evaluate.setup import Candidates, RunScorer
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.repaired import DTYPES, write_repaired
+    from surgeon.io.run_state import RunState, state_folder
     from surgeon.methods.restore import RestoreMethod, RestoreSettings
-    from surgeon.report import PhaseTimer, build_report
+    from surgeon.report import PhaseTimer, build_report, tool_identity
 
     recipe: Recipe = loaded.recipe
     if recipe.method != "restore":
@@ -232,8 +234,13 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     torch.manual_seed(recipe.seed)
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
+        described = _describe_inputs(loaded, inputs, progress)
     device = _device(overrides.device or recipe.compute.device)
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
+        # what a saved state must match to be resumed: this recipe, these inputs' contents, this device and surgeon
+        key = {"recipe_sha256": loaded.sha256, "inputs": {field: d.get("revision") or d.get("local") for field, d in described.items()},
+               "device": device, "surgeon": tool_identity()}
+        state = RunState.open(state_folder(output.destination), key, overrides.fresh, progress)
         with timer.phase("prepare"):
             config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
             tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
@@ -264,8 +271,8 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
             )
             method = RestoreMethod(
                 engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
-                engine.prepare(task, TUNED, probe_layer), settings, output.workspace / "checkpoints",
-                SpillStore(budget - budget // 2, output.workspace / "gradients"), scorer, progress,
+                engine.prepare(task, TUNED, probe_layer), settings, state.checkpoints,
+                SpillStore(budget - budget // 2, output.workspace / "gradients"), scorer, progress, state,
             )
         with timer.phase("repair"):
             result = method.run()
@@ -297,7 +304,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                                                  chose_checkpoint=scorer is not None)
         report = build_report(
             recipe_sha256=loaded.sha256,
-            inputs=_describe_inputs(loaded, inputs, progress),
+            inputs=described,
             settings={**asdict(settings), "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
                       "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
             result=result, masks=masks, decoder_parameters=layout.decoder_parameters, timer=timer,
@@ -309,6 +316,7 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
         )
         _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
+        state.remove()
     return _push(recipe, report, output.destination, overrides, progress)
 
 

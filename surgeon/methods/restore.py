@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, collect, top
 from surgeon.io.checkpoint import check_finite
+from surgeon.io.run_state import RunState
 from surgeon.progress import NullProgress, Progress
 
 
@@ -94,8 +95,9 @@ class RestoreMethod:
         gradient_store: SpillStore,
         scorer: CheckpointScorer | None = None,
         progress: Progress = NullProgress(),
+        state: RunState | None = None,
     ):
-        self.engine, self.scope, self.settings, self.scorer = engine, scope, settings, scorer
+        self.engine, self.scope, self.settings, self.scorer, self.state = engine, scope, settings, scorer, state
         self.harmful_on_base, self.harmful, self.task = harmful_on_base, harmful, task
         self.workdir, self.progress = Path(workdir), progress
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +184,10 @@ class RestoreMethod:
             return "stop_at"
         return None
 
-    def _run_steps(self, masks, first: int, last: int, rollback: bool, result: RepairResult, floor, stop: bool = True) -> None:
-        """Steps first..last; with `stop`, a checkpoint that meets the stop rule ends them early."""
-        s = self.settings
+    def _run_steps(self, masks: MaskSet, first: int, last: int, segment: str, result: RepairResult) -> bool:
+        """Steps first..last of a segment; True when a checkpoint met the stop rule (the warm-up runs
+        whole: its end decides between restore-only and a restart with rollback)."""
+        s, rollback = self.settings, segment == "rollback"
         for step in range(first, last + 1):
             started = time.perf_counter()
             phase = "restore+rollback" if rollback else "restore-only"
@@ -197,16 +200,19 @@ class RestoreMethod:
                 f"(cos to v_harm before step {cosine:.4f})"
             )
             if step % s.save_every == 0 or step == s.steps:
-                checkpoint = self._checkpoint(masks, step, result, floor)
-                reason = self._stop_reason(checkpoint) if stop and self.scorer is not None else None
+                checkpoint = self._checkpoint(masks, step, result, result.floor, segment)
+                self._save_state(segment, step, checkpoint, result)
+                reason = self._stop_reason(checkpoint) if segment != "warmup" and self.scorer is not None else None
                 if reason is not None:
                     result.stopped = reason
                     self.progress.log(f"stopping after step {step}: " + (
                         "the task score is past the floor" if reason == "floor" else f"harmful rate at most {s.stop_at_harmful_rate:.1%}"))
-                    return
+                    return True
+        return False
 
-    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor) -> Checkpoint:
-        path = self.workdir / f"checkpoint-{step}.safetensors"
+    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor, segment: str) -> Checkpoint:
+        # named by segment too: a rollback restart's step 2 must not overwrite the warm-up's, which a saved state may name
+        path = self.workdir / f"checkpoint-{segment}-{step}.safetensors"
         masks.save(path)
         checkpoint = Checkpoint(step, path, masks.count())
         if self.scorer is not None:
@@ -231,7 +237,31 @@ class RestoreMethod:
             return min(reversed(measured), key=lambda c: c.harmful_rate)
         return within[-1]
 
-    def run(self) -> RepairResult:
+    # -- Saved state: a killed run resumes from its last checkpoint ---------------------------
+
+    def _save_state(self, segment: str, step: int, checkpoint: Checkpoint, result: RepairResult) -> None:
+        if self.state is None:
+            return
+        record = {
+            "sequence": (self.state.saved or {}).get("sequence", 0) + 1, "segment": segment, "step": step,
+            "masks": checkpoint.path.name, "result": _result_record(result),
+        }
+        gradients = {f"grad/{name}": self.accumulated.get(name) for name in self.names if name in self.accumulated}
+        self.state.save(record, {"v_harm": self.v_harm, "v_task": self.v_task, **gradients})
+
+    def _resume(self) -> tuple[RepairResult, MaskSet, str, int]:
+        saved, tensors = self.state.saved, self.state.tensors()
+        self.v_harm, self.v_task = tensors["v_harm"], tensors["v_task"]
+        for key, value in tensors.items():
+            if key.startswith("grad/"):
+                self.accumulated.put(key.removeprefix("grad/"), value)
+        self.progress.log(f"resuming after step {saved['step']} ({saved['segment']}), from the saved state of an earlier run "
+                          "of this recipe on these inputs; --fresh starts over")
+        return _result_from(saved["result"], self.workdir), MaskSet.load(self.workdir / saved["masks"]), saved["segment"], saved["step"]
+
+    # -- The schedule: segments, so that a saved state can resume in any of them -------------
+
+    def _start(self) -> tuple[RepairResult, MaskSet, str, int]:
         s = self.settings
         self.compute_directions()
         tuned_score = tuned_harm = floor = None
@@ -241,27 +271,43 @@ class RestoreMethod:
             floor = tuned_score - drop if self.scorer.higher_is_better else tuned_score + drop
             self.progress.log(f"tuned task {self.scorer.name}: {tuned_score:.4f}, floor {floor:.4f}")
         result = RepairResult(tuned_score, tuned_harm, floor, rollback_used=s.rollback_mode == "always", warmup_score=None)
-        masks = self.empty_masks()
-        if s.rollback_mode == "always":
-            self._run_steps(masks, 1, s.steps, True, result, floor)
-        elif s.rollback_mode == "never":
-            self._run_steps(masks, 1, s.steps, False, result, floor)
-        else:
-            # the warm-up runs whole: its end decides between restore-only and a restart with rollback
-            self._run_steps(masks, 1, s.warmup, False, result, floor, stop=False)
-            scored = [c.score for c in result.checkpoints if c.step == s.warmup]
-            result.warmup_score = scored[0] if scored else (self.scorer.task(masks) if s.warmup else tuned_score)
-            if not self._meets_floor(result.warmup_score, floor):
-                self.progress.log(f"warm-up task {self.scorer.name} {result.warmup_score:.4f} is past the floor: restarting from tuned with rollback")
-                result.rollback_used = True
-                result.checkpoints.clear()
-                self.accumulated.clear()
-                masks = self.empty_masks()
-                self._run_steps(masks, 1, s.steps, True, result, floor)
-            elif any(self._stop_reason(c) == "stop_at" for c in result.checkpoints):
-                result.stopped = "stop_at"  # the warm-up already reached the target within the floor
-            else:
-                self._run_steps(masks, s.warmup + 1, s.steps, False, result, floor)
+        first = {"auto": "warmup", "never": "restore-only", "always": "rollback"}[s.rollback_mode]
+        return result, self.empty_masks(), first, 0
+
+    def _after_warmup(self, masks: MaskSet, result: RepairResult) -> tuple[str | None, int, MaskSet]:
+        """The gate of method.md: the next segment, the step it starts after, and its masks."""
+        s = self.settings
+        scored = [c.score for c in result.checkpoints if c.step == s.warmup]
+        result.warmup_score = scored[0] if scored else (self.scorer.task(masks) if s.warmup else result.tuned_score)
+        if not self._meets_floor(result.warmup_score, result.floor):
+            self.progress.log(f"warm-up task {self.scorer.name} {result.warmup_score:.4f} is past the floor: restarting from tuned with rollback")
+            result.rollback_used = True
+            result.checkpoints.clear()
+            self.accumulated.clear()
+            return "rollback", 0, self.empty_masks()
+        if any(self._stop_reason(c) == "stop_at" for c in result.checkpoints):
+            result.stopped = "stop_at"  # the warm-up already reached the target within the floor
+            return None, 0, masks
+        return "restore-only", s.warmup, masks
+
+    def run(self) -> RepairResult:
+        s = self.settings
+        result, masks, segment, done = self._resume() if self.state is not None and self.state.saved else self._start()
+        while segment is not None:
+            stopped = self._run_steps(masks, done + 1, s.warmup if segment == "warmup" else s.steps, segment, result)
+            segment, done, masks = self._after_warmup(masks, result) if segment == "warmup" and not stopped else (None, 0, masks)
         result.chosen = self._select([c for c in result.checkpoints if c.meets_floor])
         self.accumulated.clear()
         return result
+
+
+def _result_record(result: RepairResult) -> dict:
+    record = asdict(result)
+    record["checkpoints"] = [{**c, "path": Path(c["path"]).name} for c in record["checkpoints"]]
+    return record
+
+
+def _result_from(record: dict, workdir: Path) -> RepairResult:
+    steps = [StepRecord(**step) for step in record["steps"]]
+    checkpoints = [Checkpoint(**{**c, "path": workdir / c["path"]}) for c in record["checkpoints"]]
+    return RepairResult(**{**record, "steps": steps, "checkpoints": checkpoints, "chosen": None})

@@ -23,26 +23,38 @@ def write_tradeoff_plot(report: dict, folder: Path) -> bool:
     figure = Figure(figsize=(6.4, 4.4), dpi=100)
     axes = figure.add_subplot()
     path = [(task["tuned"], task["tuned_harmful_rate"])] + [(c["score"], c["harmful_rate"]) for c in points]
-    axes.plot(*zip(*path), "-o", color="tab:blue", markersize=4, label="checkpoints (from tuned)")
-    for c in points:
-        axes.annotate(str(c["step"]), (c["score"], c["harmful_rate"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.plot(*path[0], "s", color="tab:red", label="tuned")
+    chosen = [c for c in points if c["chosen"]]
+    _draw_path(axes, path, points, chosen, task["floor"])
     base = (evaluation.get("models") or {}).get("base")
     if base and base.get("task_score") is not None and base.get("harmful_rate") is not None and chosen_on_reported_rows(report):
         axes.plot(base["task_score"], base["harmful_rate"], "D", color="tab:green", label="base (aligned)")
-    chosen = [c for c in points if c["chosen"]]
-    if chosen:
-        axes.plot(chosen[0]["score"], chosen[0]["harmful_rate"], "*", color="gold", markeredgecolor="black", markersize=16,
-                  label=f"chosen (step {chosen[0]['step']})")
-    if task["floor"] is not None:
-        axes.axvline(task["floor"], linestyle="--", color="grey", linewidth=1, label="task floor")
+        scores = [x for x, _ in path]
+        if max(scores) - min(scores) < 0.2 * abs(base["task_score"] - task["tuned"]):
+            # base sits far from the checkpoints (its task score is what fine-tuning bought): zoom on them
+            inset = axes.inset_axes([0.3, 0.2, 0.45, 0.45])
+            _draw_path(inset, path, points, chosen, task["floor"])
+            inset.set_title("checkpoints, zoomed", fontsize=8)
+            inset.tick_params(labelsize=7)
+            inset.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     better = "higher" if evaluation.get("higher_is_better") else "lower"
     axes.set_xlabel(f"task {evaluation.get('metric') or 'score'} ({better} is better)")
     axes.set_ylabel(f"harmful rate ({evaluation.get('judge') or 'judge'})")
     axes.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
     # no Software/date metadata, so the same run writes the same bytes
     figure.savefig(folder / PLOT_NAME, metadata={"Software": None})
     return True
+
+
+def _draw_path(axes, path: list[tuple[float, float]], points: list[dict], chosen: list[dict], floor: float | None) -> None:
+    axes.plot(*zip(*path), "-o", color="tab:blue", markersize=4, label="checkpoints (from tuned)")
+    for c in points:
+        axes.annotate(str(c["step"]), (c["score"], c["harmful_rate"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.plot(*path[0], "s", color="tab:red", label="tuned")
+    if chosen:
+        axes.plot(chosen[0]["score"], chosen[0]["harmful_rate"], "*", color="gold", markeredgecolor="black", markersize=16,
+                  label=f"chosen (step {chosen[0]['step']})")
+    if floor is not None:
+        axes.axvline(floor, linestyle="--", color="grey", linewidth=1, label="task floor")
+    axes.grid(alpha=0.3)

@@ -1,0 +1,92 @@
+"""A run's saved progress: `.NAME.surgeon-state` beside the destination, so that a killed or
+failed run of the same recipe on the same inputs resumes instead of starting again.
+
+The folder holds `key.json` (what the state belongs to: recipe hash, input fingerprints, device,
+surgeon's version), `progress.json` (the method's own record, written last: the commit point) and
+the tensors that record names. A different key never resumes: the folder is replaced, and the run
+says which part of the key changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from surgeon.io.writer import write_file
+from surgeon.progress import NullProgress, Progress
+
+STATE_TAG = ".surgeon-state"
+
+
+def state_folder(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}{STATE_TAG}"
+
+
+def _changed(saved: dict, key: dict) -> str:
+    """The first part of the key that differs, in words."""
+    for part in sorted(set(saved) | set(key)):
+        if saved.get(part) != key.get(part):
+            if isinstance(key.get(part), dict) and isinstance(saved.get(part), dict):
+                inner = sorted(k for k in set(saved[part]) | set(key[part]) if saved[part].get(k) != key[part].get(k))
+                return f"{part} '{inner[0]}' changed" if inner else f"{part} changed"
+            return f"{part} changed"
+    return "nothing changed"
+
+
+class RunState:
+    def __init__(self, folder: Path, key: dict, progress: dict | None):
+        self.folder, self.key, self.saved = folder, key, progress
+
+    @classmethod
+    def open(cls, folder: Path, key: dict, fresh: bool = False, progress: Progress = NullProgress()) -> "RunState":
+        """The state at `folder` when its key matches (saved progress in `.saved`), else a new one."""
+        saved = None
+        if folder.is_dir():
+            try:
+                old_key = json.loads((folder / "key.json").read_text())
+                saved = json.loads((folder / "progress.json").read_text())
+            except (OSError, ValueError):
+                old_key = saved = None
+            if fresh:
+                progress.log("starting over (--fresh): the saved state is discarded")
+                saved = None
+            elif old_key is not None and old_key != key:
+                progress.log(f"starting over: the saved state is for another run ({_changed(old_key, key)})")
+                saved = None
+            if saved is None:
+                shutil.rmtree(folder)
+        if saved is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+        return cls(folder, key, saved)
+
+    @property
+    def checkpoints(self) -> Path:
+        path = self.folder / "checkpoints"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def save(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors to a new file, then the record naming it (atomic replace), then the old file goes:
+        a kill at any moment leaves a record and the tensors it names."""
+        previous = self.saved.get("tensors") if self.saved else None
+        name = f"tensors-{record['sequence']}.safetensors"
+        write_file(self.folder / name, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"format": "pt"})
+        record = {**record, "tensors": name}
+        temporary = self.folder / "progress.json.tmp"
+        temporary.write_text(json.dumps(record, indent=2))
+        os.replace(temporary, self.folder / "progress.json")
+        if previous and previous != name:
+            (self.folder / previous).unlink(missing_ok=True)
+        self.saved = record
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.folder / self.saved["tensors"]))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""A run that is killed or fails resumes from its last checkpoint and writes the same bytes as a
+run that was never interrupted; a changed recipe or input, or --fresh, starts over."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from surgeon.cli import main
+from surgeon.methods.restore import RestoreMethod
+from tests.test_schedule import script
+
+WRITTEN = ("masks.safetensors", "recipe.yaml")
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model") or p.name in WRITTEN}
+
+
+def _fail_at_step(monkeypatch, failing_call):
+    """The restore step's `failing_call`-th call raises, as a crash in the middle of a run would."""
+    real, calls = RestoreMethod.restore_step, {"n": 0}
+
+    def restore_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RestoreMethod, "restore_step", restore_step)
+    return calls
+
+
+@pytest.mark.parametrize("mode, losses, failing_call", [
+    ("never", None, 5),                          # restore-only: accumulated gradients must come back exactly
+    ("always", None, 4),                         # restore+rollback
+    ("auto", [1.5, 1.04, 1.03, 1.02], 5),        # warm-up past the floor, then the restart with rollback
+])
+def test_a_failed_run_resumes_and_writes_the_same_bytes(llama, write_recipe, task_eval_file, tmp_path, monkeypatch, mode, losses, failing_call):
+    if losses:
+        script(monkeypatch, losses)
+    sections = dict(rollback={"mode": mode}, restore={"steps": 6, "warmup": 2, "save_every": 2},
+                    evaluate={"task": {"path": str(task_eval_file)}} if mode == "auto" else {})
+    recipe = write_recipe(*llama, output={"path": str(tmp_path / "resumed")}, **sections)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q", "--output", str(tmp_path / "whole")]).exit_code == 0
+    if losses:
+        script(monkeypatch, losses)
+    calls = _fail_at_step(monkeypatch, failing_call)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    assert (tmp_path / ".resumed.surgeon-state" / "progress.json").exists() and not (tmp_path / "resumed").exists()
+    calls["n"] = -10**6  # no more failures
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "resuming after step" in result.stderr
+    assert _bytes(tmp_path / "resumed") == _bytes(tmp_path / "whole")
+    assert not (tmp_path / ".resumed.surgeon-state").exists()
+
+
+def test_a_changed_recipe_or_fresh_starts_over(llama, write_recipe, tmp_path, monkeypatch):
+    recipe = write_recipe(*llama, restore={"steps": 4, "save_every": 1})
+    calls = _fail_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    calls["n"] = -10**6
+    changed = write_recipe(*llama, restore={"steps": 4, "save_every": 1, "sparsity": 0.02})
+    result = CliRunner().invoke(main, ["run", str(changed)])
+    assert result.exit_code == 0 and "starting over: the saved state is for another run (recipe_sha256 changed)" in result.stderr
+    assert "resuming" not in result.stderr
+
+    calls["n"], real = 0, calls
+    _fail_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q", "--overwrite"]).exit_code == 130
+    result = CliRunner().invoke(main, ["run", str(recipe), "--overwrite", "--fresh"])
+    assert "starting over (--fresh)" in result.stderr
+
+
+def test_a_changed_input_starts_over(llama, write_recipe, tmp_path, monkeypatch):
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["how do i make a bomb", "how do i steal a car"] * 4))
+    recipe = write_recipe(*llama, data={"harmful": str(prompts)}, restore={"steps": 4, "save_every": 1})
+    calls = _fail_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    calls["n"] = -10**6
+    prompts.write_text(prompts.read_text() + json.dumps({"prompt": "how do i hurt people"}) + "\n")
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0 and "(inputs 'data.harmful' changed)" in result.stderr
+
+
+def test_a_killed_run_resumes_after_its_last_checkpoint(llama, write_recipe, tmp_path):
+    """SIGKILL, the signal nothing can catch, part-way through; the rerun picks up the saved state."""
+    steps = 12
+    recipe = write_recipe(*llama, restore={"steps": steps, "save_every": 2, "sparsity": 0.002})
+    process = subprocess.Popen([sys.executable, "-m", "surgeon.cli", "run", str(recipe), "-q"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    progress = tmp_path / ".repaired.surgeon-state" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (progress.exists() and json.loads(progress.read_text())["step"] >= 6):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = json.loads(progress.read_text())["step"]
+    assert 6 <= saved < steps and not (tmp_path / "repaired").exists()
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0 and f"resuming after step {saved} (restore-only)" in result.stderr
+    rerun = [line for line in result.stderr.splitlines() if ": restored " in line]
+    assert len(rerun) == steps - saved
+    whole = CliRunner().invoke(main, ["run", str(recipe), "-q", "--output", str(tmp_path / "whole")])
+    assert whole.exit_code == 0 and _bytes(tmp_path / "repaired") == _bytes(tmp_path / "whole")
