@@ -14,7 +14,8 @@ from rich.console import Console
 from surgeon import __version__
 from surgeon.errors import RecipeValidationError, SurgeonError
 
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []  # the stopping signals this process got
 
 
 def _consoles() -> tuple[Console, Console]:
@@ -51,18 +52,26 @@ class _Interrupted(KeyboardInterrupt):
 
 
 def _raise_interrupt(signum, frame):
+    _received.append(signum)
     raise _Interrupted(signum)
 
 
 @contextmanager
 def _terminations_interrupt():
     """SIGTERM and SIGHUP unwind like Ctrl-C, so temporary folders are removed on the way out."""
+    _received.clear()
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in _HANDLED_SIGNALS}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _stopped(signum: int):
+    reason = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    click.echo(f"{reason}; nothing was written to the destination", err=True)
+    sys.exit(128 + signum)
 
 
 def _verbosity(function):
@@ -87,15 +96,16 @@ def _reported(function):
         except RecipeValidationError as exc:
             _fail(exc.problems, exc.exit_code)
         except SurgeonError as exc:
+            if _received:
+                _stopped(_received[0])
             if debug:
                 traceback.print_exc()
             _fail([(exc.message, exc.where)], exc.exit_code)
         except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT
-            reason = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-            click.echo(f"{reason}; nothing was written to the destination", err=True)
-            sys.exit(128 + signum)
+            _stopped(exc.signum if isinstance(exc, _Interrupted) else signal.SIGINT)
         except Exception as exc:  # the last line of defence: one line unless --debug
+            if _received:  # the interrupt landed inside a library, whose cleanup raised this instead
+                _stopped(_received[0])
             if debug:
                 traceback.print_exc()
             first = (str(exc).splitlines() or [""])[0]

@@ -28,7 +28,8 @@ def _digest(*folders):
 
 
 def _ours(folder):
-    return [p.name for p in folder.iterdir() if ".surgeon-" in p.name]
+    """surgeon's temporary folders; `.NAME.surgeon-state` is kept on purpose, for the next run to resume."""
+    return [p.name for p in folder.iterdir() if any(f".surgeon-{kind}-" in p.name for kind in ("tmp", "work", "old"))]
 
 
 def _surgeon(*args, **kwargs):
@@ -55,13 +56,14 @@ def slow_recipe(llama, write_recipe):
 def test_sigterm_and_sighup_unwind_like_ctrl_c(llama, slow_recipe, tmp_path, signum):
     before = _digest(*llama)
     process = _surgeon("run", slow_recipe)
-    assert _wait_for(lambda: any(".surgeon-work-" in name for name in _ours(tmp_path))), process.communicate()
+    assert _wait_for(lambda: (tmp_path / ".repaired.surgeon-state" / "progress.json").exists()), process.communicate()
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signum
+    assert process.returncode == 128 + signum, stderr
     assert f"stopped by {signal.Signals(signum).name}; nothing was written to the destination" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "repaired").exists() and not _ours(tmp_path)
+    assert (tmp_path / ".repaired.surgeon-state").is_dir(), "the saved state stays, so a rerun resumes"
     assert _digest(*llama) == before
 
 

@@ -72,7 +72,7 @@ def test_a_failure_mid_run_leaves_no_destination_and_no_temp(llama, write_recipe
     with pytest.raises(OSError):
         run(load_recipe(write_recipe(*llama)))
     assert not (tmp_path / "repaired").exists()
-    assert not [p for p in tmp_path.iterdir() if ".surgeon-" in p.name]
+    assert [p.name for p in tmp_path.iterdir() if ".surgeon-" in p.name] == [".repaired.surgeon-state"]  # kept to resume
 
 
 def test_overwrite_keeps_the_old_output_when_the_new_run_fails(llama, write_recipe, tmp_path, monkeypatch):

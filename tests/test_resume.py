@@ -92,8 +92,8 @@ def test_a_changed_input_starts_over(llama, write_recipe, tmp_path, monkeypatch)
 
 def test_a_killed_run_resumes_after_its_last_checkpoint(llama, write_recipe, tmp_path):
     """SIGKILL, the signal nothing can catch, part-way through; the rerun picks up the saved state."""
-    steps = 12
-    recipe = write_recipe(*llama, restore={"steps": steps, "save_every": 2, "sparsity": 0.002})
+    steps = 40  # many more steps after the kill point than a slow poll can miss
+    recipe = write_recipe(*llama, restore={"steps": steps, "save_every": 2, "sparsity": 0.0005})
     process = subprocess.Popen([sys.executable, "-m", "surgeon.cli", "run", str(recipe), "-q"], env={**os.environ, "PYTHONUNBUFFERED": "1"})
     progress = tmp_path / ".repaired.surgeon-state" / "progress.json"
     deadline = time.time() + 120
