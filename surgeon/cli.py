@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 
 from surgeon import __version__
-from surgeon.errors import RecipeValidationError, SurgeonError
+from surgeon.errors import RecipeValidationError, SurgeonError, one_line
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the stopping signals this process got
@@ -40,8 +40,7 @@ def _progress(quiet: bool):
 def _fail(lines: list[tuple[str, str | None]], exit_code: int):
     """The one error format: `error: what (where)`, one line each, then exit."""
     for message, where in lines:
-        text = f"{message} ({where})" if where else message
-        click.echo("error: " + " ".join(part.strip() for part in text.splitlines()), err=True)
+        click.echo("error: " + one_line(message, where), err=True)
     sys.exit(exit_code)
 
 
@@ -128,8 +127,7 @@ class _SurgeonGroup(click.Group):
             message = (exc.message if detailed else exc.format_message()).rstrip(".")
             _fail([(message, where or (exc.ctx.command_path if exc.ctx else "surgeon"))], exc.exit_code)
         except click.Abort:
-            click.echo("interrupted; nothing was written to the destination", err=True)
-            sys.exit(130)
+            _stopped(signal.SIGINT)
         except click.ClickException as exc:
             _fail([(exc.format_message(), None)], exc.exit_code)
         if not standalone_mode:

@@ -108,8 +108,9 @@ class LogProgress:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(min(self.interval, 1.0)):
-            if self._tasks and time.monotonic() - self._last_line >= self.interval:
-                self._line(self._tasks[-1].state())
+            tasks = list(self._tasks)  # a snapshot: the main thread adds and removes tasks meanwhile
+            if tasks and time.monotonic() - self._last_line >= self.interval:
+                self._line(tasks[-1].state())
 
     @contextmanager
     def task(self, description: str, total: float | None):

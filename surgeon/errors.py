@@ -1,6 +1,12 @@
 """Every error surgeon raises on purpose; the CLI renders each as one line."""
 
 
+def one_line(message: str, where: str | None = None) -> str:
+    """`what (where)` on one line: messages may quote library errors that span lines."""
+    text = f"{message} ({where})" if where else message
+    return " ".join(part.strip() for part in text.splitlines())
+
+
 class SurgeonError(Exception):
     """Base class. `exit_code` 2 means bad input the user can fix."""
 
@@ -12,9 +18,7 @@ class SurgeonError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        # messages may quote library errors that span lines; the CLI's contract is one line
-        text = f"{self.message} ({self.where})" if self.where else self.message
-        return " ".join(part.strip() for part in text.splitlines())
+        return one_line(self.message, self.where)
 
 
 class RecipeError(SurgeonError):

@@ -207,7 +207,7 @@ def checkpoint_rows(report: dict) -> list[tuple[str, ...]]:
                      "yes" if c["meets_floor"] else "no", "chosen" if c["chosen"] else ""))
     base = ((report.get("evaluation") or {}).get("models") or {}).get("base")
     if base and chosen_on_reported_rows(report):
-        rows.append(("base", "all", _number(base["harmful_rate"], percent=True), _number(base["task_score"]), "", ""))
+        rows.append(("base", "–", _number(base["harmful_rate"], percent=True), _number(base["task_score"]), "", ""))
     return rows
 
 

@@ -109,3 +109,23 @@ def test_a_killed_run_resumes_after_its_last_checkpoint(llama, write_recipe, tmp
     assert len(rerun) == steps - saved
     whole = CliRunner().invoke(main, ["run", str(recipe), "-q", "--output", str(tmp_path / "whole")])
     assert whole.exit_code == 0 and _bytes(tmp_path / "repaired") == _bytes(tmp_path / "whole")
+
+
+def test_an_unreadable_or_empty_state_starts_over(tmp_path):
+    from surgeon.io.run_state import RunState
+
+    class Log:
+        lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    folder = tmp_path / ".out.surgeon-state"
+    folder.mkdir()
+    (folder / "key.json").write_text("{not json")
+    (folder / "progress.json").write_text('{"step": 4}')
+    state = RunState.open(folder, {"recipe_sha256": "a"}, progress=Log())
+    assert state.saved is None and Log.lines == ["starting over: the saved state cannot be read"]
+    assert json.loads((folder / "key.json").read_text()) == {"recipe_sha256": "a"} and not (folder / "progress.json").exists()
+    # the same key but nothing saved yet (stopped before the first checkpoint): a quiet new start
+    assert RunState.open(folder, {"recipe_sha256": "a"}, progress=Log()).saved is None and len(Log.lines) == 1

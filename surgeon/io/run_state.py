@@ -38,6 +38,13 @@ def _changed(saved: dict, key: dict) -> str:
     return "nothing changed"
 
 
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class RunState:
     def __init__(self, folder: Path, key: dict, progress: dict | None):
         self.folder, self.key, self.saved = folder, key, progress
@@ -47,18 +54,17 @@ class RunState:
         """The state at `folder` when its key matches (saved progress in `.saved`), else a new one."""
         saved = None
         if folder.is_dir():
-            try:
-                old_key = json.loads((folder / "key.json").read_text())
-                saved = json.loads((folder / "progress.json").read_text())
-            except (OSError, ValueError):
-                old_key = saved = None
+            old_key, saved = _read(folder / "key.json"), _read(folder / "progress.json")
             if fresh:
                 progress.log("starting over (--fresh): the saved state is discarded")
                 saved = None
-            elif old_key is not None and old_key != key:
+            elif old_key is None:
+                progress.log("starting over: the saved state cannot be read")
+                saved = None
+            elif old_key != key:
                 progress.log(f"starting over: the saved state is for another run ({_changed(old_key, key)})")
                 saved = None
-            if saved is None:
+            if saved is None:  # also when the earlier run stopped before its first checkpoint
                 shutil.rmtree(folder)
         if saved is None:
             folder.mkdir(parents=True, exist_ok=True)

@@ -202,7 +202,8 @@ class RestoreMethod:
             if step % s.save_every == 0 or step == s.steps:
                 checkpoint = self._checkpoint(masks, step, result, result.floor, segment)
                 self._save_state(segment, step, checkpoint, result)
-                reason = self._stop_reason(checkpoint) if segment != "warmup" and self.scorer is not None else None
+                # at the last step the cap ends the schedule anyway
+                reason = self._stop_reason(checkpoint) if segment != "warmup" and self.scorer is not None and step < s.steps else None
                 if reason is not None:
                     result.stopped = reason
                     self.progress.log(f"stopping after step {step}: " + (
