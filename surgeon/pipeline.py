@@ -472,7 +472,7 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
             spec[section].update({k: v for k, v in values.items() if v is not None})
     if request.batch_size:
         spec["batch_size"] = request.batch_size
-    spec["select"] = "last_within_floor"
+    spec["select"], spec["select_on"] = "last_within_floor", None  # eval chooses no checkpoint
     try:
         return Evaluate.model_validate(spec)
     except ValidationError as exc:

@@ -142,3 +142,12 @@ def test_eval_of_a_model_plus_adapter_needs_no_recipe(llama, tmp_path):
     result = CliRunner().invoke(main, ["eval", f"{llama[0]}+{tmp_path / 'adapter'}", "--safety", str(safety), "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["models"][f"{llama[0]}+{tmp_path / 'adapter'}"]["harmful_rate"] is not None
+
+
+def test_eval_of_a_recipe_with_selection_rows_takes_another_metric(llama, write_recipe, task_eval_file):
+    """select_on only chooses checkpoints in a run; `surgeon eval --metric` must not trip over its metric."""
+    recipe = write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file)}, "select_on": {"task": {"path": str(task_eval_file)}}})
+    result = CliRunner().invoke(main, ["eval", "tuned", "--recipe", str(recipe), "--metric", "exact_match", "--limit", "2",
+                                       "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["metric"] == "exact_match"
