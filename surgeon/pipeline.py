@@ -252,13 +252,15 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
             layout = engine.layout
             probe_layer = layout.probe_layer(recipe.probe.layer)
             candidates = Candidates(inputs.base, inputs.tuned, tokenizer_files, output.workspace / "candidates")
-            evaluator, chooser = (
-                build_evaluator(spec, recipe.probe.system_prompt, safety, rows, engine, tokenizer,
-                                candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
-                                lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
-                for spec, safety, rows in ((recipe.evaluate, inputs.safety, inputs.evaluation),
-                                           (recipe.evaluate.choosing(), inputs.choosing_safety, inputs.choosing_evaluation))
-            )
+            def evaluator_for(spec, safety, rows):
+                return build_evaluator(spec, recipe.probe.system_prompt, safety, rows, engine, tokenizer,
+                                       candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
+                                       lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
+
+            # the rows that report, and the rows that choose: the same evaluator unless select_on gives others
+            evaluator = evaluator_for(recipe.evaluate, inputs.safety, inputs.evaluation)
+            chooser = evaluator if recipe.evaluate.select_on is None else evaluator_for(
+                recipe.evaluate.choosing(), inputs.choosing_safety, inputs.choosing_evaluation)
             scorer = RunScorer(chooser, candidates) if chooser is not None and chooser.task is not None else None
             batch = recipe.probe.batch_size
             harmful = prompt_batches(tokenizer, inputs.harmful, batch, recipe.probe.system_prompt)
@@ -276,6 +278,8 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
             )
         with timer.phase("repair"):
             result = method.run()
+        if chooser is not evaluator:
+            chooser.release()  # its generation model; the final table loads its own
         chosen = result.chosen
         if chosen is None:
             scores = ", ".join(f"step {c.step}: {c.score:.4f}" for c in result.checkpoints)

@@ -89,6 +89,10 @@ class Evaluator:
             self._loaded = (fingerprint, self.load(candidate.folder()))
         return self._loaded[1]
 
+    def release(self) -> None:
+        """Drop the model kept loaded for the next candidate's answers."""
+        self._loaded = None
+
     def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str) -> list[str]:
         settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
         key = self.cache.key(candidate.identity(), prompts, settings)
