@@ -7,7 +7,7 @@ from pathlib import Path
 
 from surgeon.errors import InputError, TaskFloorError
 from surgeon.io.preflight import check_compatible
-from surgeon.io.references import ResolvedModel, resolve_model, tokenizer_folder
+from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
 from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet, TaskEvalSet
@@ -122,7 +122,7 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
         described = {role: model.describe() for role, model in models.items()}
         for field, path in _local_data(loaded).items():
             digest = "sha256:" + (file_sha256(path) if path.is_file() else folder_fingerprint(path))
-            described[field] = {"reference": f"./{path.name}", "local": {f"./{path.name}": digest}}
+            described[field] = {"reference": local_name(path), "local": {local_name(path): digest}}
     return described
 
 
@@ -234,9 +234,10 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
     torch.manual_seed(recipe.seed)
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
-        described = _describe_inputs(loaded, inputs, progress)
     device = _device(overrides.device or recipe.compute.device)
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
+        with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
+            described = _describe_inputs(loaded, inputs, progress)
         # what a saved state must match to be resumed: this recipe, these inputs' contents, this device and surgeon
         key = {"recipe_sha256": loaded.sha256, "inputs": {field: d.get("revision") or d.get("local") for field, d in described.items()},
                "device": device, "surgeon": tool_identity()}

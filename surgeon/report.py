@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import resource
@@ -17,6 +18,7 @@ from surgeon.engine.masks import MaskSet
 from surgeon.methods.restore import RepairResult
 
 
+@functools.cache  # constant for the process; git runs once
 def tool_identity() -> dict:
     """Which surgeon made the output: the release, or the git commit when it ran from a checkout
     (a version number alone would not say which code that was)."""

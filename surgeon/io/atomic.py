@@ -18,17 +18,16 @@ from pathlib import Path
 
 from surgeon.errors import OutputError
 from surgeon.io.fingerprint import cache_root
+from surgeon.io.references import TOKENIZER_FILES
 
 _TMP_TAG = ".surgeon-tmp-"
 _WORK_TAG = ".surgeon-work-"
 _OLD_TAG = ".surgeon-old-"
 _OURS = re.compile(r"^\..+\.surgeon-(tmp|work|old)-\d+$")
-# The names a surgeon output folder holds; anything else in it is the user's, and blocks replacing it.
-_OUTPUT_NAMES = re.compile(
-    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|masks\.safetensors|surgeon\.json|report\.md"
-    r"|README\.md|recipe\.yaml|tradeoff\.png|config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json"
-    r"|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$"
-)
+# The files a surgeon output folder holds; anything else in it is the user's, and blocks replacing it.
+_OUTPUT_FILES = {*TOKENIZER_FILES, "config.json", "generation_config.json", "model.safetensors.index.json", "masks.safetensors",
+                 "surgeon.json", "report.md", "README.md", "recipe.yaml", "tradeoff.png"}
+_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 # Failures of the disk or its permissions: the user can act on them, so they are not internal errors.
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _COMMIT_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -70,7 +69,7 @@ def check_destination(destination: Path, overwrite: bool, inputs: list[Path] = (
         return
     if not (destination / "surgeon.json").is_file():
         raise OutputError("output folder exists and is not a surgeon output (it has no surgeon.json); choose another output.path", str(destination))
-    foreign = [p.name for p in entries if not (p.is_file() and _OUTPUT_NAMES.match(p.name))]
+    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _OUTPUT_FILES or _SHARD.match(p.name)))]
     if foreign:
         raise OutputError(f"output folder holds '{foreign[0]}', which surgeon did not write; move it or choose another output.path", str(destination))
     if not overwrite:

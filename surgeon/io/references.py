@@ -50,7 +50,7 @@ class ResolvedModel:
         `./folder-name`, with a sha256 of each local folder's weights and config in `local`; never
         by a path on this machine."""
         folders = [Path(part).expanduser() for part in _parts(self.reference)]
-        local = {f"./{f.resolve().name}": "sha256:" + folder_fingerprint(f) for f in folders if f.exists()}
+        local = {local_name(f): "sha256:" + folder_fingerprint(f) for f in folders if f.exists()}
         return {
             "reference": portable_reference(self.reference, self.revision),
             "revision": self.revision,
@@ -60,7 +60,13 @@ class ResolvedModel:
 
 
 def _parts(reference: str) -> list[str]:
+    """`model+adapter[+adapter...]` as its parts; a folder whose name holds a '+' is one part."""
     return reference.split("+") if "+" in reference and not Path(reference).expanduser().exists() else [reference]
+
+
+def local_name(path: Path | str) -> str:
+    """How the published records name a local file or folder: `./name`, nothing of where it lies."""
+    return f"./{Path(path).expanduser().resolve().name}"
 
 
 def portable_reference(reference: str, revision: str | None = None) -> str:
@@ -69,7 +75,7 @@ def portable_reference(reference: str, revision: str | None = None) -> str:
     parts = _parts(reference)
     if len(parts) == 1 and revision and not Path(reference).expanduser().exists():
         return f"{reference.split('@')[0]}@{revision}"
-    return "+".join(f"./{Path(part).expanduser().resolve().name}" if Path(part).expanduser().exists() else part for part in parts)
+    return "+".join(local_name(part) if Path(part).expanduser().exists() else part for part in parts)
 
 
 def _download(reference: str, allow_pickle: bool) -> tuple[Path, str]:
@@ -115,8 +121,8 @@ def _checkpoint(folder: Path, reference: str, allow_pickle: bool) -> TensorSourc
 def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None) -> ResolvedModel:
     """A local folder wins over a Hub id of the same spelling. Adapters need `base`.
     `model+adapter[+adapter...]` is the model with each LoRA adapter merged on in turn."""
-    if "+" in reference and not Path(reference).expanduser().exists():
-        first, *adapters = reference.split("+")
+    if len(_parts(reference)) > 1:
+        first, *adapters = _parts(reference)
         model = resolve_model(first, allow_pickle, base)
         for adapter in adapters:
             merged = resolve_model(adapter, allow_pickle, base=model)

@@ -200,7 +200,7 @@ class RestoreMethod:
                 f"(cos to v_harm before step {cosine:.4f})"
             )
             if step % s.save_every == 0 or step == s.steps:
-                checkpoint = self._checkpoint(masks, step, result, result.floor, segment)
+                checkpoint = self._checkpoint(masks, step, result, segment)
                 self._save_state(segment, step, checkpoint, result)
                 # at the last step the cap ends the schedule anyway
                 reason = self._stop_reason(checkpoint) if segment != "warmup" and self.scorer is not None and step < s.steps else None
@@ -211,7 +211,7 @@ class RestoreMethod:
                     return True
         return False
 
-    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, floor, segment: str) -> Checkpoint:
+    def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, segment: str) -> Checkpoint:
         # named by segment too: a rollback restart's step 2 must not overwrite the warm-up's, which a saved state may name
         path = self.workdir / f"checkpoint-{segment}-{step}.safetensors"
         masks.save(path)
@@ -219,7 +219,7 @@ class RestoreMethod:
         if self.scorer is not None:
             checkpoint.score = self.scorer.task(masks)
             checkpoint.harmful_rate = self.scorer.harm(masks)
-            checkpoint.meets_floor = self._meets_floor(checkpoint.score, floor)
+            checkpoint.meets_floor = self._meets_floor(checkpoint.score, result.floor)
             harm = "" if checkpoint.harmful_rate is None else f", harmful rate {checkpoint.harmful_rate:.1%}"
             self.progress.log(
                 f"checkpoint {step}: task {self.scorer.name} {checkpoint.score:.4f} "
