@@ -78,9 +78,10 @@ output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}
 def judge_held_out(models: list[str], data: Path, sql_eval: Path, limit: int) -> dict:
     """Harmful rate (refusal judge) and SQL exact match of each model on the held-out sets."""
     from surgeon.pipeline import EvalRequest, evaluate_models
+    from surgeon.recipe.options import EvalOptions
 
-    request = EvalRequest(models, safety=str(data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
-                          metric="exact_match", limit=limit, max_new_tokens=64, batch_size=16)
+    request = EvalRequest(models, options=EvalOptions(safety=str(data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
+                                                      metric="exact_match", limit=limit, max_new_tokens=64, batch_size=16))
     return evaluate_models(request)["models"]
 
 

@@ -127,10 +127,6 @@ class LogProgress:
         self._line(message)
 
 
-def _fraction(value: float) -> str:
-    return f"{value:.4%}"
-
-
 def summary_table(report: dict) -> Table:
     from surgeon.report import step_rows
 
@@ -161,18 +157,11 @@ def models_table(report: dict) -> Table | None:
 
 
 def summary_lines(report: dict, destination) -> list[str]:
-    from surgeon.report import describe_change
-
     seconds = sum(report["seconds"].values())
-    final = f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {destination}"
-    if "steps" not in report:
-        return [f"{report['method']}: {describe_change(report)}", final]
-    settings, restored, task = report["settings"], report["restored"], report["task"]
-    lines = [
-        f"probe layer E={settings['probe_layer']} of L={settings['layers_L']}, k={settings['budget']:,} per step, N={report['decoder_parameters_N']:,}",
-        f"restored {restored['total']:,} weights ({_fraction(restored['share_of_N'])} of decoder parameters)",
-    ]
-    if task["tuned"] is not None:
-        lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}" + (", rollback used" if task["rollback_used"] else ""))
-    lines.append(final)
+    lines = [f"{report['method']}: {report['change']}"]
+    task = report.get("task") or {}
+    if task.get("tuned") is not None:
+        lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}"
+                     + (", rollback used" if task.get("rollback_used") else ""))
+    lines.append(f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {destination}")
     return lines

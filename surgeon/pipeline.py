@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from surgeon.errors import InputError, TaskFloorError
+from surgeon.errors import InputError
 from surgeon.io.preflight import check_compatible
 from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
+from surgeon.recipe.options import EvalOptions, RunOptions
 from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet, TaskEvalSet
-from surgeon.recipe.sizes import parse_size
-
-
-@dataclass
-class RunOverrides:
-    output: str | None = None
-    overwrite: bool = False
-    device: str | None = None
-    force_push: bool = False
-    fresh: bool = False  # discard the saved state of an interrupted run
 
 
 @dataclass
@@ -81,7 +73,7 @@ def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None) -> tuple[list[str
     return column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit)
 
 
-def destination(loaded: LoadedRecipe, overrides: RunOverrides) -> Path:
+def destination(loaded: LoadedRecipe, overrides: RunOptions) -> Path:
     """Where a run writes: --output (from the current folder), else output.path (from the recipe's)."""
     return Path(overrides.output or loaded.resolve(loaded.recipe.output.path)).expanduser().resolve()
 
@@ -126,30 +118,6 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
     return described
 
 
-def _device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device '{setting}' asked for but no CUDA GPU is visible", "compute.device")
-    return setting
-
-
-def _memory_budget(setting, device: str) -> int:
-    """Bytes of activations and gradients kept in memory before spilling to disk."""
-    if setting is not None:
-        return parse_size(setting)
-    if device.startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return free // 2
-    import psutil
-
-    return psutil.virtual_memory().available // 2
-
-
 def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
     """Schema (already checked by loading), references, datasets and the preflight; no heavy work."""
     from transformers import AutoConfig
@@ -167,74 +135,31 @@ def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
         "probe_layer": probe_layer,
         "decoder_parameters": layout.decoder_parameters,
         "budget_per_step": layout.budget(recipe.restore.sparsity),
-        "in_scope_parameters": sum(_numel(tensors.shape(n)) for layer in layout.scope(probe_layer) for n in layer),
+        "in_scope_parameters": sum(math.prod(tensors.shape(n)) for layer in layout.scope(probe_layer) for n in layer),
         "harmful_prompts": len(inputs.harmful),
         "task_prompts": len(inputs.task),
         "evaluation_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
     }
 
 
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def build_evaluator(spec: Evaluate, system_prompt: str | None, safety_prompts: list[str] | None, task_rows, engine, tokenizer,
-                    load, resolve, device: str, progress: Progress):
-    """The evaluator of an `evaluate` section, or None when it names nothing to score.
-    `engine` serves the streamed metrics (loss, kl); plan TUNED is the model they score by default."""
-    from surgeon.data.batches import answer_batches, prompt_batches
-    from surgeon.evaluate.evaluator import Evaluator
-    from surgeon.evaluate.setup import build_judge, safety_set, task_set
-    from surgeon.evaluate.streamed import TaskDivergence, TaskLoss
-
-    if spec.safety is None and spec.task is None:
-        return None
-    safety = task = None
-    if spec.safety is not None:
-        safety = safety_set(spec.safety, safety_prompts, build_judge(spec.safety, resolve, device, spec.batch_size))
-    if spec.task is not None:
-        prompts, references = task_rows
-        streamed = None
-        if spec.task.metric == "loss":
-            streamed = TaskLoss(engine, answer_batches(tokenizer, prompts, references, spec.batch_size, system_prompt))
-        elif spec.task.metric == "kl":
-            streamed = TaskDivergence(engine, prompt_batches(tokenizer, prompts, spec.batch_size, system_prompt))
-        task = task_set(spec.task, prompts, references, streamed)
-    return Evaluator(safety, task, load, spec.batch_size, system_prompt, progress=progress)
-
-
-def _generation_budget(recipe: Recipe) -> int | None:
-    return parse_size(recipe.compute.max_memory) if recipe.compute.max_memory else None
-
-
-def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress: Progress = NullProgress()) -> dict:
-    """Repair, write atomically, evaluate, return the report (also saved as surgeon.json and report.md)."""
+def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Progress = NullProgress()) -> dict:
+    """Repair with the recipe's method, write atomically, evaluate, return the report (also saved
+    as surgeon.json and report.md). Every method runs through this one path."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
 
-    from surgeon.data.batches import prompt_batches
-    from surgeon.engine.layered import BASE, TUNED, LayeredModel
-    from surgeon.engine.masks import MaskSet
-    from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.evaluator import Candidate
-    from surgeon.evaluate.setup import Candidates, RunScorer
+    from surgeon.context import ModelPair, ModelSettings, RunContext, resolve_device
     from surgeon.io.atomic import AtomicOutputDir
-    from surgeon.io.repaired import DTYPES, write_repaired
     from surgeon.io.run_state import RunState, state_folder
-    from surgeon.methods.restore import RestoreMethod, RestoreSettings
+    from surgeon.methods.registry import method_spec
     from surgeon.report import PhaseTimer, build_report, tool_identity
 
     recipe: Recipe = loaded.recipe
-    if recipe.method != "restore":
-        return _run_baseline(loaded, overrides, progress)
+    spec = method_spec(recipe.method)
     timer = PhaseTimer()
     torch.manual_seed(recipe.seed)
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
-    device = _device(overrides.device or recipe.compute.device)
+    device = resolve_device(overrides.device or recipe.compute.device)
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
@@ -243,86 +168,78 @@ def run(loaded: LoadedRecipe, overrides: RunOverrides = RunOverrides(), progress
                "device": device, "surgeon": tool_identity()}
         state = RunState.open(state_folder(output.destination), key, overrides.fresh, progress)
         with timer.phase("prepare"):
-            config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
-            tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_files)
-            # one budget, split between boundary activations and accumulated gradients
-            budget = _memory_budget(recipe.compute.max_memory, device)
-            store = SpillStore(budget // 2, output.workspace / "activations")
-            engine = LayeredModel(config, inputs.base.tensors, inputs.tuned.tensors, store, device, DTYPES[recipe.compute.dtype], progress)
-            layout = engine.layout
-            probe_layer = layout.probe_layer(recipe.probe.layer)
-            candidates = Candidates(inputs.base, inputs.tuned, tokenizer_files, output.workspace / "candidates")
-            def evaluator_for(spec, safety, rows):
-                return build_evaluator(spec, recipe.probe.system_prompt, safety, rows, engine, tokenizer,
-                                       candidates.loader(device, DTYPES[recipe.compute.dtype], _generation_budget(recipe)),
-                                       lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
-
-            # the rows that report, and the rows that choose: the same evaluator unless select_on gives others
-            evaluator = evaluator_for(recipe.evaluate, inputs.safety, inputs.evaluation)
-            chooser = evaluator if recipe.evaluate.select_on is None else evaluator_for(
-                recipe.evaluate.choosing(), inputs.choosing_safety, inputs.choosing_evaluation)
-            scorer = RunScorer(chooser, candidates) if chooser is not None and chooser.task is not None else None
-            batch = recipe.probe.batch_size
-            harmful = prompt_batches(tokenizer, inputs.harmful, batch, recipe.probe.system_prompt)
-            task = prompt_batches(tokenizer, inputs.task, batch, recipe.probe.system_prompt)
-            settings = RestoreSettings(
-                probe_layer=probe_layer, budget=layout.budget(recipe.restore.sparsity), steps=recipe.restore.steps,
-                warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
-                rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
-                stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
-            )
-            method = RestoreMethod(
-                engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
-                engine.prepare(task, TUNED, probe_layer), settings, state.checkpoints,
-                SpillStore(budget - budget // 2, output.workspace / "gradients"), scorer, progress, state,
-            )
+            settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True),
+                                        device, progress)
+            pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, output.workspace)
+            context = RunContext(recipe, inputs, pair, output.workspace, state, progress)
+            method = spec.build(context)
         with timer.phase("repair"):
-            result = method.run()
-        if chooser is not evaluator:
-            chooser.release()  # its generation model; the final table loads its own
-        chosen = result.chosen
-        if chosen is None:
-            scores = ", ".join(f"step {c.step}: {c.score:.4f}" for c in result.checkpoints)
-            if not recipe.output.write_below_floor:
-                raise TaskFloorError(
-                    f"every checkpoint fell past the task floor {result.floor:.4f} (tuned {result.tuned_score:.4f}; {scores}); "
-                    "nothing written. Lower restore.sparsity or steps, raise rollback.max_task_drop, or set output.write_below_floor",
-                    "evaluate.task",
-                )
-            chosen = (max if scorer.higher_is_better else min)(result.checkpoints, key=lambda c: c.score)
-            progress.log(f"no checkpoint met the floor; writing step {chosen.step}, the best task score, as asked")
-        masks = MaskSet.load(chosen.path)
+            repair = method.run()
+        context.done_choosing()
         with timer.phase("write"):
-            shards = write_repaired(output.temporary, inputs.base, inputs.tuned, masks, recipe.output.dtype, parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
-            masks.save(output.temporary / "masks.safetensors", {"step": str(chosen.step)})
+            shards = _write_repair(repair, context, output.temporary)
+        change, changed = repair.summary()
         evaluation = None
-        if evaluator is not None:
+        if context.evaluator is not None:
             with timer.phase("evaluate"):
-                checkpoint = candidates.repaired(masks)
-                # the written output is the repaired model; no need to materialize it again
-                repaired = Candidate("repaired", masks, checkpoint.fingerprint, lambda: output.temporary)
-                chosen_models = {"base": candidates.base, "tuned": candidates.tuned, "repaired": lambda: repaired}
-                models = {name: evaluator.evaluate(chosen_models[name]()).to_dict() for name in recipe.evaluate.models}
-                models.get("repaired", {})["restored"] = masks.count()
-                evaluation = _evaluation_summary(recipe, inputs, [evaluator, chooser] if chooser is not evaluator else [evaluator], models,
-                                                 chose_checkpoint=scorer is not None)
+                evaluation = _final_evaluation(context, repair, output.temporary)
+        layout = pair.layout
+        stores = [pair.activations, *context.stores] if "activations" in pair.__dict__ else context.stores
         report = build_report(
-            recipe_sha256=loaded.sha256,
-            inputs=described,
-            settings={**asdict(settings), "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
-                      "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
-            result=result, masks=masks, decoder_parameters=layout.decoder_parameters, timer=timer,
+            method=spec.name, recipe_sha256=loaded.sha256, inputs=described,
+            settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype},
+            change=change, changed=changed, record=repair.record, decoder_parameters=layout.decoder_parameters, timer=timer,
             extra={"output": {"shards": shards, "folder": output.destination.name},
                    "evaluation": evaluation,
-                   "memory": {"max_decoder_layers_materialized": engine.max_materialized_layers,
-                              "budget_bytes": budget, "activations_peak_bytes": store.peak_bytes,
-                              "spilled_bytes": store.spilled_bytes + method.accumulated.spilled_bytes}},
+                   "memory": {"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
+                              "activations_peak_bytes": pair.activations.peak_bytes if "activations" in pair.__dict__ else 0,
+                              "spilled_bytes": sum(store.spilled_bytes for store in stores)}},
         )
         _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
         state.remove()
     return _push(recipe, report, output.destination, overrides, progress)
+
+
+def _write_repair(repair, context, folder: Path) -> list[str]:
+    """The repaired checkpoint in tuned's names and layout, and the masks when the method chose weights."""
+    from surgeon.io.repaired import write_checkpoint, write_repaired
+
+    recipe, pair = context.recipe, context.pair
+    shard_bytes = recipe.output.max_shard_size
+    if repair.masks is None:
+        return write_checkpoint(folder, pair.tuned, repair.tensors, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
+    shards = write_repaired(folder, pair.base, pair.tuned, repair.masks, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
+    repair.masks.save(folder / "masks.safetensors", repair.masks_metadata)
+    return shards
+
+
+def _final_evaluation(context, repair, written: Path) -> dict:
+    """The models table: base and tuned through the run's evaluator; the repaired model as
+    written. A mask-based repair is the run's pair with its masks (its answers may be cached
+    from checkpoint scoring); any other is a pair of its own over the written folder."""
+    from dataclasses import replace
+
+    from surgeon.context import ModelPair
+    from surgeon.evaluate.evaluator import Candidate
+
+    recipe, inputs, pair, evaluator = context.recipe, context.inputs, context.pair, context.evaluator
+    if repair.masks is not None:
+        fingerprint = pair.candidates.repaired(repair.masks).fingerprint
+        repaired_evaluator = evaluator
+        repaired = lambda: Candidate("repaired", repair.masks, fingerprint, lambda: written)
+    else:
+        own = ModelPair(resolve_model(str(written)), pair.tuned, pair.tokenizer_files, pair.settings, context.workspace / "written")
+        repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation)
+        repaired = lambda: replace(own.candidates.base(), name="repaired")
+    picks = {"base": pair.candidates.base, "tuned": pair.candidates.tuned, "repaired": repaired}
+    models = {}
+    for name in recipe.evaluate.models:
+        models[name] = (repaired_evaluator if name == "repaired" else evaluator).evaluate(picks[name]()).to_dict()
+    if repair.masks is not None and "repaired" in models:
+        models["repaired"]["restored"] = repair.masks.count()
+    evaluators = list({id(e): e for e in (evaluator, context.chooser if context.chose else evaluator, repaired_evaluator)}.values())
+    return _evaluation_summary(recipe, inputs, evaluators, models, chose_checkpoint=context.chose)
 
 
 def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict, chose_checkpoint: bool = False) -> dict:
@@ -359,7 +276,7 @@ def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> N
     (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder), plot), encoding="utf-8")
 
 
-def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOverrides, progress: Progress) -> dict:
+def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOptions, progress: Progress) -> dict:
     if recipe.output.push is not None:
         from surgeon.publish.push import push
 
@@ -367,93 +284,13 @@ def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOverrides, p
     return report
 
 
-def _run_baseline(loaded: LoadedRecipe, overrides: RunOverrides, progress: Progress) -> dict:
-    """reset_layers and resta: write the transformed checkpoint, then evaluate it like any model."""
-    from dataclasses import replace
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    from surgeon.engine.layered import LayeredModel
-    from surgeon.engine.layout import ModelLayout, build_skeleton
-    from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.setup import Candidates
-    from surgeon.io.atomic import AtomicOutputDir
-    from surgeon.io.repaired import DTYPES, write_checkpoint
-    from surgeon.methods.baselines import ResetLayers, Resta
-    from surgeon.report import PhaseTimer, baseline_report
-
-    recipe = loaded.recipe
-    timer = PhaseTimer()
-    with timer.phase("resolve"):
-        inputs = resolve_inputs(loaded, progress)
-    device = _device(overrides.device or recipe.compute.device)
-    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
-        config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
-        tokenizer_files = tokenizer_folder(inputs.tuned, inputs.base)
-        tensors = inputs.tuned.tensors
-        layout = ModelLayout.from_checkpoint(tensors.names(), {n: tensors.shape(n) for n in tensors.names()}, build_skeleton(config))
-        probe_layer = layout.probe_layer(recipe.probe.layer)
-        if recipe.method == "reset_layers":
-            source = ResetLayers(inputs.base.tensors, tensors, layout, probe_layer)
-            settings = {"method": "reset_layers", "probe_layer": probe_layer}
-        else:
-            source = Resta(inputs.base.tensors, tensors, inputs.unaligned.tensors, recipe.resta.scale)
-            settings = {"method": "resta", "scale": recipe.resta.scale}
-        settings.update(layers_L=layout.num_layers, device=device)
-        with timer.phase("write"):
-            shards = write_checkpoint(output.temporary, inputs.tuned, source.get, recipe.output.dtype,
-                                      parse_size(recipe.output.max_shard_size), tokenizer_files, progress)
-        changed = sorted(source.replaced if recipe.method == "reset_layers" else source.changed)
-        evaluation = None
-        with timer.phase("evaluate"):
-            written = resolve_model(str(output.temporary))
-            dtype = DTYPES[recipe.compute.dtype]
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_files)
-            evaluators = {}
-            for name, base_side in (("inputs", inputs.base), ("repaired", written)):
-                engine = LayeredModel(config, base_side.tensors, inputs.tuned.tensors, SpillStore(_memory_budget(recipe.compute.max_memory, device),
-                                      output.workspace / f"spill-{name}"), device, dtype, progress)
-                candidates = Candidates(base_side, inputs.tuned, tokenizer_files, output.workspace / f"candidates-{name}")
-                evaluator = build_evaluator(recipe.evaluate, recipe.probe.system_prompt, inputs.safety, inputs.evaluation, engine, tokenizer,
-                                            candidates.loader(device, dtype, _generation_budget(recipe)),
-                                            lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
-                evaluators[name] = (evaluator, candidates)
-            if evaluators["inputs"][0] is not None:
-                picks = {"base": lambda: evaluators["inputs"][1].base(), "tuned": lambda: evaluators["inputs"][1].tuned(),
-                         "repaired": lambda: replace(evaluators["repaired"][1].base(), name="repaired")}
-                models = {}
-                for name in recipe.evaluate.models:
-                    evaluator = evaluators["repaired" if name == "repaired" else "inputs"][0]
-                    models[name] = evaluator.evaluate(picks[name]()).to_dict()
-                evaluation = _evaluation_summary(recipe, inputs, [e for e, _ in evaluators.values()], models)
-        report = baseline_report(
-            recipe_sha256=loaded.sha256,
-            inputs=_describe_inputs(loaded, inputs, progress),
-            settings=settings,
-            changed={"tensors": len(changed), "parameters": sum(_numel(tensors.shape(n)) for n in changed),
-                     "share_of_N": sum(_numel(tensors.shape(n)) for n in changed if n in {x for l in layout.layer_tensors for x in l}) / layout.decoder_parameters},
-            evaluation=evaluation, timer=timer, output={"shards": shards, "folder": output.destination.name},
-        )
-        _write_records(output.temporary, report, loaded, inputs.tuned)
-        output.commit()
-    return _push(recipe, report, output.destination, overrides, progress)
-
-
 @dataclass
 class EvalRequest:
-    """`surgeon eval`: models, and the evaluate section (a recipe's, with flags over it)."""
+    """`surgeon eval`: models, and the evaluate section (a recipe's, with the options over it)."""
 
     models: list[str]
     recipe: LoadedRecipe | None = None
-    safety: str | None = None
-    task: str | None = None
-    metric: str | None = None
-    judge: str | None = None
-    judge_model: str | None = None
-    limit: int | None = None
-    batch_size: int | None = None
-    max_new_tokens: int | None = None
-    device: str | None = None
+    options: EvalOptions = EvalOptions()
 
 
 def _eval_spec(request: EvalRequest) -> Evaluate:
@@ -463,20 +300,20 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
     from surgeon.errors import RecipeError
 
     spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {"safety": None, "task": None}
-    if request.safety:
-        spec["safety"] = {**(spec.get("safety") or {}), "path": request.safety, "prompts": None}
-    if request.task:
-        spec["task"] = {**(spec.get("task") or {}), "path": request.task}
+    if request.options.safety:
+        spec["safety"] = {**(spec.get("safety") or {}), "path": request.options.safety, "prompts": None}
+    if request.options.task:
+        spec["task"] = {**(spec.get("task") or {}), "path": request.options.task}
     flags = {
-        "safety": {"judge": request.judge, "model": request.judge_model, "limit": request.limit, "max_new_tokens": request.max_new_tokens},
-        "task": {"metric": request.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
-                 "limit": request.limit, "max_new_tokens": request.max_new_tokens},
+        "safety": {"judge": request.options.judge, "model": request.options.judge_model, "limit": request.options.limit, "max_new_tokens": request.options.max_new_tokens},
+        "task": {"metric": request.options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
+                 "limit": request.options.limit, "max_new_tokens": request.options.max_new_tokens},
     }
     for section, values in flags.items():
         if spec.get(section):
             spec[section].update({k: v for k, v in values.items() if v is not None})
-    if request.batch_size:
-        spec["batch_size"] = request.batch_size
+    if request.options.batch_size:
+        spec["batch_size"] = request.options.batch_size
     spec["select"], spec["select_on"] = "last_within_floor", None  # eval chooses no checkpoint
     try:
         return Evaluate.model_validate(spec)
@@ -491,20 +328,15 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     import time
     from dataclasses import replace
 
-    from transformers import AutoConfig, AutoTokenizer
-
+    from surgeon.context import ModelPair, ModelSettings, resolve_device
     from surgeon.data.datasets import column, load_rows
-    from surgeon.engine.layered import LayeredModel
-    from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.setup import Candidates
-    from surgeon.io.repaired import DTYPES
 
     spec = _eval_spec(request)
     if spec.safety is None and spec.task is None:
         raise InputError("nothing to evaluate: give --safety and/or --task, or a recipe with an evaluate section", "surgeon eval")
     recipe = request.recipe.recipe if request.recipe else None
     resolve = (lambda ref, hub=False: request.recipe.resolve(ref, hub)) if request.recipe else (lambda ref, hub=False: ref)
-    flagged = lambda ref: ref if ref in (request.safety, request.task) else resolve(ref)
+    flagged = lambda ref: ref if ref in (request.options.safety, request.options.task) else resolve(ref)
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
     safety_prompts = task_rows = None
     if spec.safety is not None:
@@ -516,9 +348,12 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
         task_rows = (column(rows, spec.task.prompt_field, reference, spec.task.limit), column(rows, spec.task.answer_field, reference, spec.task.limit))
     if spec.task is not None and spec.task.metric == "kl" and inputs is None:
         raise InputError("metric kl compares against a tuned model: give --recipe", "--metric")
-    device = _device(request.device or (recipe.compute.device if recipe else "auto"))
-    dtype = DTYPES[recipe.compute.dtype if recipe else "float32"]
-    system = recipe.probe.system_prompt if recipe else None
+    from surgeon.recipe.schema import Compute
+
+    device = resolve_device(request.options.device or (recipe.compute.device if recipe else "auto"))
+    # the recipe's compute section where one is given (max_memory included), else the defaults
+    settings = ModelSettings.of(recipe.compute if recipe else Compute(), recipe.probe.system_prompt if recipe else None,
+                                lambda ref: resolve(ref, True), device, progress)
     results, totals = {}, {"tokens": 0, "seconds": 0.0}
     with tempfile.TemporaryDirectory(prefix="surgeon-eval-") as scratch:
         for index, reference in enumerate(request.models):
@@ -532,14 +367,10 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
                 check_compatible(model, inputs.tuned)
             # kl compares against the recipe's tuned; otherwise the model stands on both sides (its
             # candidate has no masks, so base values are never read)
-            base_side, tuned_side = (model, inputs.tuned) if kl else (model, model)
-            tokenizer_files = tokenizer_folder(model, inputs.base if inputs else model)
-            candidates = Candidates(base_side, tuned_side, tokenizer_files, Path(scratch) / f"m{index}")
-            candidate = replace(candidates.base() if kl else candidates.tuned(), name=reference)
-            engine = LayeredModel(AutoConfig.from_pretrained(model.config_folder), base_side.tensors if kl else model.tensors,
-                                  tuned_side.tensors, SpillStore(_memory_budget(None, device), Path(scratch) / f"s{index}"), device, dtype, progress)
-            evaluator = build_evaluator(spec, system, safety_prompts, task_rows, engine, AutoTokenizer.from_pretrained(tokenizer_files),
-                                        candidates.loader(device, dtype, None), lambda ref: resolve(ref, True), device, progress)
+            pair = ModelPair(model, inputs.tuned if kl else model, tokenizer_folder(model, inputs.base if inputs else model),
+                             settings, Path(scratch) / f"m{index}")
+            candidate = replace(pair.candidates.base() if kl else pair.candidates.tuned(), name=reference)
+            evaluator = pair.evaluator(spec, safety_prompts, task_rows)
             scores = evaluator.evaluate(candidate).to_dict()
             scores["seconds"] = time.perf_counter() - started
             results[reference] = scores

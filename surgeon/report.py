@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import resource
 import subprocess
 import time
-from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from surgeon import DISTRIBUTION, __version__
-from surgeon.engine.masks import MaskSet
-from surgeon.methods.restore import RepairResult
 
 
 @functools.cache  # constant for the process; git runs once
@@ -57,81 +52,25 @@ def peak_memory() -> dict:
     return peak
 
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.weight|\.bias)?$")
-
-
-def restored_breakdown(masks: MaskSet) -> dict:
-    by_layer, by_module = Counter(), Counter()
-    for name in masks.names():
-        count = masks.count(name)
-        match = _LAYER.match(name)
-        by_layer[int(match[1])] += count
-        by_module[match[2]] += count
-    return {"by_layer": dict(sorted(by_layer.items())), "by_module": dict(sorted(by_module.items()))}
-
-
 def build_report(
-    *, recipe_sha256: str, inputs: dict, settings: dict, result: RepairResult, masks: MaskSet,
+    *, method: str, recipe_sha256: str, inputs: dict, settings: dict, change: str, changed: dict, record: dict,
     decoder_parameters: int, timer: PhaseTimer, extra: dict,
 ) -> dict:
-    restored = masks.count()
+    """surgeon.json: the same frame for every method, with the method's own sections (`record`)."""
     return {
         "tool": tool_identity(),
         "recipe_sha256": recipe_sha256,
+        "method": method,
         "inputs": inputs,
         "settings": settings,
         "decoder_parameters_N": decoder_parameters,
-        "restored": {"total": restored, "share_of_N": restored / decoder_parameters, **restored_breakdown(masks)},
-        "steps": [asdict(step) for step in result.steps],
-        "task": {
-            "tuned": result.tuned_score,
-            "tuned_harmful_rate": result.tuned_harm,
-            "floor": result.floor,
-            "warmup": result.warmup_score,
-            "rollback_used": result.rollback_used,
-            "checkpoints": [
-                {"step": c.step, "restored": c.restored, "share_of_N": c.restored / decoder_parameters, "score": c.score,
-                 "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor, "chosen": c is result.chosen}
-                for c in result.checkpoints
-            ],
-            "chosen_step": result.chosen.step if result.chosen else None,
-            "stopped": result.stopped,
-        },
+        "change": change,
+        "changed": changed,
+        **record,
         "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
         "peak_memory": peak_memory(),
         **extra,
     }
-
-
-def baseline_report(*, recipe_sha256: str, inputs: dict, settings: dict, changed: dict, evaluation: dict | None,
-                    timer: PhaseTimer, output: dict) -> dict:
-    """surgeon.json of a baseline method (reset_layers, resta): what changed and the evaluation."""
-    return {
-        "tool": tool_identity(),
-        "recipe_sha256": recipe_sha256,
-        "method": settings["method"],
-        "inputs": inputs,
-        "settings": settings,
-        "changed": changed,
-        "evaluation": evaluation,
-        "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
-        "peak_memory": peak_memory(),
-        "output": output,
-    }
-
-
-def describe_change(report: dict) -> str:
-    """One sentence on what the method changed in tuned."""
-    settings = report["settings"]
-    if "steps" in report:
-        restored = report["restored"]
-        return (f"{restored['total']:,} weights ({restored['share_of_N']:.4%} of the decoder parameters) restored from base, "
-                f"chosen by gradient in decoder layers below {settings['probe_layer']} of {settings['layers_L']}")
-    changed = report["changed"]
-    if report["method"] == "reset_layers":
-        return f"decoder layers below {settings['probe_layer']} of {settings['layers_L']} copied whole from base ({changed['parameters']:,} parameters)"
-    return (f"RESTA: tuned + {settings['scale']} x (base - unaligned) on {changed['tensors']} tensors "
-            f"({changed['parameters']:,} parameters)")
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -218,10 +157,14 @@ _STOPPED = {"steps": "ran all {steps} steps (restore.steps)", "stop_at": "stoppe
 
 
 def tradeoff_lines(report: dict) -> list[str]:
-    """Markdown: why the schedule ended, and the table of checkpoints."""
-    task = report["task"]
-    lines = [f"The schedule {_STOPPED[task['stopped']].format(steps=report['settings']['steps'])}; "
-             f"the checkpoint was chosen by `{report['settings']['select']}`." + _rows_sentence(report), "",
+    """Markdown: why the schedule ended (for a method that records it), and the table of checkpoints."""
+    task, settings = report["task"], report["settings"]
+    why = []
+    if task.get("stopped") in _STOPPED:
+        why.append(f"The schedule {_STOPPED[task['stopped']].format(steps=settings.get('steps'))}")
+    if settings.get("select"):
+        why.append(f"the checkpoint was chosen by `{settings['select']}`")
+    lines = ["; ".join(why) + "." + _rows_sentence(report) if why else _rows_sentence(report).strip(), "",
              "| model | restored (share of N) | harmful rate | task score | within floor | |", "|---|---|---|---|---|---|"]
     return lines + [f"| {' | '.join(row)} |" for row in checkpoint_rows(report)]
 
@@ -232,9 +175,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# surgeon repair report",
         "",
-        f"surgeon {report['tool']['version']}, method {report.get('method', 'restore')}; base `{report['inputs']['base']['reference']}`, "
+        f"surgeon {report['tool']['version']}, method {report['method']}; base `{report['inputs']['base']['reference']}`, "
         f"tuned `{report['inputs']['tuned']['reference']}`.",
-        describe_change(report) + ".",
+        report["change"] + ".",
         "",
     ]
     if evaluation.get("models"):
@@ -248,11 +191,11 @@ def render_markdown(report: dict) -> str:
             *[f"| {' | '.join(row)} |" for row in model_rows(report)],
             "",
         ]
-    if "steps" not in report:
-        return "\n".join(lines) + "\n"
-    task = report["task"]
-    if task["checkpoints"]:
+    task = report.get("task") or {}
+    if task.get("checkpoints"):
         lines += ["## Checkpoints", "", *tradeoff_lines(report), ""]
+    if not report.get("steps"):
+        return "\n".join(lines) + "\n"
     lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in step_rows(report)]
     if task["floor"] is not None:

@@ -14,6 +14,7 @@ from surgeon.evaluate.generate import generate, load_for_generation
 from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
+from surgeon.recipe.options import RunOptions
 from surgeon.tiny import HARMFUL
 from tests import gate_metrics
 
@@ -46,7 +47,7 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
     assert first == 2 * (1 + 2 + 1)
     markdown = (tmp_path / "repaired" / "report.md").read_text()
     assert "| base |" in markdown and "| repaired |" in markdown and "harmful rate" in markdown
-    run(load_recipe(recipe), __import__("surgeon.pipeline", fromlist=["RunOverrides"]).RunOverrides(overwrite=True))
+    run(load_recipe(recipe), RunOptions(overwrite=True))
     assert len(calls) == first  # everything came from the cache
 
 

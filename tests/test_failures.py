@@ -76,14 +76,14 @@ def test_a_failure_mid_run_leaves_no_destination_and_no_temp(llama, write_recipe
 
 
 def test_overwrite_keeps_the_old_output_when_the_new_run_fails(llama, write_recipe, tmp_path, monkeypatch):
-    from surgeon.pipeline import RunOverrides
+    from surgeon.recipe.options import RunOptions
 
     recipe = load_recipe(write_recipe(*llama))
     run(recipe)
     before = _digest(tmp_path / "repaired")
     monkeypatch.setattr("surgeon.io.repaired.write_sharded", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        run(recipe, RunOverrides(overwrite=True))
+        run(recipe, RunOptions(overwrite=True))
     assert _digest(tmp_path / "repaired") == before
 
 

@@ -20,7 +20,7 @@ def test_minimal_recipe_gets_the_documented_defaults():
     assert (recipe.restore.sparsity, recipe.restore.steps, recipe.restore.warmup, recipe.restore.save_every) == (0.002, 20, 5, 5)
     assert (recipe.rollback.ratio, recipe.rollback.max_task_drop) == (0.2, 0.05)
     assert recipe.probe.layer is None and recipe.probe.batch_size == 8
-    assert recipe.output.max_shard_size == "5GB" and recipe.output.dtype is None and recipe.compute.dtype == "float32"
+    assert recipe.output.max_shard_size == 5 * 10**9 and recipe.output.dtype is None and recipe.compute.dtype == "float32"
 
 
 def test_misspelt_key_is_an_error_with_did_you_mean_and_line():

@@ -71,7 +71,7 @@ def test_a_changed_recipe_or_fresh_starts_over(llama, write_recipe, tmp_path, mo
     assert result.exit_code == 0 and "starting over: the saved state is for another run (recipe_sha256 changed)" in result.stderr
     assert "resuming" not in result.stderr
 
-    calls["n"], real = 0, calls
+    calls["n"] = 0
     _fail_at_step(monkeypatch, 3)
     assert CliRunner().invoke(main, ["run", str(recipe), "-q", "--overwrite"]).exit_code == 130
     result = CliRunner().invoke(main, ["run", str(recipe), "--overwrite", "--fresh"])

@@ -33,6 +33,7 @@ REFUSALS = [
 def main() -> None:
     from surgeon.evaluate.generate import generate, load_for_generation
     from surgeon.pipeline import EvalRequest, evaluate_models
+    from surgeon.recipe.options import EvalOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
@@ -64,7 +65,7 @@ def main() -> None:
     held_out.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in benign_rows if r["split"] == "heldout"))
     results = {}
     for name, path, limit in (("harmful", args.data / "beavertails_eval_700.jsonl", args.eval), ("benign", held_out, None)):
-        request = EvalRequest([str(base), aligned], safety=str(path), limit=limit, max_new_tokens=64, batch_size=16)
+        request = EvalRequest([str(base), aligned], options=EvalOptions(safety=str(path), limit=limit, max_new_tokens=64, batch_size=16))
         results[name] = evaluate_models(request)["models"]
     for model, label in ((str(base), "SmolLM2-135M-Instruct"), (aligned, "aligned (base + LoRA)")):
         refused = 1 - results["harmful"][model]["harmful_rate"]

@@ -49,6 +49,7 @@ def main() -> None:
     from surgeon.io.references import resolve_model
     from surgeon.io.repaired import write_checkpoint
     from surgeon.pipeline import EvalRequest, evaluate_models
+    from surgeon.recipe.options import EvalOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
@@ -81,8 +82,9 @@ def main() -> None:
     tuned = f"{aligned_ref}+{adapter}"
     sql_eval = args.work / "sql_eval.jsonl"
     sql_eval.write_text("".join(json.dumps(r) + "\n" for r in sql[SQL_TRAIN:SQL_TRAIN + args.eval]))
-    results = evaluate_models(EvalRequest([aligned_ref, tuned], safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(sql_eval),
-                                          metric="exact_match", limit=args.eval, max_new_tokens=64, batch_size=16))["models"]
+    options = EvalOptions(safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(sql_eval), metric="exact_match",
+                          limit=args.eval, max_new_tokens=64, batch_size=16)
+    results = evaluate_models(EvalRequest([aligned_ref, tuned], options=options))["models"]
     for ref, label in ((aligned_ref, "aligned base"), (tuned, name)):
         print(f"{label}: harmful rate {results[ref]['harmful_rate']:.1%}, SQL exact match {results[ref]['task_score']:.3f}")
     (HERE / "results").mkdir(exist_ok=True)

@@ -1,4 +1,5 @@
-"""Baselines users compare against, streamed like the main method: each is a TensorSource.
+"""Baselines users compare against, streamed like the main method: each gives every output tensor
+by name, computed when the writer asks for it.
 
 - reset_layers: decoder layers < E copied whole from base (norms included).
 - resta: tuned + scale * (base - unaligned) (Bhardwaj et al. 2024), where `unaligned` is base
@@ -9,24 +10,32 @@ from __future__ import annotations
 
 import torch
 
-from surgeon.engine.layout import ModelLayout
-from surgeon.io.checkpoint import DerivedSource, TensorSource
+from surgeon.methods.interface import Repair
 
 
-class ResetLayers(DerivedSource):
-    def __init__(self, base: TensorSource, tuned: TensorSource, layout: ModelLayout, probe_layer: int):
-        super().__init__(tuned)
-        self.base, self.tuned = base, tuned
-        self.replaced = {name for layer in layout.layer_tensors[:probe_layer] for name in layer}
+class ResetLayersRun:
+    def __init__(self, context):
+        self.context = context
+        self.base, self.tuned = context.pair.base.tensors, context.pair.tuned.tensors
+        self.probe_layer = context.probe_layer
+        self.replaced = {name for layer in context.pair.layout.layer_tensors[: self.probe_layer] for name in layer}
 
     def get(self, name: str) -> torch.Tensor:
         return self.base.get(name) if name in self.replaced else self.tuned.get(name)
 
+    def run(self) -> Repair:
+        changed = self.context.share_of_decoder(self.replaced)
+        layers = self.context.pair.layout.num_layers
+        return Repair(f"decoder layers below {self.probe_layer} of {layers} copied whole from base ({changed['parameters']:,} parameters)",
+                      {"probe_layer": self.probe_layer}, changed, tensors=self.get)
 
-class Resta(DerivedSource):
-    def __init__(self, base: TensorSource, tuned: TensorSource, unaligned: TensorSource, scale: float):
-        super().__init__(tuned)
-        self.base, self.tuned, self.unaligned, self.scale = base, tuned, unaligned, scale
+
+class RestaRun:
+    def __init__(self, context):
+        self.context = context
+        self.base, self.tuned = context.pair.base.tensors, context.pair.tuned.tensors
+        self.unaligned = context.inputs.unaligned.tensors
+        self.scale = context.recipe.resta.scale
         self.changed: set[str] = set()
 
     def get(self, name: str) -> torch.Tensor:
@@ -35,3 +44,11 @@ class Resta(DerivedSource):
             return tuned
         self.changed.add(name)
         return (tuned.float() + self.scale * (base.float() - unaligned.float())).to(tuned.dtype)
+
+    def _change(self) -> str:
+        changed = self.context.share_of_decoder(self.changed)
+        return f"RESTA: tuned + {self.scale} x (base - unaligned) on {changed['tensors']} tensors ({changed['parameters']:,} parameters)"
+
+    def run(self) -> Repair:
+        # what changed is known once every tensor has streamed through get()
+        return Repair(self._change, {"scale": self.scale}, lambda: self.context.share_of_decoder(self.changed), tensors=self.get)

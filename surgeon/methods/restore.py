@@ -6,7 +6,9 @@ State is a MaskSet: theta = where(mask, base, tuned) for each in-scope tensor.
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +21,7 @@ from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, collect, top
 from surgeon.io.checkpoint import check_finite
 from surgeon.io.run_state import RunState
+from surgeon.methods.interface import Repair
 from surgeon.progress import NullProgress, Progress
 
 
@@ -312,3 +315,81 @@ def _result_from(record: dict, workdir: Path) -> RepairResult:
     steps = [StepRecord(**step) for step in record["steps"]]
     checkpoints = [Checkpoint(**{**c, "path": workdir / c["path"]}) for c in record["checkpoints"]]
     return RepairResult(**{**record, "steps": steps, "checkpoints": checkpoints, "chosen": None})
+
+
+# -- As a registered method: built from the run context, returns a Repair -------------------
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.weight|\.bias)?$")
+
+
+def restored_breakdown(masks: MaskSet) -> dict:
+    by_layer, by_module = Counter(), Counter()
+    for name in masks.names():
+        count = masks.count(name)
+        match = _LAYER.match(name)
+        by_layer[int(match[1])] += count
+        by_module[match[2]] += count
+    return {"by_layer": dict(sorted(by_layer.items())), "by_module": dict(sorted(by_module.items()))}
+
+
+class RestoreRun:
+    """restore as a registered method."""
+
+    def __init__(self, context):
+        recipe, pair = context.recipe, context.pair
+        self.context = context
+        probe_layer, layout = context.probe_layer, pair.layout
+        self.settings = RestoreSettings(
+            probe_layer=probe_layer, budget=layout.budget(recipe.restore.sparsity), steps=recipe.restore.steps,
+            warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
+            rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
+            stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
+        )
+        engine, inputs = pair.engine, context.inputs
+        harmful, task = context.prompt_batches(inputs.harmful), context.prompt_batches(inputs.task)
+        self.method = RestoreMethod(
+            engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
+            engine.prepare(task, TUNED, probe_layer), self.settings, context.state.checkpoints,
+            context.spill_store("gradients"), context.scorer, context.progress, context.state,
+        )
+
+    def run(self) -> Repair:
+        from surgeon.errors import TaskFloorError
+
+        context, result = self.context, self.method.run()
+        chosen = result.chosen
+        if chosen is None:
+            scores = ", ".join(f"step {c.step}: {c.score:.4f}" for c in result.checkpoints)
+            if not context.recipe.output.write_below_floor:
+                raise TaskFloorError(
+                    f"every checkpoint fell past the task floor {result.floor:.4f} (tuned {result.tuned_score:.4f}; {scores}); "
+                    "nothing written. Lower restore.sparsity or steps, raise rollback.max_task_drop, or set output.write_below_floor",
+                    "evaluate.task",
+                )
+            chosen = (max if context.scorer.higher_is_better else min)(result.checkpoints, key=lambda c: c.score)
+            context.progress.log(f"no checkpoint met the floor; writing step {chosen.step}, the best task score, as asked")
+        masks = MaskSet.load(chosen.path)
+        layout, inputs = context.pair.layout, context.inputs
+        restored, N = masks.count(), layout.decoder_parameters
+        return Repair(
+            change=(f"{restored:,} weights ({restored / N:.4%} of the decoder parameters) restored from base, "
+                    f"chosen by gradient in decoder layers below {self.settings.probe_layer} of {layout.num_layers}"),
+            settings={**asdict(self.settings), "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
+            changed={"tensors": sum(1 for n in masks.names() if masks.count(n)), "parameters": restored, "share_of_N": restored / N},
+            masks=masks, masks_metadata={"step": str(chosen.step)},
+            record={
+                "restored": {"total": restored, "share_of_N": restored / N, **restored_breakdown(masks)},
+                "steps": [asdict(step) for step in result.steps],
+                "task": {
+                    "tuned": result.tuned_score, "tuned_harmful_rate": result.tuned_harm, "floor": result.floor,
+                    "warmup": result.warmup_score, "rollback_used": result.rollback_used,
+                    "checkpoints": [
+                        {"step": c.step, "restored": c.restored, "share_of_N": c.restored / N, "score": c.score,
+                         "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor, "chosen": c is result.chosen}
+                        for c in result.checkpoints
+                    ],
+                    "chosen_step": result.chosen.step if result.chosen else None,
+                    "stopped": result.stopped,
+                },
+            },
+        )

@@ -5,12 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from surgeon.report import describe_change, model_rows, tradeoff_lines
-
-METHOD_REFERENCE = (
-    "Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "
-    "IEEE S&P 2025 ([arXiv 2504.09757](https://arxiv.org/abs/2504.09757))"
-)
+from surgeon.methods.registry import methods
+from surgeon.report import model_rows, tradeoff_lines
 _HF_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+)")
 
 
@@ -61,17 +57,13 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
         eval_results=results or None,
     )
     tuned_ref, base_ref = inputs["tuned"]["reference"], inputs["base"]["reference"]
-    if "steps" in report:
-        intro = (
-            f"This model is `{tuned_ref}` with some of its weights copied back from the aligned model `{base_ref}`, to restore "
-            f"the refusals that fine-tuning removed while keeping its task ability: {describe_change(report)}, as in "
-            f"{METHOD_REFERENCE}, using surgeon {report['tool']['version']}. Embeddings, norms and the output head are tuned's."
-        )
-    else:
-        intro = (
-            f"This model is `{tuned_ref}` changed by the **{report['method']}** baseline of surgeon {report['tool']['version']}: "
-            f"{describe_change(report)}. It is published for comparison with surgeon's main method ({METHOD_REFERENCE})."
-        )
+    spec = methods().get(report["method"])
+    citation = spec.citation if spec else None
+    intro = (
+        f"This model is `{tuned_ref}` with the safety alignment that fine-tuning removed repaired against the aligned model "
+        f"`{base_ref}` by surgeon {report['tool']['version']}, method **{report['method']}**"
+        f"{f' ({citation})' if citation else ''}: {report['change']}."
+    )
     lines = ["# Safety-repaired model", "", intro, ""]
     rows = model_rows(report)
     if rows:
@@ -108,7 +100,7 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
         lines += [f"- `{name}` ({', '.join(roles)}): {digest}" for (name, digest), roles in supply.items()]
         lines.append("")
     lines += ["```bash", *_install_lines(report["tool"]), "surgeon run recipe.yaml", "```", "", "```yaml",
-              portable_recipe(recipe_text, inputs, report["output"]["folder"]).rstrip(), "```", "", f"Method: {METHOD_REFERENCE}.", ""]
+              portable_recipe(recipe_text, inputs, report["output"]["folder"]).rstrip(), "```", ""] + ([f"Method: {citation}.", ""] if citation else [])
     if tuned_body.strip():
         lines += ["---", "", f"*The card of the tuned model `{tuned_ref}` follows.*", "", tuned_body.strip(), ""]
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body="\n".join(lines))

@@ -1,0 +1,211 @@
+"""What methods, the final evaluation and `surgeon eval` are built from, built one way.
+
+`ModelPair`: an engine, evaluation candidates and evaluators over a (base side, tuned side) pair.
+`RunContext`: one `surgeon run`: the recipe, its resolved inputs, the device, the memory budget,
+the workspace and saved state, the pair (base, tuned) and the evaluators that choose and report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from surgeon.errors import InputError
+from surgeon.io.references import ResolvedModel
+from surgeon.progress import NullProgress, Progress
+from surgeon.recipe.schema import Evaluate
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{setting}' asked for but no CUDA GPU is visible", "compute.device")
+    return setting
+
+
+def memory_budget(setting: int | None, device: str) -> int:
+    """compute.max_memory: the memory on the compute device that surgeon's working data may take.
+    Boundary activations and accumulated gradients share it (half each) and spill to disk past
+    it; a model loaded for generation keeps its layers within it and offloads the rest. Unset:
+    half the free memory when the run starts, and generation models load whole."""
+    if setting is not None:
+        return setting
+    from accelerate.utils import get_max_memory
+
+    free = get_max_memory()  # accelerate's probe: free memory per GPU index, and "cpu"
+    key = int(device.split(":")[1]) if device.startswith("cuda:") else 0 if device.startswith("cuda") else device
+    return free.get(key, free["cpu"]) // 2
+
+
+@dataclass
+class ModelSettings:
+    """How models are run, the same for every pair of a command."""
+
+    device: str
+    dtype: str
+    budget: int
+    generation_budget: int | None  # None: generation models load whole
+    system_prompt: str | None
+    resolve: Callable[[str], str]  # a recipe reference (a judge model) to a loadable one
+    progress: Progress = NullProgress()
+
+    @classmethod
+    def of(cls, compute, system_prompt: str | None, resolve: Callable[[str], str], device: str, progress: Progress) -> "ModelSettings":
+        return cls(device, compute.dtype, memory_budget(compute.max_memory, device),
+                   compute.max_memory, system_prompt, resolve, progress)
+
+
+class ModelPair:
+    """The engine, candidates and evaluators over base (the values a mask restores) and tuned.
+    `surgeon eval` puts one model on both sides."""
+
+    def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_files: Path, settings: ModelSettings, workspace: Path):
+        self.base, self.tuned, self.tokenizer_files, self.settings, self.workspace = base, tuned, tokenizer_files, settings, Path(workspace)
+
+    @cached_property
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.tuned.config_folder)
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_files)
+
+    @property
+    def torch_dtype(self):
+        from surgeon.io.repaired import DTYPES
+
+        return DTYPES[self.settings.dtype]
+
+    @cached_property
+    def activations(self):
+        from surgeon.engine.store import SpillStore
+
+        return SpillStore(self.settings.budget // 2, self.workspace / "activations")
+
+    @cached_property
+    def engine(self):
+        from surgeon.engine.layered import LayeredModel
+
+        s = self.settings
+        return LayeredModel(self.config, self.base.tensors, self.tuned.tensors, self.activations, s.device, self.torch_dtype, s.progress)
+
+    @property
+    def layout(self):
+        return self.engine.layout  # the engine is a skeleton on meta until a pass runs: cheap to build
+
+    @cached_property
+    def candidates(self):
+        from surgeon.evaluate.setup import Candidates
+
+        return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
+
+    def evaluator(self, spec: Evaluate, safety_prompts: list[str] | None, task_rows: tuple[list[str], list[str]] | None):
+        """The evaluator of an `evaluate` section, or None when it names nothing to score. The
+        streamed metrics (loss, kl) run through this pair's engine."""
+        from surgeon.data.batches import answer_batches, prompt_batches
+        from surgeon.evaluate.evaluator import Evaluator
+        from surgeon.evaluate.setup import build_judge, safety_set, task_set
+        from surgeon.evaluate.streamed import TaskDivergence, TaskLoss
+
+        if spec.safety is None and spec.task is None:
+            return None
+        s = self.settings
+        safety = task = None
+        if spec.safety is not None:
+            safety = safety_set(spec.safety, safety_prompts, build_judge(spec.safety, s.resolve, s.device, spec.batch_size, self.workspace))
+        if spec.task is not None:
+            prompts, references = task_rows
+            streamed = None
+            if spec.task.metric == "loss":
+                streamed = TaskLoss(self.engine, answer_batches(self.tokenizer, prompts, references, spec.batch_size, s.system_prompt))
+            elif spec.task.metric == "kl":
+                streamed = TaskDivergence(self.engine, prompt_batches(self.tokenizer, prompts, spec.batch_size, s.system_prompt))
+            task = task_set(spec.task, prompts, references, streamed)
+        load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
+        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress)
+
+
+@dataclass
+class RunContext:
+    """One `surgeon run`, as a method sees it."""
+
+    recipe: object  # the validated Recipe (with any registered method's section)
+    inputs: object  # pipeline.Inputs
+    pair: ModelPair
+    workspace: Path  # the run's hidden work folder beside the destination, removed with it
+    state: object  # io.run_state.RunState: what a killed run resumes from
+    progress: Progress
+    stores: list = field(default_factory=list)  # the method's spill stores, for the memory record
+
+    def spill_store(self, name: str):
+        """A store for the method's own tensors (restore: accumulated gradients), in the half of
+        compute.max_memory that activations leave, spilling past it into the workspace."""
+        from surgeon.engine.store import SpillStore
+
+        budget = self.settings.budget
+        store = SpillStore(budget - budget // 2, self.workspace / name)
+        self.stores.append(store)
+        return store
+
+    @property
+    def settings(self) -> ModelSettings:
+        return self.pair.settings
+
+    @cached_property
+    def evaluator(self):
+        """The evaluator of the final table: evaluate's own rows."""
+        return self.pair.evaluator(self.recipe.evaluate, self.inputs.safety, self.inputs.evaluation)
+
+    @cached_property
+    def chooser(self):
+        """The evaluator that scores checkpoints: select_on's rows where given, else the reporting one."""
+        if self.recipe.evaluate.select_on is None:
+            return self.evaluator
+        return self.pair.evaluator(self.recipe.evaluate.choosing(), self.inputs.choosing_safety, self.inputs.choosing_evaluation)
+
+    @cached_property
+    def scorer(self):
+        """Scores by plan, for methods that choose among checkpoints; None without a task set."""
+        from surgeon.evaluate.setup import RunScorer
+
+        chooser = self.chooser
+        return RunScorer(chooser, self.pair.candidates) if chooser is not None and chooser.task is not None else None
+
+    @property
+    def chose(self) -> bool:
+        """Whether the method scored checkpoints to choose among them."""
+        return self.__dict__.get("scorer") is not None
+
+    def done_choosing(self) -> None:
+        """The choosing evaluator's generation model goes; the final table loads its own."""
+        if "chooser" in self.__dict__ and self.chooser is not None and self.chooser is not self.evaluator:
+            self.chooser.release()
+
+    def prompt_batches(self, prompts: list[str]):
+        from surgeon.data.batches import prompt_batches
+
+        return prompt_batches(self.pair.tokenizer, prompts, self.recipe.probe.batch_size, self.recipe.probe.system_prompt)
+
+    @property
+    def probe_layer(self) -> int:
+        return self.pair.layout.probe_layer(self.recipe.probe.layer)
+
+    def share_of_decoder(self, names) -> dict:
+        """`changed` of a Repair that replaces whole tensors."""
+        shapes = self.pair.tuned.tensors
+        layout = self.pair.layout
+        decoder = {n for layer in layout.layer_tensors for n in layer}
+        numel = lambda name: math.prod(shapes.shape(name))
+        names = sorted(names)
+        return {"tensors": len(names), "parameters": sum(numel(n) for n in names),
+                "share_of_N": sum(numel(n) for n in names if n in decoder) / layout.decoder_parameters}

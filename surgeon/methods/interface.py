@@ -1,0 +1,51 @@
+"""What a repair method is to the rest of surgeon: built from a run context, it returns a Repair.
+
+Nothing here imports torch, so the recipe layer can name methods without loading an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.engine.masks import MaskSet
+
+
+@dataclass
+class Repair:
+    """A method's result. Exactly one of `masks` (weights of base chosen into tuned: the output is
+    where(mask, base, tuned), and the masks are published) or `tensors` (every output tensor by
+    name, streamed one at a time to the writer).
+
+    `record` holds the method's own sections of surgeon.json. A `task` section there is the
+    trade-off that the report, the card and the plot show for any method: `tuned`,
+    `tuned_harmful_rate`, `floor`, `checkpoints` (each with `step`, `share_of_N`, `score`,
+    `harmful_rate`, `meets_floor`, `chosen`), `chosen_step` and `stopped`."""
+
+    # what the method changed in tuned: one sentence, and {tensors, parameters, share_of_N (of the
+    # decoder parameters)}; either may be a function, called once the tensors are written, for a
+    # method that learns what it changed while they stream
+    change: str | Callable[[], str]
+    settings: dict  # what it ran with, as recorded
+    changed: dict | Callable[[], dict]
+    masks: MaskSet | None = None
+    tensors: Callable[[str], torch.Tensor] | None = None
+    masks_metadata: dict[str, str] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.masks is None) == (self.tensors is None):
+            raise ValueError("a Repair gives exactly one of masks or tensors")
+
+    def summary(self) -> tuple[str, dict]:
+        resolve = lambda value: value() if callable(value) else value
+        return resolve(self.change), resolve(self.changed)
+
+
+class Method(Protocol):
+    """Built by its registered factory from the run context (surgeon.context.RunContext)."""
+
+    def run(self) -> Repair: ...

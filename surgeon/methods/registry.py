@@ -1,0 +1,105 @@
+"""The methods a recipe's `method:` may name.
+
+A method is one module and one `register(MethodSpec(...))`: its settings (a pydantic model, which
+becomes the recipe section named after the method), what it needs from the recipe, and the
+factory that builds it from the run context. Packages outside surgeon register theirs through
+the `surgeon.methods` entry-point group (each entry point is a MethodSpec). Nothing here imports
+torch: the factory is a "module:attribute" string, imported only when a run builds the method.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+ENTRY_POINTS = "surgeon.methods"
+NEEDS = frozenset({"data", "unaligned"})  # data: harmful and task prompts; unaligned: a model fine-tuned on harm
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    factory: str | Callable[[Any], Any]  # RunContext -> Method; "module:attribute" keeps torch out of parsing
+    summary: str
+    needs: frozenset[str] = frozenset()
+    settings: type | None = None  # a pydantic model: the recipe section `<name>:` (built-in sections live in the schema)
+    check: Callable[[Any], None] | None = None  # cross-field rules on the whole recipe; raises ValueError
+    citation: str | None = None
+
+    def __post_init__(self):
+        if unknown := set(self.needs) - NEEDS:
+            raise ValueError(f"method '{self.name}' needs unknown inputs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+    def build(self, context):
+        factory = self.factory
+        if isinstance(factory, str):
+            module, _, attribute = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attribute)
+        return factory(context)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+_loaded_entry_points = False
+
+
+def register(spec: MethodSpec, replace: bool = False) -> MethodSpec:
+    if spec.name in _METHODS and not replace:
+        raise ValueError(f"a method named '{spec.name}' is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for entry in entry_points(group=ENTRY_POINTS):
+        spec = entry.load()
+        if spec.name not in _METHODS:
+            register(spec)
+
+
+def methods() -> dict[str, MethodSpec]:
+    _load_entry_points()
+    return dict(_METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered method, or a ValueError that names the closest one."""
+    known = methods()
+    if name in known:
+        return known[name]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"registered: {', '.join(sorted(known))}"
+    raise ValueError(f"unknown method '{name}'; {hint}")
+
+
+def _restore_rules(recipe) -> None:
+    if recipe.restore.stop_at is not None and (recipe.evaluate.safety is None or recipe.evaluate.task is None):
+        raise ValueError("restore.stop_at needs evaluate.safety and evaluate.task: each checkpoint's harm and task score")
+    if recipe.rollback.mode == "auto" and recipe.evaluate.task is None:
+        raise ValueError("rollback.mode 'auto' needs a task score: add evaluate.task, or set rollback.mode to 'never' or 'always'")
+
+
+PAPER = ("Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "
+         "IEEE S&P 2025 ([arXiv 2504.09757](https://arxiv.org/abs/2504.09757))")
+
+register(MethodSpec(
+    "restore", "surgeon.methods.restore:RestoreRun",
+    "a gradient-chosen few of tuned's weights restored from base, part of them rolled back where the task suffers",
+    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER,
+))
+register(MethodSpec(
+    "resta", "surgeon.methods.baselines:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
+    citation=("Bhardwaj, Anh, Poria: *Language Models are Homer Simpson! Safety Re-Alignment of Fine-tuned Language Models "
+              "through Task Arithmetic*, ACL 2024 ([arXiv 2402.11746](https://arxiv.org/abs/2402.11746))"),
+))
+register(MethodSpec("reset_layers", "surgeon.methods.baselines:ResetLayersRun", "decoder layers below the probe layer copied whole from base"))

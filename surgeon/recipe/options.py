@@ -1,0 +1,50 @@
+"""Command-line options as models: the CLI generates its flags (name, type, help) from these
+fields, and validates what it was given through them, as mergekit does with its MergeOptions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from surgeon.recipe.schema import Device, Strict
+
+
+class RunOptions(Strict):
+    """`surgeon run`: each flag changes this run only; the recipe stays as written."""
+
+    output: str | None = Field(default=None, json_schema_extra={"short": "-o"})
+    """Output folder, from the current folder (overrides output.path)."""
+    overwrite: bool = False
+    """Replace an earlier surgeon output at the destination."""
+    device: Device | None = None
+    """auto, cpu, cuda, cuda:N or mps (overrides compute.device)."""
+    force_push: bool = False
+    """Push (output.push) even if the evaluation does not show a repair."""
+    fresh: bool = False
+    """Start over instead of resuming the saved state of an interrupted run."""
+
+
+class EvalOptions(Strict):
+    """`surgeon eval`: the evaluate section, a recipe's or none, with these laid over it."""
+
+    recipe: str | None = None
+    """Take the evaluate section (and base/tuned) from this recipe."""
+    safety: str | None = None
+    """Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt')."""
+    task: str | None = None
+    """Task rows with 'prompt' and 'response'."""
+    metric: str | None = None
+    """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function."""
+    judge: Literal["refusal", "guard", "classifier"] | None = None
+    """How answers to harmful prompts are judged."""
+    judge_model: str | None = None
+    """The guard or classifier model for --judge guard/classifier."""
+    limit: int | None = Field(default=None, ge=1)
+    """First N rows of each set."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Prompts per generation batch."""
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """Longest answer generated."""
+    device: Device | None = None
+    """auto, cpu, cuda, cuda:N or mps (overrides compute.device)."""
