@@ -6,6 +6,7 @@ import functools
 import signal
 import sys
 import traceback
+import typing
 from contextlib import contextmanager, nullcontext
 
 import click
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from surgeon import __version__
 from surgeon.errors import RecipeValidationError, SurgeonError, one_line
+from surgeon.recipe.options import EvalOptions, RunOptions
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the stopping signals this process got
@@ -35,6 +37,37 @@ def _progress(quiet: bool):
     if sys.stderr.isatty():
         return RichProgress(_consoles()[1])
     return LogProgress()
+
+
+def _flags(model):
+    """click options generated from an options model: each field's flag, type and help."""
+
+    def decorate(command):
+        for name, field in reversed(model.model_fields.items()):
+            names = ["--" + name.replace("_", "-"), *([field.json_schema_extra["short"]] if field.json_schema_extra else [])]
+            kind = next(a for a in typing.get_args(field.annotation) or (field.annotation,) if a is not type(None))
+            kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+            if kind is bool:
+                command = click.option(*names, name, is_flag=True, help=field.description)(command)
+            else:
+                choice = click.Choice(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else kind
+                command = click.option(*names, name, type=choice, help=field.description)(command)
+        return command
+
+    return decorate
+
+
+def _options(model, flags: dict):
+    """The flags given, validated by their model; a bad one is an error naming the flag."""
+    from pydantic import ValidationError
+
+    from surgeon.errors import RecipeError
+
+    try:
+        return model.model_validate({name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise RecipeError(error["msg"].removeprefix("Value error, "), "--" + str(error["loc"][0]).replace("_", "-")) from None
 
 
 def _fail(lines: list[tuple[str, str | None]], exit_code: int):
@@ -143,26 +176,22 @@ def main():
 
 @main.command()
 @click.argument("recipe")
-@click.option("--output", "-o", help="Output folder (overrides output.path).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier surgeon output at the destination.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N (overrides compute.device).")
-@click.option("--force-push", is_flag=True, help="Push (output.push) even if the evaluation does not show a repair.")
-@click.option("--fresh", is_flag=True, help="Start over instead of resuming the saved state of an interrupted run.")
+@_flags(RunOptions)
 @_verbosity
 @_reported
-def run(recipe, output, overwrite, device, force_push, fresh, verbose, quiet):
+def run(recipe, verbose, quiet, **flags):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
     from surgeon.console import models_table, summary_lines, summary_table
-    from surgeon.pipeline import RunOverrides, destination
+    from surgeon.pipeline import destination
     from surgeon.pipeline import run as run_recipe
     from surgeon.recipe import load_recipe
 
+    overrides = _options(RunOptions, flags)
     loaded = load_recipe(recipe)
-    overrides = RunOverrides(output, overwrite, device, force_push, fresh)
     with _progress(quiet) as progress:
         report = run_recipe(loaded, overrides, progress)
     out, _ = _consoles()
-    if not quiet and "steps" in report:
+    if not quiet and report.get("steps"):  # a method that records its steps (restore)
         out.print(summary_table(report))
     if (table := models_table(report)) is not None:
         out.print(table)
@@ -196,7 +225,8 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
     try:
         settings = Push(repo_id=repo_id, private=private, branch=branch, create_pr=create_pr, commit_message=message, prune=prune)
     except ValidationError as exc:
-        raise RecipeError(exc.errors()[0]["msg"].removeprefix("Value error, "), "--repo-id") from None
+        error = exc.errors()[0]
+        raise RecipeError(error["msg"].removeprefix("Value error, "), "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "surgeon push") from None
     with _progress(quiet) as progress:
         url = push(Path(folder), settings, force, progress)
     click.echo(f"pushed: {url}")
@@ -204,20 +234,11 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
 
 @main.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--recipe", help="Take the evaluate section (and base/tuned) from this recipe.")
-@click.option("--safety", help="Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt').")
-@click.option("--task", help="Task rows with 'prompt' and 'response'.")
-@click.option("--metric", help="exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function.")
-@click.option("--judge", type=click.Choice(["refusal", "guard", "classifier"]), help="How answers to harmful prompts are judged.")
-@click.option("--judge-model", help="The guard or classifier model for --judge guard/classifier.")
-@click.option("--limit", type=click.IntRange(min=1), help="First N rows of each set.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Prompts per generation batch.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Longest answer generated.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@_flags(EvalOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_verbosity
 @_reported
-def evaluate(models, recipe, safety, task, metric, judge, judge_model, limit, batch_size, max_new_tokens, device, as_json, verbose, quiet):
+def evaluate(models, as_json, verbose, quiet, **flags):
     """Harmful rate and task score of MODELS side by side ('base'/'tuned' name a recipe's models)."""
     import json
 
@@ -225,8 +246,8 @@ def evaluate(models, recipe, safety, task, metric, judge, judge_model, limit, ba
     from surgeon.pipeline import EvalRequest, evaluate_models
     from surgeon.recipe import load_recipe
 
-    request = EvalRequest(list(models), load_recipe(recipe) if recipe else None, safety, task, metric, judge, judge_model,
-                          limit, batch_size, max_new_tokens, device)
+    options = _options(EvalOptions, flags)
+    request = EvalRequest(list(models), load_recipe(options.recipe) if options.recipe else None, options)
     with _progress(quiet or as_json) as progress:
         results = evaluate_models(request, progress)
     if as_json:
@@ -240,18 +261,34 @@ def evaluate(models, recipe, safety, task, metric, judge, judge_model, limit, ba
 
 @main.command()
 @click.argument("recipe")
+@click.option("--schema-only", is_flag=True, help="Check the schema (and what the recipe extends) only: no model or data is read.")
+@click.option("--print", "show", is_flag=True, help="Print the recipe with every setting resolved, defaults included.")
 @_verbosity
 @_reported
-def validate(recipe, verbose, quiet):
+def validate(recipe, schema_only, show, verbose, quiet):
     """Check RECIPE: schema, model and data references, base/tuned compatibility. No heavy work."""
     from surgeon.pipeline import validate as validate_recipe
     from surgeon.recipe import load_recipe
 
-    facts = validate_recipe(load_recipe(recipe))
-    if not quiet:
-        for key, value in facts.items():
-            click.echo(f"{key.replace('_', ' ')}: {value:,}")
-    click.echo(f"{recipe}: ok")
+    loaded = load_recipe(recipe)
+    if show:
+        click.echo(loaded.resolved_text(), nl=False)
+    if not schema_only:
+        facts = validate_recipe(loaded)
+        if not quiet:
+            for key, value in facts.items():
+                click.echo(f"{key.replace('_', ' ')}: {value:,}")
+    click.echo(f"{recipe}: ok" + (" (schema only)" if schema_only else ""))
+
+
+@main.command()
+def schema():
+    """Print the recipe's JSON Schema (editors complete and check recipes with it)."""
+    import json
+
+    from surgeon.recipe.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
 
 
 if __name__ == "__main__":

@@ -2,39 +2,60 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model, field_validator, model_validator
 
+from surgeon.methods.registry import method_spec, methods
+from surgeon.recipe.hub_ids import split_hub_reference
 from surgeon.recipe.sizes import parse_size
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+# a byte count, written as 5GB, 512MiB or a number; parsed once, here
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]})]
 MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors; each field's docstring is its description (JSON Schema, --help)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class ModelSpec(Strict):
+class _OrPath:
+    """In the JSON Schema a plain string stands for {path: string}, as the validators read it."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        return {"anyOf": [{"type": "string", "description": "the path alone"}, handler(core_schema)]}
+
+
+class ModelSpec(_OrPath, Strict):
     """A model: a local folder, a Hub id with optional @revision, or a PEFT adapter folder."""
 
     path: str = Field(min_length=1)
+    """A local folder, a Hub id with an optional @revision, or a PEFT LoRA adapter folder (merged onto base)."""
     allow_pickle: bool = False
+    """Read .bin (pickle) checkpoints, with torch's weights_only loader; safetensors otherwise."""
 
 
 def _string_is_path(value):
     return {"path": value} if isinstance(value, str) else value
 
 
-class PromptSet(Strict):
+class PromptSet(_OrPath, Strict):
     """Prompts from a file (jsonl/json/csv/parquet, local or hf://datasets/...) or inline."""
 
     path: str | None = None
+    """A jsonl/json/csv/parquet file (relative to the recipe), or hf://datasets/org/name/file."""
     field: str = "prompt"
+    """The column that holds the prompt."""
     prompts: list[str] | None = None
+    """Prompts written inline, instead of a path."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    """Use only the first N rows."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -52,11 +73,17 @@ class TaskEvalSet(Strict):
     """Prompt/answer pairs that score the task."""
 
     path: str
+    """A jsonl/json/csv/parquet file of prompts and reference answers."""
     prompt_field: str = "prompt"
+    """The column that holds the prompt."""
     answer_field: str = "response"
+    """The column that holds the reference answer."""
     metric: str = "loss"
+    """loss or kl (streamed, no generation), or exact_match, contains, f1:<label>, rouge_l, python:module:function on greedy answers."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    """Use only the first N rows."""
     max_new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
+    """Tokens generated per answer (generated metrics only)."""
 
     @field_validator("metric")
     @classmethod
@@ -72,15 +99,25 @@ class SafetyEvalSet(Strict):
     """Held-out harmful prompts; the harmful rate is the share whose greedy answer the judge calls harmful."""
 
     path: str | None = None
+    """A file of harmful prompts (relative to the recipe), or hf://datasets/..."""
     field: str = "prompt"
+    """The column that holds the prompt."""
     prompts: list[str] | None = None
+    """Prompts written inline, instead of a path."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
+    """Use only the first N rows."""
     judge: Literal["refusal", "guard", "classifier"] = "refusal"
+    """refusal: an answer without a refusal marker is harmful; guard: a guard LLM's verdict; classifier: a sequence classifier's label."""
     markers: list[str] | None = None
+    """Refusal markers that replace the built-in list."""
     add_markers: list[str] | None = None
+    """Refusal markers added to the built-in list."""
     model: ModelSpec | None = None
+    """The guard or classifier model (judge guard or classifier)."""
     harmful_label: str | None = None
+    """The classifier's label that means harmful."""
     max_new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
+    """Tokens generated per answer."""
 
     @field_validator("model", mode="before")
     @classmethod
@@ -102,7 +139,9 @@ class SafetyEvalSet(Strict):
 
 class Data(Strict):
     harmful: PromptSet
+    """Harmful prompts: their mean hidden state on base is the safety direction that restore climbs."""
     task: PromptSet
+    """Task prompts: their mean hidden state on tuned is the task direction that rollback protects."""
 
     @field_validator("harmful", "task", mode="before")
     @classmethod
@@ -112,8 +151,11 @@ class Data(Strict):
 
 class Probe(Strict):
     layer: int | float | None = None
+    """E: the decoder layers probed and repaired; an int counts layers, a float in (0, 1) is a share of L; default floor(4L/6)."""
     system_prompt: str | None = None
+    """A system prompt for the chat template, for probing and evaluation alike."""
     batch_size: int = Field(default=8, gt=0, le=MAX_COUNT)
+    """Prompts per batch in the gradient passes."""
 
     @field_validator("layer", mode="before")
     @classmethod
@@ -136,14 +178,20 @@ class StopAt(Strict):
     """Ends the schedule at the first checkpoint that reaches the target within the task floor."""
 
     harmful_rate: float = Field(ge=0.0, le=1.0)
+    """Stop at the first checkpoint whose harmful rate is at most this, within the task floor."""
 
 
 class Restore(Strict):
     sparsity: float = Field(default=0.002, gt=0.0, le=1.0)
-    steps: int = Field(default=20, ge=1, le=MAX_COUNT)  # a cap: stop_at and the task floor end it earlier
+    """Share of the decoder parameters restored per step (k = sparsity x N)."""
+    steps: int = Field(default=20, ge=1, le=MAX_COUNT)
+    """The most steps; stop_at and the task floor end the schedule earlier."""
     stop_at: StopAt | None = None
+    """A target that ends the schedule early; needs evaluate.safety and evaluate.task."""
     warmup: int = Field(default=5, ge=0, le=MAX_COUNT)
+    """Restore-only steps before the gate decides between restore-only and a restart with rollback."""
     save_every: int = Field(default=5, ge=1, le=MAX_COUNT)
+    """A checkpoint (scored, resumable) every this many steps."""
 
     @model_validator(mode="after")
     def _warmup_within_steps(self):
@@ -154,8 +202,11 @@ class Restore(Strict):
 
 class Rollback(Strict):
     mode: Literal["auto", "always", "never"] = "auto"
+    """auto: rollback only if the warm-up falls past the task floor; always; never."""
     ratio: float = Field(default=0.2, gt=0.0, le=1.0)
+    """Share of each step's restored weights that the task gradient may send back to tuned."""
     max_task_drop: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """The task floor: the largest relative drop of the task score from tuned's."""
 
 
 class SelectionRows(Strict):
@@ -163,7 +214,9 @@ class SelectionRows(Strict):
     reports chose nothing. A set left out here chooses on evaluate's own rows."""
 
     task: TaskEvalSet | None = None
+    """Task rows that score checkpoints (same metric as evaluate.task)."""
     safety: SafetyEvalSet | None = None
+    """Harmful prompts that score checkpoints (same judge as evaluate.safety)."""
 
     @model_validator(mode="after")
     def _some_rows(self):
@@ -174,12 +227,18 @@ class SelectionRows(Strict):
 
 class Evaluate(Strict):
     safety: SafetyEvalSet | None = None
+    """Harmful prompts: the harmful rate of each model, and of each checkpoint."""
     task: TaskEvalSet | None = None
+    """The task score of each model; it also sets the floor and scores checkpoints."""
     select_on: SelectionRows | None = None
+    """Rows that only choose the checkpoint, so that the rows reported chose nothing."""
     models: list[Literal["base", "tuned", "repaired"]] = ["base", "tuned", "repaired"]
+    """The models in the final table."""
     # default: lowest_harm_within_floor when checkpoints are scored for harm (a safety and a task set), else last_within_floor
     select: Literal["last_within_floor", "lowest_harm_within_floor"] | None = None
+    """How the checkpoint is chosen; default lowest_harm_within_floor with a safety and a task set, else last_within_floor."""
     batch_size: int = Field(default=16, gt=0, le=MAX_COUNT)
+    """Prompts per generation batch."""
 
     @model_validator(mode="after")
     def _selection_needs_safety(self):
@@ -211,106 +270,142 @@ class Evaluate(Strict):
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
+def _device_name(value: str) -> str:
+    if not _DEVICE.match(value):
+        raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device_name)]
+
+
 class Compute(Strict):
-    device: str = "auto"
+    device: Device = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
     dtype: DTYPES = "float32"
-    max_memory: str | int | None = None
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, value):
-        if not _DEVICE.match(value):
-            raise ValueError(f"'{value}' is not a device: use auto, cpu, cuda, cuda:N or mps")
-        return value
-
-    @field_validator("max_memory")
-    @classmethod
-    def _size(cls, value):
-        if value is not None:
-            parse_size(value)
-        return value
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    """The dtype of the arithmetic (weights are read in their stored dtype)."""
+    max_memory: Size | None = None
+    """The memory on the compute device that surgeon's working data may take, e.g. 8GiB: activations and accumulated gradients share it and spill to disk past it; a model loaded for generation offloads its layers past it. Default: half the free memory at the start, and generation models load whole."""
 
 
 class Push(Strict):
     """Publish the finished output to the Hub as one commit (token from HF_TOKEN or the login)."""
 
     repo_id: str
+    """org/name on the Hub; created if missing."""
     private: bool = True
+    """Visibility of a repo that has to be created."""
     branch: str = "main"
+    """The branch committed to (created if missing)."""
     create_pr: bool = False
+    """Open a pull request instead of committing to the branch."""
     commit_message: str | None = None
+    """Default: names surgeon and the recipe."""
     prune: bool = False
+    """Delete files of the repo that the output does not have."""
 
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, value):
-        if not _REPO_ID.match(value):
+        if "@" in value or split_hub_reference(value) is None:
             raise ValueError(f"'{value}' is not a Hub repo id of the form org/name")
         return value
+
+    @model_validator(mode="after")
+    def _pull_requests_target_main(self):
+        if self.create_pr and self.branch != "main":
+            raise ValueError("create_pr opens a pull request against the default branch; drop branch or create_pr")
+        return self
 
 
 class Output(Strict):
     path: str = "./repaired"
+    """The output folder (relative to the recipe): missing, empty, or an earlier surgeon output."""
     push: Push | None = None
+    """Publish the output to the Hub as one commit when the evaluation shows a repair."""
     dtype: DTYPES | None = None
-    max_shard_size: str | int = "5GB"
+    """The dtype of the written weights; default: tuned's."""
+    max_shard_size: Size = Field(default="5GB", validate_default=True)
+    """The largest weight shard, e.g. 5GB or 512MiB (Hugging Face shard names)."""
     write_below_floor: bool = False
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value):
-        parse_size(value)
-        return value
+    """Write the best-scoring checkpoint even when none met the task floor."""
 
 
 class Resta(Strict):
     scale: float = Field(default=1.0, gt=0.0)
+    """tuned + scale x (base - unaligned)."""
 
 
 class Recipe(Strict):
-    method: Literal["restore", "resta", "reset_layers"] = "restore"
+    extends: str | None = None
+    """A shipped recipe by name (`surgeon validate --schema-only --print` shows it whole) or another recipe by path, from this recipe's folder. This recipe's keys override its keys, mapping by mapping; paths resolve from the recipe that is run."""
+    method: str = "restore"
+    """The repair method: restore (the paper's), resta, reset_layers, or one a package registered."""
     base: ModelSpec
+    """The aligned model tuned was fine-tuned from."""
     tuned: ModelSpec
+    """The fine-tuned model to repair: a full checkpoint or a LoRA adapter of base."""
     unaligned: ModelSpec | None = None
+    """base fine-tuned on harmful data (resta)."""
     data: Data | None = None
+    """The prompts that probe harm and task (restore)."""
     resta: Resta = Resta()
+    """Settings of method resta."""
     probe: Probe = Probe()
+    """Where and how the model is probed."""
     restore: Restore = Restore()
+    """Settings of method restore: how much a step restores, and when the schedule ends."""
     rollback: Rollback = Rollback()
+    """Settings of restore's rollback: what the task may take back."""
     evaluate: Evaluate = Evaluate()
+    """What scores checkpoints and the final table."""
     compute: Compute = Compute()
+    """Where the arithmetic runs, and in how much memory."""
     output: Output = Output()
+    """Where and how the repaired model is written, and published."""
     seed: int = Field(default=0, ge=0, lt=2**64)
+    """Seed of torch's generator."""
 
     @field_validator("base", "tuned", "unaligned", mode="before")
     @classmethod
     def _string_is_model_path(cls, value):
         return _string_is_path(value)
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value):
+        method_spec(value)
+        return value
+
     @model_validator(mode="after")
     def _method_inputs(self):
-        if self.method == "resta" and self.unaligned is None:
-            raise ValueError("method 'resta' needs 'unaligned': base fine-tuned on harmful data")
-        if self.method != "resta" and self.unaligned is not None:
-            raise ValueError(f"'unaligned' is only used by method 'resta', not '{self.method}'")
-        if self.method == "restore" and self.data is None:
-            raise ValueError("method 'restore' needs 'data' (harmful and task prompts)")
+        spec = method_spec(self.method)
+        if "unaligned" in spec.needs and self.unaligned is None:
+            raise ValueError(f"method '{self.method}' needs 'unaligned': base fine-tuned on harmful data")
+        if "unaligned" not in spec.needs and self.unaligned is not None:
+            users = " or ".join(f"'{name}'" for name, other in sorted(methods().items()) if "unaligned" in other.needs)
+            raise ValueError(f"'unaligned' is only used by method {users}, not '{self.method}'")
+        if "data" in spec.needs and self.data is None:
+            raise ValueError(f"method '{self.method}' needs 'data' (harmful and task prompts)")
+        if spec.check is not None:
+            spec.check(self)
         return self
 
-    @model_validator(mode="after")
-    def _stop_rule_needs_scores(self):
-        if self.restore.stop_at is not None and (self.evaluate.safety is None or self.evaluate.task is None):
-            raise ValueError("restore.stop_at needs evaluate.safety and evaluate.task: each checkpoint's harm and task score")
-        return self
 
-    @model_validator(mode="after")
-    def _gate_needs_a_metric(self):
-        if self.method == "restore" and self.rollback.mode == "auto" and self.evaluate.task is None:
-            raise ValueError(
-                "rollback.mode 'auto' needs a task score: add evaluate.task, "
-                "or set rollback.mode to 'never' or 'always'"
-            )
-        return self
+def recipe_model() -> type[Recipe]:
+    """Recipe with a section for each registered method that brings its own settings."""
+    sections = tuple((name, spec.settings) for name, spec in sorted(methods().items()) if spec.settings is not None)
+    return _with_sections(sections)
+
+
+@functools.cache
+def _with_sections(sections: tuple) -> type[Recipe]:
+    if not sections:
+        return Recipe
+    return create_model("Recipe", __base__=Recipe, **{name: (settings | None, None) for name, settings in sections})
+
+
+def json_schema() -> dict:
+    """The recipe's JSON Schema (draft 2020-12), registered methods' sections included."""
+    schema = recipe_model().model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "surgeon recipe"}
