@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from surgeon.errors import RecipeError, RecipeValidationError
-from surgeon.recipe.schema import Recipe
+from surgeon.recipe.schema import Recipe, recipe_model
 
 _SECRET_KEYS = {"token", "hf_token", "api_key", "password"}
 
@@ -39,6 +39,11 @@ class LoadedRecipe:
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
+    def resolved_text(self) -> str:
+        """Every setting, defaults included, as YAML (`surgeon validate --print`)."""
+        settings = self.recipe.model_dump(mode="json", exclude={"extends"})
+        return yaml.safe_dump(settings, sort_keys=False)
+
     def resolve(self, relative: str, may_be_hub_id: bool = False) -> str:
         """Paths in a recipe are relative to the recipe's folder. A model reference that names
         no existing folder there (and does not start with '.') passes through as a Hub id."""
@@ -53,9 +58,9 @@ class LoadedRecipe:
         return str(local)
 
 
-def _line_map(node: yaml.Node, file: str, path: tuple = ()) -> dict[tuple, int]:
-    """Map each key path to its 1-based line, refusing duplicate keys (PyYAML keeps the last)."""
-    lines = {path: node.start_mark.line + 1}
+def _line_map(node: yaml.Node, file: str, path: tuple = ()) -> dict[tuple, str]:
+    """Map each key path to `file:line` (1-based), refusing duplicate keys (PyYAML keeps the last)."""
+    lines = {path: f"{file}:{node.start_mark.line + 1}"}
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
@@ -63,7 +68,7 @@ def _line_map(node: yaml.Node, file: str, path: tuple = ()) -> dict[tuple, int]:
             if key in seen:
                 raise RecipeError(f"duplicate key '{key}'", f"{file}:{key_node.start_mark.line + 1}")
             seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            lines[path + (key,)] = f"{file}:{key_node.start_mark.line + 1}"
             lines.update({k: v for k, v in _line_map(value_node, file, path + (key,)).items() if k != path + (key,)})
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
@@ -184,7 +189,7 @@ def _describe(data, error: dict) -> tuple[tuple, str]:
         key = str(loc[-1])
         if key.lower() in _SECRET_KEYS:
             return loc, f"'{dotted}' is not allowed: secrets never go in a recipe; set HF_TOKEN in the environment"
-        owner = _model_at(Recipe, loc[:-1])
+        owner = _model_at(recipe_model(), loc[:-1])
         known = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; expected one of: {', '.join(known)}" if known else "")
@@ -195,7 +200,8 @@ def _describe(data, error: dict) -> tuple[tuple, str]:
     return loc, f"{dotted}: {message}" if loc else message
 
 
-def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
+def _tree(text: str, file: str) -> tuple[dict, dict[tuple, str]]:
+    """The recipe's data and where each key was set."""
     try:
         node, data = _compose(text, file)
     except yaml.YAMLError as exc:
@@ -215,19 +221,59 @@ def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     lines = _line_map(node, file)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping of keys (base:, tuned:, data:, ...)", file)
+    return data, lines
+
+
+def _validate(data: dict, lines: dict[tuple, str], file: str) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        return recipe_model().model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc, message = _describe(data, error)
-            line = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
-            problems.append((message, f"{file}:{line}" if line else file))
+            where = next((lines[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in lines), None)
+            problems.append((message, where or file))
         raise RecipeValidationError(problems) from None
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    path = Path(path)
+def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
+    data, lines = _tree(text, file)
+    return _validate(data, lines, file)
+
+
+# -- extends: a recipe on top of a shipped one or another file -----------------------------------
+
+SHIPPED = Path(__file__).parent.parent / "recipes"  # a link to the repository's recipes/, copied into the wheel
+MAX_EXTENDS = 8
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def _parent(reference, path: Path, where: str) -> Path:
+    """`extends`: a shipped recipe by name, or a file by path from the extending recipe's folder."""
+    if not isinstance(reference, str) or not reference:
+        raise RecipeError("extends names a shipped recipe or a recipe file", where)
+    if "/" not in reference and not reference.endswith((".yaml", ".yml")):
+        shipped = shipped_recipes()
+        if reference not in shipped:
+            close = difflib.get_close_matches(reference, shipped, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; shipped: {', '.join(shipped)}"
+            raise RecipeError(f"no shipped recipe '{reference}'{hint}", where)
+        return shipped[reference]
+    return (path.parent / Path(reference).expanduser()).resolve()
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    """The child's keys over the parent's: mappings merge key by key, anything else is replaced."""
+    merged = dict(parent)
+    for key, value in child.items():
+        merged[key] = _merge(parent[key], value) if isinstance(value, dict) and isinstance(parent.get(key), dict) else value
+    return merged
+
+
+def _read(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_RECIPE_BYTES + 1)
@@ -235,5 +281,32 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", str(path)) from None
     if len(raw) > MAX_RECIPE_BYTES:
         raise RecipeError(f"a recipe is at most {MAX_RECIPE_BYTES // 1024} KiB; this file is larger", str(path))
-    text = _decode(raw, str(path))
-    return LoadedRecipe(recipe=parse_recipe(text, str(path)), path=path.resolve(), text=text)
+    return _decode(raw, str(path))
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[tuple, str], str]:
+    """Data, where each key was set (the file that set it last), and this file's text."""
+    text = _read(path)
+    data, lines = _tree(text, str(path))
+    if "extends" not in data:
+        return data, lines, text
+    where = lines[("extends",)]
+    parent = _parent(data["extends"], path, where)
+    if parent in chain or parent == path.resolve():
+        raise RecipeError(f"extends goes round in a circle back to {parent.name}", where)
+    if len(chain) >= MAX_EXTENDS:
+        raise RecipeError(f"extends chains more than {MAX_EXTENDS} recipes", where)
+    parent_data, parent_lines, _ = _load_tree(parent, (*chain, path.resolve()))
+    parent_data.pop("extends", None)
+    return _merge(parent_data, data), {**parent_lines, **lines}, text
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    path = Path(path)
+    data, lines, text = _load_tree(path)
+    recipe = _validate(data, lines, str(path))
+    if "extends" in data:
+        # the copy kept with the output stands alone: what was extended, merged in
+        resolved = {key: value for key, value in data.items() if key != "extends"}
+        text = f"# {path.name}, with what it extends ({data['extends']}) merged in by surgeon\n" + yaml.safe_dump(resolved, sort_keys=False)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
