@@ -62,6 +62,12 @@ def test_masks_set_clear_count_and_round_trip(tmp_path_factory, shape, data):
 def test_shard_plan_keeps_order_and_budget(sizes, budget):
     entries = [TensorEntry(f"t{i}", (s,), torch.float32) for i, s in enumerate(sizes)]
     shards = plan_shards(entries, budget)
-    assert [e for shard in shards for e in shard] == entries
-    for shard in shards:
+    flat = [e for shard in shards.values() for e in shard]
+    assert sorted(flat, key=entries.index) == entries  # each entry exactly once
+    for shard in shards.values():
         assert len(shard) == 1 or sum(e.nbytes for e in shard) <= budget
+        assert shard == sorted(shard, key=entries.index)
+    if all(e.nbytes <= budget for e in entries):  # as before huggingface_hub planned it: in order
+        assert flat == entries
+    count = len(shards)
+    assert list(shards) == (["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])

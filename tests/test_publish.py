@@ -9,7 +9,8 @@ from huggingface_hub import ModelCard
 
 from surgeon.cli import main
 from surgeon.errors import RecipeValidationError
-from surgeon.pipeline import RunOverrides, run
+from surgeon.pipeline import run
+from surgeon.recipe.options import RunOptions
 from surgeon.publish.push import gate, push
 from surgeon.recipe.schema import Push
 from surgeon.recipe import load_recipe, parse_recipe
@@ -87,9 +88,17 @@ def test_push_is_one_commit_with_every_file(hub, finished, tmp_path, monkeypatch
 
 def test_public_branch_and_pull_request_are_honoured(hub, finished, tmp_path):
     folder = _folder(finished, tmp_path)
-    push(folder, Push(repo_id="org/repaired", private=False, branch="dev", create_pr=True), backoff=0)
+    push(folder, Push(repo_id="org/repaired", private=False, branch="dev"), backoff=0)
     assert hub.created["org/repaired"]["private"] is False and "dev" in hub.branches["org/repaired"]
-    assert hub.commits[0]["branch"] == "dev" and hub.commits[0]["create_pr"]
+    assert hub.commits[0]["branch"] == "dev" and not hub.commits[0]["create_pr"]
+    push(folder, Push(repo_id="org/repaired", create_pr=True), backoff=0)
+    assert hub.commits[1]["branch"] == "main" and hub.commits[1]["create_pr"]
+
+
+def test_a_pull_request_against_another_branch_is_refused():
+    """The Hub opens pull requests against the default branch only (huggingface_hub says so too)."""
+    with pytest.raises(ValueError, match="default branch"):
+        Push(repo_id="org/repaired", branch="dev", create_pr=True)
 
 
 def test_existing_files_stay_unless_prune(hub, finished, tmp_path):
@@ -146,7 +155,7 @@ def test_push_gate_refuses_without_evidence_of_repair(hub, finished, tmp_path):
 
 def test_run_pushes_at_the_end_when_the_recipe_says_so(hub, llama, write_recipe, tmp_path):
     recipe = write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "push": {"repo_id": "org/from-run", "branch": "v1"}})
-    report = run(load_recipe(recipe), RunOverrides(force_push=True))
+    report = run(load_recipe(recipe), RunOptions(force_push=True))
     assert report["pushed"].startswith(f"{hub.endpoint}/org/from-run/commit/")
     assert hub.commits[0]["branch"] == "v1" and "README.md" in hub.commits[0]["files"]
     assert (tmp_path / "repaired" / "surgeon.json").exists()

@@ -26,7 +26,10 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def _messages(prompt: str, system_prompt: str | None) -> list[dict]:
+def _messages(prompt: str | list[dict], system_prompt: str | None) -> list[dict]:
+    """A prompt as a conversation; a conversation (a guard's user and assistant turns) as it is."""
+    if isinstance(prompt, list):
+        return prompt
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return messages + [{"role": "user", "content": prompt}]
 
@@ -36,7 +39,7 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[list[int]]:
+def prompt_ids(tokenizer, prompts: list[str] | list[list[dict]], system_prompt: str | None = None) -> list[list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the tokenizer has no chat template; surgeon probes the model as a chat model", getattr(tokenizer, "name_or_path", None))
     return [_ids(tokenizer, _messages(p, system_prompt), True) for p in prompts]
@@ -76,7 +79,7 @@ def left_padded(sequences: list[list[int]], pad_id: int, labels: list[list[int]]
     return Batch(ids, mask, label_tensor)
 
 
-def prompt_batches(tokenizer, prompts: list[str], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
+def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
     ids = prompt_ids(tokenizer, prompts, system_prompt)
     pad = _pad_id(tokenizer)
     return [left_padded(ids[i : i + batch_size], pad) for i in range(0, len(ids), batch_size)]

@@ -14,7 +14,7 @@ from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError, NonFiniteError
 from surgeon.io.fingerprint import combine, folder_fingerprint
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
-from surgeon.evaluate.generate import LoadedModel, load_for_generation
+from surgeon.evaluate.generate import LoadedModel, generate, load_for_generation
 from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
 from surgeon.evaluate.metrics import parse_metric
 from surgeon.io.references import ResolvedModel, resolve_model
@@ -23,26 +23,10 @@ from surgeon.recipe.schema import SafetyEvalSet
 GUARD_NEW_TOKENS = 16
 
 
-def _guard_generate(folder: Path, device: str, batch_size: int) -> Callable[[list[list[dict]]], list[str]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    def run(conversations: list[list[dict]]) -> list[str]:
-        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-        outputs = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=GUARD_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return outputs
-
-    return run
+def _guard_generate(folder: Path, device: str, batch_size: int, workspace: Path) -> Callable[[list[list[dict]]], list[str]]:
+    """A guard model's verdicts on (prompt, answer) conversations, through the one generation loop."""
+    loaded = load_for_generation(folder, folder, device, torch.float32, None, workspace / "offload-guard")
+    return lambda conversations: generate(loaded, conversations, GUARD_NEW_TOKENS, batch_size, description="guard verdicts")
 
 
 def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) -> Callable[[list[str], list[str]], list[str]]:
@@ -66,12 +50,12 @@ def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) ->
     return run
 
 
-def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int) -> Judge:
+def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int, workspace: Path) -> Judge:
     if spec.judge == "refusal":
         return RefusalJudge(spec.markers, spec.add_markers)
     model = resolve_model(resolve(spec.model.path), spec.model.allow_pickle)
     if spec.judge == "guard":
-        return GuardJudge(_guard_generate(model.folder, device, batch_size))
+        return GuardJudge(_guard_generate(model.folder, device, batch_size, workspace))
     return ClassifierJudge(_classify(model.folder, device, batch_size, spec.harmful_label), spec.harmful_label)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -17,11 +16,22 @@ _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """peft's rule: a pattern key matches the end of the module name at a dot boundary."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """rank_pattern / alpha_pattern: peft's own key match (the end of the module name at a dot)."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key, default)
+
+
+def _read_config(folder: Path):
+    """adapter_config.json through peft, which knows its fields and their defaults."""
+    from peft import PeftConfig
+
+    path = folder / "adapter_config.json"
+    try:
+        return PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read adapter config: {exc}", str(path)) from None
 
 
 class LoraMergedSource(DerivedSource):
@@ -31,15 +41,12 @@ class LoraMergedSource(DerivedSource):
         super().__init__(base)
         self.base = base
         self.folder = Path(folder)
+        config = _read_config(self.folder)
         config_path = self.folder / "adapter_config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read adapter config: {exc}", str(config_path)) from None
-        peft_type = str(config.get("peft_type", "LORA")).upper()
+        peft_type = str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type).upper()
         if peft_type != "LORA":
             raise InputError(f"only LoRA adapters can be merged, this one is {peft_type}", str(config_path))
-        if config.get("use_dora"):
+        if config.use_dora:
             raise InputError("DoRA adapters are not supported yet; merge it with peft first", str(config_path))
         weights = self._open_weights(allow_pickle)
         self._deltas: dict[str, tuple[str, str, float]] = {}
@@ -59,16 +66,16 @@ class LoraMergedSource(DerivedSource):
         for module, pair in parts.items():
             if set(pair) != {"A", "B"}:
                 raise InputError(f"adapter module '{module}' lacks lora_A or lora_B", str(self.folder))
-            rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            rank = _pattern_value(config.rank_pattern or {}, module, config.r)
+            alpha = _pattern_value(config.alpha_pattern or {}, module, config.lora_alpha)
+            scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
             target = f"{module}.weight"
             out_features = weights.shape(pair["B"])[0]
             in_features = weights.shape(pair["A"])[1]
-            expected = (in_features, out_features) if config.get("fan_in_fan_out") else (out_features, in_features)
+            expected = (in_features, out_features) if config.fan_in_fan_out else (out_features, in_features)
             self._check_target(target, expected, pair["A"])
             self._deltas[target] = (pair["A"], pair["B"], scale)
-        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        self._fan_in_fan_out = bool(config.fan_in_fan_out)
         self._weights = weights
         if not self._deltas and not self._replaced:
             raise InputError("adapter holds no LoRA weights", str(self.folder))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +10,8 @@ from surgeon.errors import InputError
 from surgeon.io.adapter import LoraMergedSource
 from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorSource
 from surgeon.io.fingerprint import folder_fingerprint
+from surgeon.recipe.hub_ids import split_hub_reference
 
-_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -82,12 +81,12 @@ def _download(reference: str, allow_pickle: bool) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    match = _HUB_ID.match(reference)
+    repo, revision = split_hub_reference(reference)
     patterns = _HUB_FILES + (["*.bin"] if allow_pickle else [])
     try:
-        folder = Path(snapshot_download(match["repo"], revision=match["revision"], allow_patterns=patterns))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except RevisionNotFoundError:
-        raise InputError(f"revision '{match['revision']}' not found on the Hub", reference) from None
+        raise InputError(f"revision '{revision}' not found on the Hub", reference) from None
     except RepositoryNotFoundError:
         raise InputError("model not found on the Hub (or it is private and HF_TOKEN is not set)", reference) from None
     except LocalEntryNotFoundError:
@@ -134,7 +133,7 @@ def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedMode
     folder = Path(reference).expanduser()
     revision = None
     if not folder.exists():
-        if not _HUB_ID.match(reference):
+        if split_hub_reference(reference) is None:
             raise InputError("no such folder, and not a Hub id of the form org/name[@revision]", reference)
         folder, revision = _download(reference, allow_pickle)
     if not folder.is_dir():

@@ -34,23 +34,15 @@ class TensorEntry:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
-def plan_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
-    """Greedy, in order; a tensor larger than the budget gets a shard of its own."""
-    shards: list[list[TensorEntry]] = [[]]
-    used = 0
-    for entry in entries:
-        if shards[-1] and used + entry.nbytes > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += entry.nbytes
-    return shards
+def plan_shards(entries: list[TensorEntry], max_shard_bytes: int) -> dict[str, list[TensorEntry]]:
+    """Shard names (Hugging Face's) and their entries, by huggingface_hub's own rule (greedy in order; a tensor
+    larger than the budget gets a shard of its own), from shapes and dtypes alone."""
+    from huggingface_hub import split_state_dict_into_shards_factory
 
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    split = split_state_dict_into_shards_factory({e.name: e for e in entries}, get_storage_size=lambda e: e.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
+    by_name = {e.name: e for e in entries}
+    return {file: [by_name[name] for name in names] for file, names in split.filename_to_tensors.items()}
 
 
 def _header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -91,10 +83,10 @@ def write_sharded(
 ) -> list[str]:
     """Write every entry (fetched by `get_tensor`, in order) and the index; return shard names."""
     shards = plan_shards(entries, max_shard_bytes)
-    names = shard_names(len(shards))
+    names = list(shards)
     weight_map = {}
     with progress.task("writing shards", total=len(entries)) as task:
-        for shard_name, shard in zip(names, shards):
+        for shard_name, shard in shards.items():
             with open(folder / shard_name, "wb") as out:
                 out.write(_header(shard, {"format": "pt"}))
                 for entry in shard:

@@ -69,7 +69,7 @@ def _transient(error: BaseException | None) -> bool:
 
 def push(folder: Path, settings: Push, force: bool = False, progress: Progress = NullProgress(), backoff: float = 2.0) -> str:
     """Create the repo (private by default) and branch if missing, then commit every file at once."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     report_path = folder / "surgeon.json"
@@ -78,7 +78,7 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
     report = json.loads(report_path.read_text())
     if not force and (reasons := gate(report)):
         raise PushError(f"push refused: {'; '.join(reasons)}. Pass --force to publish anyway", str(folder))
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = sum(1 for p in folder.rglob("*") if p.is_file())
     message = settings.commit_message or f"surgeon {__version__}: safety-repaired model (recipe sha256 {report['recipe_sha256'][:12]})"
     api = HfApi()
     attempt = 0
@@ -88,13 +88,10 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
             api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
             if settings.branch != "main":
                 api.create_branch(settings.repo_id, branch=settings.branch, exist_ok=True)
-            operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
-            if settings.prune:
-                local = {op.path_in_repo for op in operations}
-                remote = api.list_repo_files(settings.repo_id, revision=settings.branch)
-                operations += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
-            progress.log(f"pushing {len(files)} files to {settings.repo_id}@{settings.branch} (attempt {attempt})")
-            info = api.create_commit(settings.repo_id, operations, commit_message=message, revision=settings.branch, create_pr=settings.create_pr)
+            progress.log(f"pushing {files} files to {settings.repo_id}@{settings.branch} (attempt {attempt})")
+            # one commit; with prune, its delete operations remove what the folder lacks (never .gitattributes)
+            info = api.upload_folder(repo_id=settings.repo_id, folder_path=folder, commit_message=message, revision=settings.branch,
+                                     create_pr=settings.create_pr, delete_patterns="*" if settings.prune else None)
             return info.pr_url or info.commit_url
         except Exception as error:  # classified below: transient ones are retried, the rest end the push
             if attempt < RETRIES and _transient(error):
