@@ -37,11 +37,18 @@ def top(selection: Selection, k: int) -> Selection:
 
 
 class StreamingTopK:
-    """Offer candidates tensor by tensor (in a fixed order); `result()` is the global top k."""
+    """Offer candidates tensor by tensor (in a fixed order); `result()` is the global top k.
+
+    Candidates pile up until there are 2k, then one partial selection (`torch.topk`) cuts them
+    back to k and raises a threshold: later candidates at or below it are dropped on arrival,
+    since k earlier ones already rank above them. One stable sort of at most 2k values at the end.
+    """
 
     def __init__(self, k: int):
         self.k = k
-        self._best = _empty()
+        self._parts: list[Selection] = []
+        self._size = 0
+        self._threshold: float | None = None
 
     def offer(self, tensor_id: int, values: torch.Tensor, indices: torch.Tensor) -> None:
         """values[i] is the score of flat entry indices[i] of tensor `tensor_id`; indices ascending."""
@@ -49,16 +56,29 @@ class StreamingTopK:
         indices = indices.cpu()
         if self.k <= 0 or values.numel() == 0:
             return
-        if values.numel() > self.k:
-            # Drop what cannot make the cut before sorting; ties at the cut are all kept.
-            cut = torch.topk(values, self.k, sorted=False).values.min()
-            keep = values >= cut
+        if self._threshold is not None:
+            keep = values > self._threshold
             values, indices = values[keep], indices[keep]
-        chunk = Selection(values, torch.full_like(indices, tensor_id), indices)
-        self._best = top(_concat(self._best, chunk), self.k)
+            if values.numel() == 0:
+                return
+        self._parts.append(Selection(values, torch.full_like(indices, tensor_id), indices))
+        self._size += values.numel()
+        if self._size > 2 * self.k:
+            self._cut()
+
+    def _cut(self) -> None:
+        """Keep the k best: everything above the k-th value, and its ties in offer order."""
+        pool = collect(self._parts)
+        cut = torch.topk(pool.values, self.k, sorted=False).values.min()
+        keep = pool.values > cut
+        ties = (pool.values == cut).nonzero().squeeze(1)[: self.k - int(keep.sum())]
+        keep[ties] = True
+        self._parts = [Selection(pool.values[keep], pool.tensor_ids[keep], pool.indices[keep])]
+        self._size = self.k
+        self._threshold = float(cut)
 
     def result(self) -> Selection:
-        return self._best
+        return top(collect(self._parts), self.k)
 
 
 def collect(parts: list[Selection]) -> Selection:
