@@ -108,6 +108,19 @@ def test_kl_is_zero_for_tuned_and_positive_for_base(llama, write_recipe, task_ev
     assert models["tuned"]["task_score"] == pytest.approx(0.0, abs=1e-6) and models["base"]["task_score"] > 0.01
 
 
+def test_eval_honours_the_recipes_max_memory(llama, write_recipe, monkeypatch):
+    """compute.max_memory means the same in surgeon eval as in surgeon run: a generation model offloads past it."""
+    from surgeon.evaluate import setup
+
+    budgets, real = [], setup.load_for_generation
+    monkeypatch.setattr(setup, "load_for_generation", lambda *args: budgets.append(args[4]) or real(*args))
+    recipe = write_recipe(*llama, compute={"device": "cpu", "max_memory": "3GiB"},
+                          evaluate={"safety": {"prompts": HARMFUL[:2], "max_new_tokens": 2}})
+    result = CliRunner().invoke(main, ["eval", "tuned", "--recipe", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    assert budgets == [3 * 2**30]
+
+
 def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
     safety = tmp_path / "safety.jsonl"
     safety.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))

@@ -297,6 +297,10 @@ class RestoreMethod:
     def run(self) -> RepairResult:
         s = self.settings
         result, masks, segment, done = self._resume() if self.state is not None and self.state.saved else self._start()
+        # the directions are known: inputs that only served them give their memory back
+        self.engine.release(self.harmful_on_base)
+        if s.rollback_mode == "never":
+            self.engine.release(self.task)
         while segment is not None:
             stopped = self._run_steps(masks, done + 1, s.warmup if segment == "warmup" else s.steps, segment, result)
             segment, done, masks = self._after_warmup(masks, result) if segment == "warmup" and not stopped else (None, 0, masks)
