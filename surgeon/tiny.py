@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from surgeon.engine.layout import DecoderStack
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -54,16 +56,26 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "starcoder2", "gpt_neox")
+
+
 def config_for(arch: str, vocab_size: int, layers: int = 6):
+    """A tiny config of a transformers family (model_type), random weights to come."""
+    from transformers import AutoConfig
+
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    if arch == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    if arch == "qwen2":
-        return Qwen2Config(**common, tie_word_embeddings=False)
-    if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, tie_word_embeddings=True)
-    raise ValueError(arch)
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    extra = {
+        "gemma2": dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+        "gemma3_text": dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=8, tie_word_embeddings=True),
+        "qwen3": dict(head_dim=8),
+        "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5),
+    }
+    model_type = "gemma3_text" if arch == "gemma3" else arch
+    if arch not in FAMILIES:
+        raise ValueError(arch)
+    settings = {**common, **extra.get(model_type, {})}
+    return AutoConfig.for_model(model_type, **{k: v for k, v in settings.items() if v is not None})
 
 
 def save(model, tokenizer, folder: Path, shard_size: str = "30KB") -> Path:
@@ -79,9 +91,10 @@ def make_pair(root: Path, arch: str = "llama", layers: int = 6, noise: float = 0
     tokenizer = build_tokenizer()
     model = AutoModelForCausalLM.from_config(config_for(arch, len(tokenizer), layers)).to(dtype)
     base = save(model, tokenizer, root / f"{arch}-base")
+    prefix = DecoderStack.of(model).prefix + "."
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.startswith("model.layers."):
+            if name.startswith(prefix):
                 param.add_(torch.randn_like(param) * noise)
     tuned = save(model, tokenizer, root / f"{arch}-tuned")
     return base, tuned

@@ -31,8 +31,15 @@ def _batches(tokenizer, prompts, batch_size):
 
 def _h(model, batch, layer):
     ids, mask, positions = batch
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
     return out.hidden_states[layer][:, -1, :]
+
+
+def _decoder_prefix(model) -> str:
+    """The name of the model's list of num_hidden_layers modules: its decoder layers."""
+    count = model.config.get_text_config().num_hidden_layers
+    (name,) = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return name + "."
 
 
 def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4):
@@ -43,8 +50,10 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
     base_params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
     params = dict(model.named_parameters())
     norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
-    scope = [n for n in params if n.startswith("model.layers.") and int(n.split(".")[2]) < layer and n.rsplit(".", 1)[0] not in norms]
-    total = sum(p.numel() for n, p in params.items() if n.startswith("model.layers."))
+    prefix = _decoder_prefix(model)
+    index = lambda n: int(n[len(prefix):].split(".")[0])
+    scope = [n for n in params if n.startswith(prefix) and index(n) < layer and n.rsplit(".", 1)[0] not in norms]
+    total = sum(p.numel() for n, p in params.items() if n.startswith(prefix))
     k = math.ceil(sparsity * total)
     H, T = _batches(tokenizer, harmful, batch_size), _batches(tokenizer, task, batch_size)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from surgeon.engine.masks import MaskSet
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
-from surgeon.tiny import HARMFUL, TASK
+from surgeon.tiny import FAMILIES, HARMFUL, TASK
 from tests.reference import reference_repair
 
 
@@ -21,7 +21,7 @@ def _tensors(folder):
     return tensors
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("mode", ["never", "always"])
 def test_streaming_run_matches_reference(model_pairs, write_recipe, tmp_path, arch, mode):
     base, tuned = model_pairs[arch]
@@ -64,7 +64,7 @@ def test_spilling_to_disk_gives_the_same_masks(llama, write_recipe, tmp_path):
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_neox"])
 def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, arch):
     """Teacher-forced answer NLL through the layered engine vs the model's own full forward."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -116,3 +116,22 @@ def test_output_dtype_casts_every_float_tensor_and_says_so_in_the_config(llama, 
     out = _tensors(tmp_path / "repaired")
     assert {v.dtype for v in out.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "repaired" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("model_type, experts", [("mixtral", {"num_local_experts": 4}), ("qwen3_moe", {"num_experts": 4, "moe_intermediate_size": 16})])
+def test_a_family_that_fuses_its_experts_on_loading_stops_with_one_line(tmp_path, write_recipe, model_type, experts):
+    """transformers fuses these experts into 3-D parameters when it loads them; surgeon says it
+    cannot repair that yet, naming the architecture and a tensor, instead of failing deep inside."""
+    from click.testing import CliRunner
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from surgeon.cli import main
+    from surgeon.tiny import build_tokenizer, save
+
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **experts)
+    folder = save(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / model_type)
+    result = CliRunner().invoke(main, ["run", str(write_recipe(folder, folder)), "-q"])
+    assert result.exit_code == 2 and "cannot repair this architecture yet" in result.output, result.output
+    assert "ForCausalLM converts checkpoint tensor 'model.layers.0." in result.output and len(result.output.strip().splitlines()) == 1

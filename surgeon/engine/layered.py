@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from surgeon.data.batches import Batch
 from surgeon.engine.allocator import release_free_memory
-from surgeon.engine.layout import ModelLayout, build_skeleton
+from surgeon.engine.layout import DecoderStack, ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource, check_finite
@@ -84,10 +84,13 @@ class LayeredModel:
         self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
         self.skeleton = build_skeleton(config)
         self.layout = ModelLayout.from_checkpoint(tuned.names(), {n: tuned.shape(n) for n in tuned.names()}, self.skeleton)
+        self.stack = DecoderStack.of(self.skeleton)
         for name, buffer in list(self.skeleton.named_buffers()):
             if buffer.device.type != "meta":
                 set_module_tensor_to_device(self.skeleton, name, self.device)
-        self.embedding_name = next(n for n, p in self.skeleton.named_parameters() if p is self.skeleton.get_input_embeddings().weight)
+        # the checkpoint's names for the parameters read outside the layers (the engine speaks checkpoint names)
+        embedding = next(n for n, p in self.skeleton.named_parameters() if p is self.skeleton.get_input_embeddings().weight)
+        self.embedding_name = self.layout.checkpoint_name(embedding)
         self.materialized_layers = 0
         self.max_materialized_layers = 0
         self._tags = itertools.count()
@@ -95,10 +98,11 @@ class LayeredModel:
     # -- weights ---------------------------------------------------------------------------
 
     def _set(self, name: str, value: torch.Tensor | None) -> None:
+        parameter = self.layout.parameter_of.get(name, name)
         if value is None:
-            set_module_tensor_to_device(self.skeleton, name, "meta")
+            set_module_tensor_to_device(self.skeleton, parameter, "meta")
         else:
-            set_module_tensor_to_device(self.skeleton, name, self.device, value=value, dtype=self.dtype)
+            set_module_tensor_to_device(self.skeleton, parameter, self.device, value=value, dtype=self.dtype)
 
     def _weight(self, name: str, plan: Plan, raw: LayerTensors | None) -> torch.Tensor:
         if plan == BASE:
@@ -120,7 +124,7 @@ class LayeredModel:
         try:
             for name in names:
                 self._set(name, self._weight(name, plan, raw if keep_raw else None))
-            yield self.skeleton.model.layers[index], raw
+            yield self.stack.layers[index], raw
         finally:
             for name in names:
                 self._set(name, None)
@@ -128,7 +132,7 @@ class LayeredModel:
             release_free_memory()
 
     def parameter(self, name: str) -> torch.nn.Parameter:
-        return self.skeleton.get_parameter(name)
+        return self.skeleton.get_parameter(self.layout.parameter_of.get(name, name))
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -136,17 +140,18 @@ class LayeredModel:
         """Embed each batch with `embeddings` (BASE or TUNED) and capture each layer's arguments."""
         source = self.base if embeddings == BASE else self.tuned
         prepared = PreparedInputs(f"inputs{next(self._tags)}", batches, [])
-        real_layers = self.skeleton.model.layers
+        owner, attribute = self.stack.owner, self.stack.attribute
+        real_layers = self.stack.layers
         self._set(self.embedding_name, source.get(self.embedding_name))
         try:
             for index, batch in enumerate(batches):
                 records: list = []
-                self.skeleton.model.layers = torch.nn.ModuleList(
+                setattr(owner, attribute, torch.nn.ModuleList(
                     [_RecordingLayer(i, num_layers - 1, records) for i in range(len(real_layers))]
-                )
+                ))
                 try:
                     with torch.no_grad():
-                        self.skeleton.model(
+                        owner(
                             input_ids=batch.input_ids.to(self.device),
                             attention_mask=batch.attention_mask.to(self.device),
                             position_ids=batch.position_ids.to(self.device),
@@ -157,7 +162,7 @@ class LayeredModel:
                 self.store.put(prepared.input_key(index), records[0][0])
                 prepared.layer_arguments.append([(args, kwargs) for _, args, kwargs in records])
         finally:
-            self.skeleton.model.layers = real_layers
+            setattr(owner, attribute, real_layers)
             self._set(self.embedding_name, None)
         return prepared
 
@@ -203,11 +208,13 @@ class LayeredModel:
 
     @contextmanager
     def output_head(self, plan: Plan = TUNED) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """Final norm and lm_head (tied to the embedding when the checkpoint has none): base's for
+        """Final norm and output head (tied to the embedding when the checkpoint has none): base's for
         the base model, tuned's otherwise (they are never repaired)."""
         source = self.base if plan == BASE else self.tuned
-        norm_names = [f"model.norm.{n}" for n, _ in self.skeleton.model.norm.named_parameters()]
-        head_source = "lm_head.weight" if "lm_head.weight" in source.names() else self.embedding_name
+        norm = self.skeleton.get_submodule(self.stack.norm)
+        norm_names = [self.layout.checkpoint_name(f"{self.stack.norm}.{n}") for n, _ in norm.named_parameters()]
+        head_name = self.layout.checkpoint_name(next(f"{n}.weight" for n, m in self.skeleton.named_modules() if m is self.skeleton.get_output_embeddings()))
+        head_source = head_name if head_name in source.names() else self.embedding_name  # tied heads are not saved
         head = torch.nn.Linear(self.config.hidden_size, source.shape(head_source)[0], bias=False, device=self.device, dtype=self.dtype)
         head.weight.data = source.get(head_source).to(self.device, self.dtype)
         softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -215,7 +222,7 @@ class LayeredModel:
             self._set(name, source.get(name))
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
-            out = head(self.skeleton.model.norm(hidden))
+            out = head(norm(hidden))
             return torch.tanh(out / softcap) * softcap if softcap else out
 
         try:

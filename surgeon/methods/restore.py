@@ -6,7 +6,6 @@ State is a MaskSet: theta = where(mask, base, tuned) for each in-scope tensor.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -323,16 +322,13 @@ def _result_from(record: dict, workdir: Path) -> RepairResult:
 
 # -- As a registered method: built from the run context, returns a Repair -------------------
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+?)(?:\.weight|\.bias)?$")
-
-
-def restored_breakdown(masks: MaskSet) -> dict:
+def restored_breakdown(masks: MaskSet, layout) -> dict:
     by_layer, by_module = Counter(), Counter()
     for name in masks.names():
         count = masks.count(name)
-        match = _LAYER.match(name)
-        by_layer[int(match[1])] += count
-        by_module[match[2]] += count
+        index, inside = layout.layer_of(name)
+        by_layer[index] += count
+        by_module[inside.removesuffix(".weight").removesuffix(".bias")] += count
     return {"by_layer": dict(sorted(by_layer.items())), "by_module": dict(sorted(by_module.items()))}
 
 
@@ -382,7 +378,7 @@ class RestoreRun:
             changed={"tensors": sum(1 for n in masks.names() if masks.count(n)), "parameters": restored, "share_of_N": restored / N},
             masks=masks, masks_metadata={"step": str(chosen.step)},
             record={
-                "restored": {"total": restored, "share_of_N": restored / N, **restored_breakdown(masks)},
+                "restored": {"total": restored, "share_of_N": restored / N, **restored_breakdown(masks, layout)},
                 "steps": [asdict(step) for step in result.steps],
                 "task": {
                     "tuned": result.tuned_score, "tuned_harmful_rate": result.tuned_harm, "floor": result.floor,
