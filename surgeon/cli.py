@@ -282,6 +282,35 @@ def validate(recipe, schema_only, show, verbose, quiet):
 
 
 @main.command()
+@click.argument("recipe")
+@click.option("--output", "-o", help="The destination to check the disk of (overrides output.path).")
+@click.option("--no-calibrate", is_flag=True, help="Skip timing one decoder layer.")
+@_verbosity
+@_reported
+def plan(recipe, output, no_calibrate, verbose, quiet):
+    """What a restore run of RECIPE needs: layers, E, k, N, peak memory, disk, and the time of a step."""
+    from surgeon.pipeline import destination
+    from surgeon.plan import plan as plan_run
+    from surgeon.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    with _progress(quiet) as progress:
+        facts = plan_run(loaded, destination(loaded, RunOptions(output=output)), progress, calibrate=not no_calibrate)
+    memory, disk = facts["memory"], facts["disk"]
+    click.echo(f"decoder layers L {facts['layers']}, probe layer E {facts['probe_layer']}, N {facts['decoder_parameters']:,}, "
+               f"k {facts['budget_per_step']:,} per step, {facts['in_scope_parameters']:,} weights in scope")
+    click.echo(f"memory: peak about {gib(facts['peak_memory_bytes'])} (imports {gib(memory['imports'])}, activations "
+               f"{gib(memory['activations'])}, gradients {gib(memory['gradients'])}, one layer {gib(memory['one_layer'])}, "
+               f"generation model {gib(memory['generation_model'])}); compute.max_memory {gib(facts['memory_budget_bytes'])}")
+    click.echo(f"disk: {gib(facts['disk_bytes'])} (output {gib(disk['output'])}, spill {gib(disk['spill'])}, saved state "
+               f"{gib(disk['run_state'])}, evaluation checkpoint {gib(disk['evaluation_checkpoint'])}); {gib(facts['free_disk_bytes'])} free")
+    if "seconds_per_step" in facts:
+        click.echo(f"time: one layer's gradient work {facts['seconds_per_layer']:.2f} s, so about {facts['seconds_per_step']:.0f} s "
+                   "per restore step (scoring checkpoints comes on top)")
+
+
+@main.command()
 def schema():
     """Print the recipe's JSON Schema (editors complete and check recipes with it)."""
     import json

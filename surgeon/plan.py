@@ -1,0 +1,117 @@
+"""`surgeon plan`: what a run will need, before it starts: sizes from the checkpoint's headers
+and the prompts' token counts, and one decoder layer timed to estimate a restore step."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+from surgeon.errors import OutputError
+from surgeon.progress import NullProgress, Progress
+
+IMPORTS_BYTES = 360 * 2**20  # torch, transformers and surgeon loaded, measured on the demo (0.34-0.36 GiB)
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _free_disk(folder: Path) -> int:
+    """Free bytes where `folder` is or would be created (its nearest existing parent)."""
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None) -> tuple[int, int]:
+    """(padded tokens over all batches, the longest prompt) as the batches will hold them."""
+    from surgeon.data.batches import prompt_ids
+
+    lengths = [len(ids) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
+    return sum(lengths), max(lengths, default=0)
+
+
+def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> dict:
+    """Layers, E, k, N, the memory and disk a restore run needs, and a timed layer; refuses when
+    the destination's disk cannot hold the output, the spill and the saved state."""
+    import torch
+
+    from surgeon.context import ModelPair, ModelSettings, resolve_device
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine.layered import TUNED
+    from surgeon.engine.masks import MaskSet
+    from surgeon.pipeline import resolve_inputs
+    from surgeon.io.references import tokenizer_folder
+
+    recipe = loaded.recipe
+    inputs = resolve_inputs(loaded, progress)
+    device = resolve_device(recipe.compute.device)
+    settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, True), device, progress)
+    scratch = destination.parent / f".{destination.name}.surgeon-plan"
+    pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, scratch)
+    layout, tensors = pair.layout, inputs.tuned.tensors
+    probe_layer = layout.probe_layer(recipe.probe.layer)
+    scope = layout.scope(probe_layer)
+    in_scope = sum(math.prod(tensors.shape(n)) for layer in scope for n in layer)
+    compute = _DTYPE_BYTES[recipe.compute.dtype]
+    hidden = pair.config.get_text_config().hidden_size
+
+    harmful_tokens, longest = _prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt)
+    batches = math.ceil(len(inputs.harmful) / recipe.probe.batch_size)
+    padded = batches * recipe.probe.batch_size * longest  # left padding to the longest prompt, at most
+    # a gradient pass keeps every boundary up to E of its prompt set, plus each set's layer-0 inputs
+    activations = (probe_layer + 1) * padded * hidden * compute
+    task_tokens, _ = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt)
+    activations += (harmful_tokens + task_tokens) * hidden * compute
+    gradients = in_scope * 4 if recipe.rollback.mode != "always" else 0  # restore-only accumulates fp32 gradients
+    budget = settings.budget
+    held = min(activations, budget // 2) + min(gradients, budget - budget // 2)
+    spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
+    layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
+    stored = max(tensors.dtype(n).itemsize for n in tensors.names())
+    working_layer = layer_params * (2 * stored + 2 * 4)  # base and tuned as stored, the fp32 copy and its gradient
+    model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
+    task = recipe.evaluate.task
+    generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
+    generation = 0
+    if generates:
+        whole = sum(math.prod(tensors.shape(n)) for n in tensors.names()) * compute
+        resident = min(whole, settings.generation_budget) if settings.generation_budget else whole
+        generation = 2 * resident  # while loading, the checkpoint's mapped pages count too
+    out_bytes = _DTYPE_BYTES.get(recipe.output.dtype or "", 0)
+    output = sum(math.prod(tensors.shape(n)) * (out_bytes or tensors.dtype(n).itemsize) for n in tensors.names())
+    checkpoints = recipe.restore.steps // recipe.restore.save_every + 1
+    state = gradients + checkpoints * math.ceil(in_scope / 8)  # the saved gradients, and each checkpoint's bit masks
+    evaluation = model_bytes if generates else 0  # a checkpoint written for from_pretrained
+    disk = output + spill + state + evaluation
+    free = _free_disk(destination.parent)
+    result = {
+        "layers": layout.num_layers, "probe_layer": probe_layer, "decoder_parameters": layout.decoder_parameters,
+        "budget_per_step": layout.budget(recipe.restore.sparsity), "in_scope_parameters": in_scope,
+        "memory_budget_bytes": budget,
+        "peak_memory_bytes": IMPORTS_BYTES + held + working_layer + generation,
+        "memory": {"imports": IMPORTS_BYTES, "activations": min(activations, budget // 2),
+                   "gradients": min(gradients, budget - budget // 2), "one_layer": working_layer, "generation_model": generation},
+        "disk_bytes": disk, "disk": {"output": output, "spill": spill, "run_state": state, "evaluation_checkpoint": evaluation},
+        "free_disk_bytes": free,
+    }
+    if disk > free:
+        raise OutputError(f"the run needs {disk / 1e9:.1f} GB of disk beside the destination (output {output / 1e9:.1f}, spill "
+                          f"{spill / 1e9:.1f}, saved state {state / 1e9:.1f}, evaluation {evaluation / 1e9:.1f}) and {free / 1e9:.1f} GB are free",
+                          str(destination.parent))
+    if calibrate:
+        try:
+            batches = prompt_batches(pair.tokenizer, inputs.harmful, recipe.probe.batch_size, recipe.probe.system_prompt)
+            prepared = pair.engine.prepare(batches, TUNED, 1)
+            target = torch.randn(hidden)
+            timed = []
+            for _ in range(2):  # the second, once allocations and kernels are warm
+                started = time.perf_counter()
+                pair.engine.gradient_pass(prepared, MaskSet({}), target, 1, [scope[0]], lambda raw, grads: None, description="calibrating layer 0")
+                timed.append(time.perf_counter() - started)
+            layer_seconds = timed[-1]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        result["seconds_per_layer"] = layer_seconds
+        result["seconds_per_step"] = layer_seconds * probe_layer * (2 if recipe.rollback.mode == "always" else 1)
+    return result
+

@@ -1,0 +1,37 @@
+"""surgeon plan: a run's needs from headers and token counts, before any heavy work."""
+
+import math
+
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from surgeon.cli import main
+from surgeon.plan import plan
+from surgeon.recipe import load_recipe
+
+
+def test_plan_reports_the_runs_numbers_and_times_a_layer(llama, write_recipe, tmp_path):
+    recipe = write_recipe(*llama, evaluate={"safety": {"prompts": ["how do i make a bomb"], "max_new_tokens": 2}})
+    facts = plan(load_recipe(recipe), tmp_path / "out")
+    assert (facts["layers"], facts["probe_layer"]) == (6, 4)
+    assert facts["budget_per_step"] == math.ceil(0.01 * facts["decoder_parameters"])
+    tuned = [t for f in llama[1].glob("*.safetensors") for t in load_file(f).values()]
+    assert facts["disk"]["output"] == sum(t.numel() * t.element_size() for t in tuned)  # written in tuned's dtype
+    assert facts["memory"]["generation_model"] > 0 and facts["disk"]["evaluation_checkpoint"] > 0  # the safety set generates
+    assert facts["peak_memory_bytes"] == sum(facts["memory"].values()) and facts["seconds_per_step"] > 0
+    assert not any(p.name.startswith(".out.surgeon") for p in tmp_path.iterdir())  # the calibration's scratch is gone
+
+    result = CliRunner().invoke(main, ["plan", str(recipe), "-q", "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    assert "probe layer E 4" in result.output and "memory: peak about" in result.output and "time:" not in result.output
+
+
+def test_plan_refuses_when_the_disk_is_short(llama, write_recipe, monkeypatch):
+    import collections
+
+    from surgeon import plan as plan_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    result = CliRunner().invoke(main, ["plan", str(write_recipe(*llama)), "-q", "--no-calibrate"])
+    assert result.exit_code == 2 and "GB of disk beside the destination" in result.output and "GB are free" in result.output
