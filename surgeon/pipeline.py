@@ -40,16 +40,24 @@ def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_
         raise InputError(exc.message, f"{field_name}: {exc.where}") from None
 
 
+def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
+    """A recipe's model reference resolved; an error names the recipe field too."""
+    try:
+        return resolve_model(loaded.resolve(spec.path, may_be_hub_id=True), spec.allow_pickle, base=base)
+    except InputError as exc:
+        raise type(exc)(exc.message, f"{field_name}: {exc.where}") from None
+
+
 def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> Inputs:
     """Models, adapters and datasets of a recipe, checked against each other from headers only."""
     recipe = loaded.recipe
     progress.log("resolving models and data")
-    base = resolve_model(loaded.resolve(recipe.base.path, may_be_hub_id=True), recipe.base.allow_pickle)
-    tuned = resolve_model(loaded.resolve(recipe.tuned.path, may_be_hub_id=True), recipe.tuned.allow_pickle, base=base)
+    base = _model(loaded, recipe.base, "base")
+    tuned = _model(loaded, recipe.tuned, "tuned", base)
     check_compatible(base, tuned)
     unaligned = None
     if recipe.unaligned is not None:
-        unaligned = resolve_model(loaded.resolve(recipe.unaligned.path, may_be_hub_id=True), recipe.unaligned.allow_pickle, base=base)
+        unaligned = _model(loaded, recipe.unaligned, "unaligned", base)
         check_compatible(base, unaligned)
     evaluation = _task_rows(loaded, recipe.evaluate.task)
     safety = _prompts(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None

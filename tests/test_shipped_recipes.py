@@ -91,3 +91,11 @@ def test_bad_extends_is_one_line(tmp_path, text, message):
     (tmp_path / "loop.yaml").write_text(text)
     result = CliRunner().invoke(main, ["validate", "--schema-only", str(tmp_path / "loop.yaml")])
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_placeholder_left_in_place_is_named_with_its_field(llama, tmp_path):
+    """A user who extends a shipped recipe and forgets `tuned` is told which field still holds the placeholder."""
+    recipe = tmp_path / "forgot.yaml"
+    recipe.write_text(f"extends: smollm2-1.7b-instruct\nbase: {llama[0]}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 2 and "(tuned: " in result.output and "your-fine-tune" in result.output, result.output
