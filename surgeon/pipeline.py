@@ -136,7 +136,16 @@ def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
     tensors = inputs.tuned.tensors
     config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
     layout = ModelLayout.from_checkpoint(tensors.names(), {n: tensors.shape(n) for n in tensors.names()}, build_skeleton(config))
-    recipe = loaded.recipe
+    return {
+        **layout_facts(loaded.recipe, layout, tensors),
+        "harmful_prompts": len(inputs.harmful),
+        "task_prompts": len(inputs.task),
+        "evaluation_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
+    }
+
+
+def layout_facts(recipe: Recipe, layout, tensors) -> dict:
+    """L, E, N, k and the weights in scope, as `surgeon validate` and `surgeon plan` print them."""
     probe_layer = layout.probe_layer(recipe.probe.layer)
     return {
         "layers": layout.num_layers,
@@ -144,9 +153,6 @@ def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
         "decoder_parameters": layout.decoder_parameters,
         "budget_per_step": layout.budget(recipe.restore.sparsity),
         "in_scope_parameters": sum(math.prod(tensors.shape(n)) for layer in layout.scope(probe_layer) for n in layer),
-        "harmful_prompts": len(inputs.harmful),
-        "task_prompts": len(inputs.task),
-        "evaluation_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
     }
 
 
@@ -192,7 +198,8 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
             with timer.phase("evaluate"):
                 evaluation = _final_evaluation(context, repair, output.temporary)
         layout = pair.layout
-        stores = [pair.activations, *context.stores] if "activations" in pair.__dict__ else context.stores
+        activations = pair.__dict__.get("activations")  # built only if a pass or a streamed metric ran
+        stores = [s for s in (activations, *context.stores) if s is not None]
         report = build_report(
             method=spec.name, recipe_sha256=loaded.sha256, inputs=described,
             settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype},
@@ -200,7 +207,7 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
             extra={"output": {"shards": shards, "folder": output.destination.name},
                    "evaluation": evaluation,
                    "memory": {"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
-                              "activations_peak_bytes": pair.activations.peak_bytes if "activations" in pair.__dict__ else 0,
+                              "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
                               "spilled_bytes": sum(store.spilled_bytes for store in stores)}},
         )
         _write_records(output.temporary, report, loaded, inputs.tuned)

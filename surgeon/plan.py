@@ -39,7 +39,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     from surgeon.data.batches import prompt_batches
     from surgeon.engine.layered import TUNED
     from surgeon.engine.masks import MaskSet
-    from surgeon.pipeline import resolve_inputs
+    from surgeon.pipeline import layout_facts, resolve_inputs
     from surgeon.io.references import tokenizer_folder
 
     recipe = loaded.recipe
@@ -49,9 +49,9 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     scratch = destination.parent / f".{destination.name}.surgeon-plan"
     pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, scratch)
     layout, tensors = pair.layout, inputs.tuned.tensors
-    probe_layer = layout.probe_layer(recipe.probe.layer)
+    facts = layout_facts(recipe, layout, tensors)
+    probe_layer, in_scope = facts["probe_layer"], facts["in_scope_parameters"]
     scope = layout.scope(probe_layer)
-    in_scope = sum(math.prod(tensors.shape(n)) for layer in scope for n in layer)
     compute = _DTYPE_BYTES[recipe.compute.dtype]
     hidden = pair.config.get_text_config().hidden_size
 
@@ -85,8 +85,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     disk = output + spill + state + evaluation
     free = _free_disk(destination.parent)
     result = {
-        "layers": layout.num_layers, "probe_layer": probe_layer, "decoder_parameters": layout.decoder_parameters,
-        "budget_per_step": layout.budget(recipe.restore.sparsity), "in_scope_parameters": in_scope,
+        **facts,
         "memory_budget_bytes": budget,
         "peak_memory_bytes": IMPORTS_BYTES + held + working_layer + generation,
         "memory": {"imports": IMPORTS_BYTES, "activations": min(activations, budget // 2),
