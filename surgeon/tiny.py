@@ -56,7 +56,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "starcoder2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "starcoder2", "gpt_neox", "mixtral", "qwen3_moe")
 
 
 def config_for(arch: str, vocab_size: int, layers: int = 6):
@@ -70,6 +70,9 @@ def config_for(arch: str, vocab_size: int, layers: int = 6):
         "gemma3_text": dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=8, tie_word_embeddings=True),
         "qwen3": dict(head_dim=8),
         "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5),
+        # mixture of experts: saved one tensor per expert, fused into 3-D parameters when loaded
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     }
     model_type = "gemma3_text" if arch == "gemma3" else arch
     if arch not in FAMILIES:

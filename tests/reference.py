@@ -11,6 +11,7 @@ import math
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.core_model_loading import revert_weight_conversion
 
 
 def _batches(tokenizer, prompts, batch_size):
@@ -43,7 +44,8 @@ def _decoder_prefix(model) -> str:
 
 
 def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4):
-    """Masks after `steps` steps: restore-only with accumulated gradients, or restore+rollback."""
+    """Masks after `steps` steps (restore-only with accumulated gradients, or restore+rollback),
+    named as the checkpoint names them: transformers' saving rules split fused parameters back."""
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     base, tuned, model = load(base_dir), load(tuned_dir), load(tuned_dir)
@@ -103,4 +105,4 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
                 n, i = picks[j]
                 masks[n].view(-1)[i] = False
             model.zero_grad(set_to_none=True)
-    return masks, k
+    return revert_weight_conversion(model, masks), k

@@ -118,20 +118,25 @@ def test_output_dtype_casts_every_float_tensor_and_says_so_in_the_config(llama, 
     assert json.loads((tmp_path / "repaired" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize("model_type, experts", [("mixtral", {"num_local_experts": 4}), ("qwen3_moe", {"num_experts": 4, "moe_intermediate_size": 16})])
-def test_a_family_that_fuses_its_experts_on_loading_stops_with_one_line(tmp_path, write_recipe, model_type, experts):
-    """transformers fuses these experts into 3-D parameters when it loads them; surgeon says it
-    cannot repair that yet, naming the architecture and a tensor, instead of failing deep inside."""
+def test_experts_are_restored_in_checkpoint_names_and_a_missing_expert_is_one_line(model_pairs, write_recipe, tmp_path):
+    """Mixtral keeps one tensor per expert on disk and fuses them into 3-D parameters when it
+    loads: masks and output speak the checkpoint's per-expert names; a checkpoint with fewer
+    experts than config.json declares stops before any work, naming the fused parameter."""
+    import shutil
+
     from click.testing import CliRunner
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from surgeon.cli import main
-    from surgeon.tiny import build_tokenizer, save
 
-    tokenizer = build_tokenizer()
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **experts)
-    folder = save(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / model_type)
-    result = CliRunner().invoke(main, ["run", str(write_recipe(folder, folder)), "-q"])
-    assert result.exit_code == 2 and "cannot repair this architecture yet" in result.output, result.output
-    assert "ForCausalLM converts checkpoint tensor 'model.layers.0." in result.output and len(result.output.strip().splitlines()) == 1
+    base, tuned = model_pairs["mixtral"]
+    run(load_recipe(write_recipe(base, tuned)))
+    names = MaskSet.load(tmp_path / "repaired" / "masks.safetensors").names()
+    assert any(".block_sparse_moe.experts.3.w1.weight" in n for n in names) and not any("gate_up_proj" in n for n in names)
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tuned, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
+    result = CliRunner().invoke(main, ["run", str(write_recipe(base, wrong, name="wrong.yaml", output={"path": str(tmp_path / "out")})), "-q"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "give shape (4, 96, 32), the model that config.json describes has (5, 96, 32)" in result.output, result.output

@@ -54,27 +54,79 @@ class DecoderStack:
         return getattr(self.owner, self.attribute)
 
 
-def parameter_names(skeleton: torch.nn.Module, names: list[str]) -> dict[str, str]:
+@dataclass(frozen=True)
+class Fusion:
+    """A parameter transformers builds from several checkpoint tensors when it loads them (the
+    experts of mixture-of-experts families, stacked and concatenated into one 3-D parameter).
+    It is fused by the converter's own operations and split back by their reverse, as
+    transformers does to load and to save, so everything else speaks checkpoint names."""
+
+    parameter: str
+    converter: object  # transformers' WeightConverter for this parameter
+    groups: tuple[tuple[str, tuple[str, ...]], ...]  # (the converter's source pattern, checkpoint names in loading order)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(name for _, names in self.groups for name in names)
+
+    def _apply(self, converter, collected: dict, model) -> dict:
+        for operation in converter.operations:
+            collected = operation.convert(collected, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns,
+                                          full_layer_name=self.parameter, model=model, config=getattr(model, "config", None))
+        return collected
+
+    def fuse(self, tensors: dict[str, torch.Tensor], model=None) -> torch.Tensor:
+        """The parameter from its checkpoint tensors (by name)."""
+        (fused,) = self._apply(self.converter, {pattern: [tensors[n] for n in names] for pattern, names in self.groups}, model).values()
+        return fused
+
+    def split(self, tensor: torch.Tensor, model=None) -> dict[str, torch.Tensor]:
+        """A tensor shaped like the parameter (its gradient, say) as checkpoint tensors, by name."""
+        reverse = self.converter.reverse_transform()
+        pieces = self._apply(reverse, {reverse.source_patterns[0]: tensor}, model)
+        return {name: pieces[target.replace("*", str(i))]
+                for (_, names), target in zip(self.groups, reverse.target_patterns) for i, name in enumerate(names)}
+
+
+def parameter_names(skeleton: torch.nn.Module, names: list[str], shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], dict[str, Fusion]]:
     """Checkpoint tensor name -> the model's parameter name, by transformers' own loading rules
-    (renamings such as GPT-NeoX's `embed_out` -> `lm_head`). Tensors that transformers converts
-    (fuses or splits) when loading stop with an error naming the architecture."""
+    (renamings such as GPT-NeoX's `embed_out` -> `lm_head`), and the parameters transformers
+    fuses from several checkpoint tensors. A conversion that is not many-to-one (one checkpoint
+    tensor split into several parameters) stops with an error naming the architecture."""
     from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_model_conversion_mapping
-    from transformers.core_model_loading import rename_source_key
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
 
     transforms = get_model_conversion_mapping(skeleton)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     meta = skeleton.state_dict()
-    mapping = {}
-    for name in names:
-        target, converter = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, meta)
-        if converter is not None:
-            raise IncompatibleModelsError(
-                f"{type(skeleton).__name__} converts checkpoint tensor '{name}' when it loads (fused or split weights, as in "
-                "mixture-of-experts families); surgeon cannot repair this architecture yet"
-            )
+    mapping: dict[str, str] = {}
+    collected: dict[str, dict[str, list[str]]] = {}
+    for name in sorted(names, key=dot_natural_key):
+        target, pattern = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, meta)
         mapping[name] = target
-    return mapping
+        if pattern is not None:
+            if len(by_pattern[pattern].target_patterns) != 1:
+                raise IncompatibleModelsError(
+                    f"{type(skeleton).__name__} splits checkpoint tensor '{name}' into several parameters when it loads; "
+                    "surgeon cannot repair this architecture yet"
+                )
+            collected.setdefault(target, {}).setdefault(pattern, []).append(name)
+    fusions = {}
+    for parameter, groups in collected.items():
+        converter = by_pattern[next(iter(groups))]
+        ordered = tuple((pattern, tuple(groups.get(pattern, ()))) for pattern in converter.source_patterns)
+        fusion = Fusion(parameter, converter, ordered)
+        fused = fusion.fuse({n: torch.empty(shapes[n], device="meta") for n in fusion.sources}, skeleton)
+        expected = tuple(skeleton.get_parameter(parameter).shape)
+        if tuple(fused.shape) != expected:
+            raise IncompatibleModelsError(
+                f"the checkpoint's {len(fusion.sources)} tensors that form '{parameter}' (e.g. '{fusion.sources[0]}') give shape "
+                f"{tuple(fused.shape)}, the model that config.json describes has {expected}"
+            )
+        fusions[parameter] = fusion
+    return {name: mapping[name] for name in names}, fusions
 
 
 @dataclass(frozen=True)
@@ -87,6 +139,7 @@ class ModelLayout:
     decoder_parameters: int
     layer_prefix: str  # "model.layers" for most families, "gpt_neox.layers", "transformer.h", ...
     parameter_of: dict  # checkpoint name -> parameter name (the same for almost every tensor)
+    fusions: dict  # parameter -> Fusion, for parameters built from several checkpoint tensors
 
     @classmethod
     def from_checkpoint(cls, names: list[str], shapes: dict[str, tuple[int, ...]], skeleton: torch.nn.Module) -> "ModelLayout":
@@ -95,7 +148,7 @@ class ModelLayout:
         pattern = re.compile(rf"^{re.escape(stack.prefix)}\.(\d+)\.(.+)$")
         grouped: list[list[str]] = [[] for _ in range(num_layers)]
         norms = set()
-        parameter_of = parameter_names(skeleton, names)
+        parameter_of, fusions = parameter_names(skeleton, names, shapes)
         for name in names:
             parameter = parameter_of[name]
             match = pattern.match(parameter)
@@ -118,19 +171,33 @@ class ModelLayout:
             if missing := sorted(expected - {parameter_of[n] for n in tensors}):
                 raise IncompatibleModelsError(f"checkpoint lacks {len(missing)} tensor(s) of decoder layer {index}, e.g. '{missing[0]}'")
         total = sum(math.prod(shapes[n]) for layer in grouped for n in layer)
-        return cls(num_layers, tuple(tuple(layer) for layer in grouped), frozenset(norms), total, stack.prefix, parameter_of)
+        return cls(num_layers, tuple(tuple(layer) for layer in grouped), frozenset(norms), total, stack.prefix, parameter_of, fusions)
+
+    def layer_parameters(self, index: int) -> list[tuple[str, tuple[str, ...]]]:
+        """Decoder layer `index` as (parameter, its checkpoint tensors): one tensor for most
+        parameters, the experts' tensors in the order transformers fuses them otherwise."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name in self.layer_tensors[index]:
+            parameter = self.parameter_of.get(name, name)
+            if parameter not in out:
+                out[parameter] = self.fusions[parameter].sources if parameter in self.fusions else (name,)
+        return list(out.items())
 
     def checkpoint_name(self, parameter: str) -> str:
         """The checkpoint's name for a parameter of the model (itself when nothing renames it)."""
         return next((name for name, p in self.parameter_of.items() if p == parameter), parameter)
 
     def layer_of(self, name: str) -> tuple[int, str] | None:
-        """(decoder layer, the parameter's name within the layer) of a checkpoint tensor, or None outside the layers."""
+        """(decoder layer, the tensor's checkpoint name within the layer) of a checkpoint tensor, or None outside the layers."""
         head, parameter = self.layer_prefix + ".", self.parameter_of.get(name, name)
         if not parameter.startswith(head):
             return None
         index, _, rest = parameter[len(head):].partition(".")
-        return (int(index), rest) if index.isdigit() else None
+        if not index.isdigit():
+            return None
+        # the checkpoint's own name past the layer index (it differs from the parameter's for renamed or fused tensors)
+        inside = re.search(rf"(?:^|\.){index}\.(.+)$", name)
+        return int(index), inside[1] if inside else rest
 
     def probe_layer(self, setting: int | float | None) -> int:
         """E: how many leading decoder layers are probed and may change."""
