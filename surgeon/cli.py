@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import traceback
@@ -188,8 +189,12 @@ def run(recipe, verbose, quiet, **flags):
 
     overrides = _options(RunOptions, flags)
     loaded = load_recipe(recipe)
-    with _progress(quiet) as progress:
+    # under torchrun / accelerate launch the other processes work silently; the main one reports
+    follower = int(os.environ.get("RANK", "0")) > 0
+    with _progress(quiet or follower) as progress:
         report = run_recipe(loaded, overrides, progress)
+    if follower:
+        return
     out, _ = _consoles()
     if not quiet and report.get("steps"):  # a method that records its steps (restore)
         out.print(summary_table(report))

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgeon import processes
 from surgeon.errors import InputError
 from surgeon.io.preflight import check_compatible
 from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
@@ -161,11 +162,9 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
     as surgeon.json and report.md). Every method runs through this one path."""
     import torch
 
-    from surgeon.context import ModelPair, ModelSettings, RunContext, resolve_device
-    from surgeon.io.atomic import AtomicOutputDir
-    from surgeon.io.run_state import RunState, state_folder
+    from surgeon.context import resolve_device
     from surgeon.methods.registry import method_spec
-    from surgeon.report import PhaseTimer, build_report, tool_identity
+    from surgeon.report import PhaseTimer
 
     recipe: Recipe = loaded.recipe
     spec = method_spec(recipe.method)
@@ -173,14 +172,34 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
     torch.manual_seed(recipe.seed)
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
-    device = resolve_device(overrides.device or recipe.compute.device)
+    device = processes.start(resolve_device(overrides.device or recipe.compute.device))
+    try:
+        return _run(loaded, spec, inputs, device, overrides, timer, progress)
+    finally:
+        processes.stop()
+
+
+def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: RunOptions, timer, progress: Progress) -> dict:
+    """`run` past resolving: in a data-parallel run every process repairs and evaluates its
+    share; the main process alone writes the saved state, the output and its records, and pushes."""
+    from surgeon.context import ModelPair, ModelSettings, RunContext
+    from surgeon.io.atomic import AtomicOutputDir
+    from surgeon.io.run_state import RunState, state_folder
+    from surgeon.report import build_report, tool_identity
+
+    recipe: Recipe = loaded.recipe
+    main = processes.is_main()
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
         # what a saved state must match to be resumed: this recipe, these inputs' contents, this device and surgeon
         key = {"recipe_sha256": loaded.sha256, "inputs": {field: d.get("revision") or d.get("local") for field, d in described.items()},
                "device": device, "surgeon": tool_identity()}
-        state = RunState.open(state_folder(output.destination), key, overrides.fresh, progress)
+        if main:
+            state = RunState.open(state_folder(output.destination), key, overrides.fresh, progress)
+        processes.barrier()
+        if not main:
+            state = RunState.open(state_folder(output.destination), key, writer=False)
         with timer.phase("prepare"):
             settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True),
                                         device, progress)
@@ -202,7 +221,8 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
         stores = [s for s in (activations, *context.stores) if s is not None]
         report = build_report(
             method=spec.name, recipe_sha256=loaded.sha256, inputs=described,
-            settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype},
+            settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
+                      "world_size": processes.world_size()},
             change=change, changed=changed, record=repair.record, decoder_parameters=layout.decoder_parameters, timer=timer,
             extra={"output": {"shards": shards, "folder": output.destination.name},
                    "evaluation": evaluation,
@@ -210,6 +230,9 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
                               "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
                               "spilled_bytes": sum(store.spilled_bytes for store in stores)}},
         )
+        processes.barrier()  # every process is past the saved checkpoints before they go
+        if not main:
+            return report
         _write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
         state.remove()

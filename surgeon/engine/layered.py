@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from transformers import PretrainedConfig
 
+from surgeon import processes
 from surgeon.data.batches import Batch
 from surgeon.engine.allocator import release_free_memory
 from surgeon.engine.layout import DecoderStack, ModelLayout, build_skeleton
@@ -98,7 +99,10 @@ class LayeredModel:
     # -- weights ---------------------------------------------------------------------------
 
     def _set(self, name: str, value: torch.Tensor | None) -> None:
-        parameter = self.layout.parameter_of.get(name, name)
+        """Set the parameter a checkpoint tensor loads into (or put it back on meta)."""
+        self._set_parameter(self.layout.parameter_of.get(name, name), value)
+
+    def _set_parameter(self, parameter: str, value: torch.Tensor | None) -> None:
         if value is None:
             set_module_tensor_to_device(self.skeleton, parameter, "meta")
         else:
@@ -114,30 +118,36 @@ class LayeredModel:
             raw.base[name], raw.tuned[name] = base, tuned
         return torch.where(plan.get(name), base, tuned)
 
+    def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The parameter's value from its checkpoint tensors (fused when transformers fuses them)."""
+        fusion = self.layout.fusions.get(parameter)
+        return fusion.fuse(tensors, self.skeleton) if fusion else next(iter(tensors.values()))
+
     @contextmanager
     def layer(self, index: int, plan: Plan, keep_raw: bool = False) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
         """Decoder layer `index` with real weights for the duration of the block."""
         raw = LayerTensors(index)
-        names = self.layout.layer_tensors[index]
+        parameters = self.layout.layer_parameters(index)
         self.materialized_layers += 1
         self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
         try:
-            for name in names:
-                self._set(name, self._weight(name, plan, raw if keep_raw else None))
+            for parameter, names in parameters:
+                value = self._fused(parameter, {n: self._weight(n, plan, raw if keep_raw else None) for n in names})
+                self._set_parameter(parameter, value)
             yield self.stack.layers[index], raw
         finally:
-            for name in names:
-                self._set(name, None)
+            for parameter, _ in parameters:
+                self._set_parameter(parameter, None)
             self.materialized_layers -= 1
             release_free_memory()
-
-    def parameter(self, name: str) -> torch.nn.Parameter:
-        return self.skeleton.get_parameter(self.layout.parameter_of.get(name, name))
 
     # -- inputs ----------------------------------------------------------------------------
 
     def prepare(self, batches: list[Batch], embeddings: str, num_layers: int) -> PreparedInputs:
-        """Embed each batch with `embeddings` (BASE or TUNED) and capture each layer's arguments."""
+        """Embed each batch with `embeddings` (BASE or TUNED) and capture each layer's arguments.
+        In a data-parallel run this process keeps its share of the batches; the passes sum or
+        gather over the processes what they compute from them."""
+        batches = processes.share(batches)
         source = self.base if embeddings == BASE else self.tuned
         prepared = PreparedInputs(f"inputs{next(self._tags)}", batches, [])
         owner, attribute = self.stack.owner, self.stack.attribute
@@ -196,8 +206,8 @@ class LayeredModel:
     def last_token_states(self, prepared: PreparedInputs, plan: Plan, num_layers: int, description: str = "probing") -> torch.Tensor:
         """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
         self._forward(prepared, plan, num_layers, keep=False, description=description)
-        states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float() for b in range(len(prepared.batches))]
-        return torch.cat(states)
+        states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
+        return torch.cat(processes.gather(states)).to(self.device)
 
     def final_hidden(self, prepared: PreparedInputs, plan: Plan, description: str = "scoring") -> Iterator[tuple[int, torch.Tensor]]:
         """Each batch's residual stream after the last decoder layer (before the final norm)."""
@@ -242,7 +252,8 @@ class LayeredModel:
         initial_grads: Callable[[str], torch.Tensor | None] = lambda name: None,
         description: str = "gradients",
     ) -> float:
-        """Sum over batches of d(-cos(mean_B h(x; theta), target)); `on_layer` gets each layer's grads.
+        """Sum over batches of d(-cos(mean_B h(x; theta), target)); `on_layer` gets each layer's grads
+        (summed over the processes of a data-parallel run, so every process selects the same).
 
         `initial_grads` seeds each parameter's .grad before the batches add to it, the same
         order of additions as calling backward batch after batch on a whole model.
@@ -256,18 +267,26 @@ class LayeredModel:
             loss.backward()
             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
             total += loss.item()
+        total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
                 with self.layer(i, plan, keep_raw=True) as (module, raw):
                     in_scope = set(scope[i])
                     params = {}
-                    for name in self.layout.layer_tensors[i]:
-                        param = self.parameter(name)
-                        param.requires_grad_(name in in_scope)
-                        if name in in_scope:
-                            params[name] = param
-                            seed = initial_grads(name)
-                            param.grad = None if seed is None else seed.to(self.device, self.dtype).clone()
+                    for parameter, names in self.layout.layer_parameters(i):
+                        param = self.skeleton.get_parameter(parameter)
+                        wanted = [n for n in names if n in in_scope]
+                        param.requires_grad_(bool(wanted))
+                        if wanted:
+                            params[parameter] = (param, wanted)
+                            # the accumulated gradient enters once, on the main process, before the sum over processes
+                            seeds = {n: initial_grads(n) if n in in_scope and processes.is_main() else None for n in names}
+                            if any(seed is not None for seed in seeds.values()):
+                                dtype = next(seed.dtype for seed in seeds.values() if seed is not None)
+                                seeds = {n: torch.zeros(self.tuned.shape(n), dtype=dtype) if seed is None else seed for n, seed in seeds.items()}
+                                param.grad = self._fused(parameter, seeds).to(self.device, self.dtype).clone()
+                            else:
+                                param.grad = None
                     for b in range(len(prepared.batches)):
                         hidden = self.store.get(self._key(prepared, i, b)).detach().requires_grad_(i > 0)
                         out = self._run(module, hidden, prepared.layer_arguments[b][i])
@@ -275,10 +294,13 @@ class LayeredModel:
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                             self.store.delete(self._key(prepared, i, b))
-                    grads = {name: check_finite(f"gradient of {name}", p.grad if p.grad is not None else torch.zeros_like(p), description)
-                             for name, p in params.items()}
+                    grads = {}
+                    for parameter, (param, wanted) in params.items():
+                        grad = processes.sum_(param.grad if param.grad is not None else torch.zeros_like(param))
+                        fusion = self.layout.fusions.get(parameter)
+                        pieces = fusion.split(grad, self.skeleton) if fusion else {wanted[0]: grad}
+                        grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
+                        param.grad = None
                     on_layer(raw, grads)
-                    for p in params.values():
-                        p.grad = None
                 task.advance()
         return total

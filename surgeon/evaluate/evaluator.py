@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from surgeon import processes
 from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
@@ -96,14 +97,15 @@ class Evaluator:
     def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str) -> list[str]:
         settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
         key = self.cache.key(candidate.identity(), prompts, settings)
-        cached = self.cache.get(key)
+        cached = processes.broadcast(self.cache.get(key) if processes.is_main() else None)  # every process takes the same path
         if cached is not None:
             return cached
         before = (self.stats.tokens, self.stats.seconds)
         answers = generate(self._model(candidate), prompts, max_new_tokens, self.batch_size, self.system_prompt,
                            self.progress, self.stats, f"{candidate.name}: {what} answers")
         tokens, seconds = self.stats.tokens - before[0], self.stats.seconds - before[1]
-        self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
+        if processes.is_main():
+            self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
         return answers
 
     def harm(self, candidate: Candidate) -> tuple[float, int] | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from surgeon import processes
 from surgeon.data.batches import prompt_batches
 from surgeon.progress import NullProgress, Progress, ProgressTask
 
@@ -79,7 +80,8 @@ def generate(
     stats: GenerationStats | None = None,
     description: str = "generating",
 ) -> list[str]:
-    """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens."""
+    """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens. In a
+    data-parallel run each process answers its share of the batches and all get every answer."""
     from transformers import GenerationConfig
 
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -87,9 +89,10 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     device = input_device(model)
-    answers = []
-    with progress.task(description, total=len(prompts)) as task, torch.no_grad():
-        for batch in prompt_batches(tokenizer, prompts, batch_size, system_prompt):
+    answers, tokens = [], 0
+    batches = processes.share(list(prompt_batches(tokenizer, prompts, batch_size, system_prompt)))
+    with progress.task(description, total=sum(len(b) for b in batches)) as task, torch.no_grad():
+        for batch in batches:
             started = time.perf_counter()
             watch = StoppingCriteriaList([_TokenWatch(task, batch.input_ids.shape[1], max_new_tokens)])
             out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
@@ -98,9 +101,10 @@ def generate(
             for row in new:
                 stop = (row == pad).nonzero()
                 answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-                if stats is not None:
-                    stats.tokens += int(stop[0]) + 1 if len(stop) else len(row)
+                tokens += int(stop[0]) + 1 if len(stop) else len(row)
             if stats is not None:
                 stats.seconds += time.perf_counter() - started
             task.advance(len(batch))
-    return answers
+    if stats is not None:
+        stats.tokens += sum(processes.gather([tokens]))
+    return processes.gather(answers)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from surgeon import processes
 from surgeon.data.batches import IGNORE, Batch
 from surgeon.engine.layered import BASE, TUNED, LayeredModel, Plan, PreparedInputs
+
+
+def _mean_over_processes(total: float, count: int) -> float:
+    """total / count over every process's share of the batches (a data-parallel run)."""
+    summed = processes.sum_(torch.tensor([total, count], dtype=torch.float64))
+    return summed[0].item() / max(summed[1].item(), 1)
 
 
 class _Streamed:
@@ -38,15 +45,17 @@ class TaskLoss(_Streamed):
         total, count = 0.0, 0
         targets = {}
 
+        batches = self._inputs(plan).batches  # this process's share in a data-parallel run
+
         def answer_positions(b, hidden):
-            targets[b] = self.batches[b].labels[:, 1:].to(hidden.device)
+            targets[b] = batches[b].labels[:, 1:].to(hidden.device)
             return hidden[:, :-1][targets[b] != IGNORE]
 
         for b, predicted in self._outputs(plan, answer_positions, f"task {self.name}"):
             wanted = targets[b][targets[b] != IGNORE]
             total += torch.nn.functional.cross_entropy(predicted, wanted, reduction="sum").item()
             count += wanted.numel()
-        return total / max(count, 1)
+        return _mean_over_processes(total, count)
 
 
 class TaskDivergence(_Streamed):
@@ -68,4 +77,4 @@ class TaskDivergence(_Streamed):
         for reference, candidate in zip(self._reference, self._last(plan)):
             total += torch.nn.functional.kl_div(candidate, reference, log_target=True, reduction="sum").item()
             count += reference.shape[0]
-        return total / count
+        return _mean_over_processes(total, count)

@@ -46,12 +46,17 @@ def _read(path: Path) -> dict | None:
 
 
 class RunState:
-    def __init__(self, folder: Path, key: dict, progress: dict | None):
-        self.folder, self.key, self.saved = folder, key, progress
+    def __init__(self, folder: Path, key: dict, progress: dict | None, writer: bool = True):
+        self.folder, self.key, self.saved, self.writer = folder, key, progress, writer
 
     @classmethod
-    def open(cls, folder: Path, key: dict, fresh: bool = False, progress: Progress = NullProgress()) -> "RunState":
-        """The state at `folder` when its key matches (saved progress in `.saved`), else a new one."""
+    def open(cls, folder: Path, key: dict, fresh: bool = False, progress: Progress = NullProgress(), writer: bool = True) -> "RunState":
+        """The state at `folder` when its key matches (saved progress in `.saved`), else a new one.
+        Only a writer (the main process of a data-parallel run) changes anything on disk; the
+        others read what it opened."""
+        if not writer:
+            saved = _read(folder / "progress.json") if _read(folder / "key.json") == key else None
+            return cls(folder, key, saved, writer=False)
         saved = None
         if folder.is_dir():
             old_key, saved = _read(folder / "key.json"), _read(folder / "progress.json")
@@ -82,6 +87,9 @@ class RunState:
         a kill at any moment leaves a record and the tensors it names."""
         previous = self.saved.get("tensors") if self.saved else None
         name = f"tensors-{record['sequence']}.safetensors"
+        if not self.writer:
+            self.saved = {**record, "tensors": name}
+            return
         write_file(self.folder / name, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"format": "pt"})
         record = {**record, "tensors": name}
         temporary = self.folder / "progress.json.tmp"
@@ -95,4 +103,5 @@ class RunState:
         return load_file(str(self.folder / self.saved["tensors"]))
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.folder, ignore_errors=True)
