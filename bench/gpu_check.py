@@ -5,9 +5,10 @@ disk (tuned = base + noise on the decoder layers; nothing holds a whole model), 
 for one restore-only step on 16 prompts with fp32 arithmetic, and prints peak GPU memory, the
 prompt tokens the gradient pass processed per second, and that pass's arithmetic as a share of
 the GPU's measured fp32 matmul throughput. `--shape tiny` runs the same on CPU in seconds, which
-is how the script is tested before a GPU is lent.
+is how the script is tested before a GPU is lent. With `--processes N` (default: one per visible
+GPU) the same step runs again data-parallel under torchrun, and its time is compared.
 
-    python bench/gpu_check.py [--shape 7b|tiny] [--device cuda] [--work /tmp/surgeon-gpu]
+    python bench/gpu_check.py [--shape 7b|tiny] [--device cuda] [--work /tmp/surgeon-gpu] [--processes N]
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("/tmp/surgeon-gpu"))
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=max(1, torch.cuda.device_count()), help="also run data-parallel on N processes")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -123,6 +125,13 @@ def main() -> None:
           + (f", peak GPU memory {peak / 2**30:.2f} GiB" if peak else ""))
     print(f"restore step: {step:.1f} s, {tokens * E / step:.0f} token-layers/s, {flops / step / 1e12:.2f} TFLOP/s "
           f"= {flops / step / ceiling:.1%} of this device's measured fp32 matmul ({ceiling / 1e12:.1f} TFLOP/s)")
+    if args.processes > 1:
+        parallel = surgeon_run(path, processes=args.processes)
+        shared = json.loads((args.work / "out" / "surgeon.json").read_text())
+        seconds = shared["steps"][0]["seconds"]
+        print(f"{shared['settings']['world_size']} processes: surgeon run {parallel.wall_seconds:.0f} s wall, restore step {seconds:.1f} s "
+              f"({step / seconds:.2f}x one process), the same {shared['restored']['total']:,} weights: "
+              f"{shared['restored']['total'] == report['restored']['total']}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def _seconds(wall: str) -> float:
     return seconds
 
 
-def surgeon_run(recipe: Path, *extra: str) -> TimedRun:
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q", *extra]
+def surgeon_run(recipe: Path, *extra: str, processes: int = 1) -> TimedRun:
+    """One `surgeon run`; with processes > 1, data-parallel under torchrun (peak RSS: the largest process's)."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"] if processes > 1 else []
+    command = ["/usr/bin/time", "-v", sys.executable, *launcher, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q", *extra]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"surgeon run {recipe} failed:\n{result.stderr[-3000:]}")
