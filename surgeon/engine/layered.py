@@ -9,7 +9,7 @@ running the model's own forward with stand-in layers, so no architecture is re-i
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -191,14 +191,18 @@ class LayeredModel:
     def _key(prepared: PreparedInputs, layer: int, batch: int) -> str:
         return prepared.input_key(batch) if layer == 0 else f"{prepared.tag}/x{layer}/{batch}"
 
-    def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str) -> None:
-        """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary)."""
+    def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str,
+                 observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None = None) -> None:
+        """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
+        `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks)."""
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
                 with self.layer(i, plan) as (module, _), torch.no_grad():
                     for b in range(len(prepared.batches)):
                         hidden = self.store.get(self._key(prepared, i, b))
-                        self.store.put(self._key(prepared, i + 1, b), self._run(module, hidden, prepared.layer_arguments[b][i]))
+                        with observe(i, module, prepared.batches[b]) if observe else nullcontext():
+                            out = self._run(module, hidden, prepared.layer_arguments[b][i])
+                        self.store.put(self._key(prepared, i + 1, b), out)
                         if not keep and i > 0:
                             self.store.delete(self._key(prepared, i, b))
                 task.advance()
@@ -208,6 +212,37 @@ class LayeredModel:
         self._forward(prepared, plan, num_layers, keep=False, description=description)
         states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
         return torch.cat(processes.gather(states)).to(self.device)
+
+    def linear_input_norms(self, prepared: PreparedInputs, plan: Plan, description: str = "input norms") -> dict[str, torch.Tensor]:
+        """For each linear weight of the decoder layers (by checkpoint name): the sum over the
+        prompts' real tokens (padding left out) of each input feature's square, in fp32: the
+        activation statistic of Wanda-style scores (summed over the processes of a run)."""
+        linears = {index: [(name, self.layout.checkpoint_name(f"{self.stack.prefix}.{index}.{name}.weight"))
+                            for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)]
+                   for index, layer in enumerate(self.stack.layers)}
+        # every weight has a sum, even on a process whose share of the batches is empty
+        sums = {weight: torch.zeros(self.skeleton.get_submodule(f"{self.stack.prefix}.{index}.{name}").in_features, device=self.device)
+                for index, names in linears.items() for name, weight in names}
+
+        @contextmanager
+        def observe(index: int, module: torch.nn.Module, batch: Batch):
+            real = batch.attention_mask.bool().to(self.device)
+            handles = []
+            for name, weight in linears[index]:
+                def hook(_, inputs, __, weight=weight):
+                    sums[weight] += inputs[0][real].float().pow(2).sum(0)
+
+                handles.append(module.get_submodule(name).register_forward_hook(hook))
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        self._forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe)
+        for b in range(len(prepared.batches)):
+            self.store.delete(self._key(prepared, self.layout.num_layers, b))
+        return {name: processes.sum_(value) for name, value in sorted(sums.items())}
 
     def final_hidden(self, prepared: PreparedInputs, plan: Plan, description: str = "scoring") -> Iterator[tuple[int, torch.Tensor]]:
         """Each batch's residual stream after the last decoder layer (before the final norm)."""

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from surgeon.methods import settings
+
 ENTRY_POINTS = "surgeon.methods"
-NEEDS = frozenset({"data", "unaligned"})  # data: harmful and task prompts; unaligned: a model fine-tuned on harm
+NEEDS = frozenset({"data", "unaligned"})  # data: harmful and task prompts; unaligned: a model without base's alignment
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,28 @@ register(MethodSpec(
               "through Task Arithmetic*, ACL 2024 ([arXiv 2402.11746](https://arxiv.org/abs/2402.11746))"),
 ))
 register(MethodSpec("reset_layers", "surgeon.methods.baselines:ResetLayersRun", "decoder layers below the probe layer copied whole from base"))
+register(MethodSpec(
+    "linear", "surgeon.methods.posthoc:LinearRun", "tuned + alpha x (base - tuned): the pre/post fine-tuning merge", settings=settings.Linear,
+    citation=("Farn, Su, Kumar, Sahay, Chen, Lee: *Safeguard Fine-Tuned LLMs Through Pre- and Post-Tuning Model Merging*, "
+              "Findings of EMNLP 2025 ([arXiv 2412.19512](https://arxiv.org/abs/2412.19512))"),
+))
+register(MethodSpec(
+    "antidote", "surgeon.methods.posthoc:AntidoteRun",
+    "the update's entries with the highest |update| x input norm on harmful prompts pruned back to base, per row",
+    needs=frozenset({"data"}), settings=settings.Antidote,
+    citation=("Huang, Bhattacharya, Joshi, Kimball, Liu: *Antidote: Post-fine-tuning Safety Alignment for Large Language Models "
+              "against Harmful Fine-tuning*, ICML 2025 ([arXiv 2408.09600](https://arxiv.org/abs/2408.09600))"),
+))
+register(MethodSpec(
+    "safe_lora", "surgeon.methods.posthoc:SafeLoraRun",
+    "update matrices least like their projection onto the alignment matrix of base - unaligned replaced by that projection",
+    needs=frozenset({"unaligned"}), settings=settings.SafeLora,
+    citation=("Hsu, Tsai, Lin, Chen, Yu, Huang: *Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large "
+              "Language Models*, NeurIPS 2024 ([arXiv 2405.16833](https://arxiv.org/abs/2405.16833))"),
+))
+register(MethodSpec(
+    "dg_hard", "surgeon.methods.posthoc:DgHardRun", "each update matrix cut to its singular values above the Donoho-Gavish threshold",
+    settings=settings.DgHard,
+    citation=("Abro, Tahir: *Spectral Unforgetting: Post-Hoc Recovery of Damaged Capabilities Without Retraining*, 2026 "
+              "([arXiv 2605.20296](https://arxiv.org/abs/2605.20296))"),
+))

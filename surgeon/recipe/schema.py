@@ -346,7 +346,7 @@ class Recipe(Strict):
     tuned: ModelSpec
     """The fine-tuned model to repair: a full checkpoint or a LoRA adapter of base."""
     unaligned: ModelSpec | None = None
-    """base fine-tuned on harmful data (resta)."""
+    """A model without base's safety alignment: base fine-tuned on harmful data (resta), or the model base was aligned from (safe_lora)."""
     data: Data | None = None
     """The prompts that probe harm and task (restore)."""
     resta: Resta = Resta()
@@ -381,7 +381,7 @@ class Recipe(Strict):
     def _method_inputs(self):
         spec = method_spec(self.method)
         if "unaligned" in spec.needs and self.unaligned is None:
-            raise ValueError(f"method '{self.method}' needs 'unaligned': base fine-tuned on harmful data")
+            raise ValueError(f"method '{self.method}' needs 'unaligned': a model without base's safety alignment")
         if "unaligned" not in spec.needs and self.unaligned is not None:
             users = " or ".join(f"'{name}'" for name, other in sorted(methods().items()) if "unaligned" in other.needs)
             raise ValueError(f"'unaligned' is only used by method {users}, not '{self.method}'")
