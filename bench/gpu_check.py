@@ -32,12 +32,16 @@ from surgeon.tiny import HARMFUL, TASK, build_tokenizer  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, vocab_size=32000),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "0.37b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
 
 
 def write_pair(root: Path, shape: str, dtype: torch.dtype) -> tuple[Path, Path]:
-    """Random base and tuned (base + 1% noise on decoder weights), streamed tensor by tensor."""
+    """Random base and tuned (base + 1% noise on decoder weights), streamed tensor by tensor.
+    The folders are named by shape and dtype and reused when they exist."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -46,7 +50,8 @@ def write_pair(root: Path, shape: str, dtype: torch.dtype) -> tuple[Path, Path]:
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     entries = [TensorEntry(name, tuple(p.shape), dtype) for name, p in skeleton.named_parameters()]
-    folders = root / f"{shape}-base", root / f"{shape}-tuned"
+    tag = f"{shape}-{str(dtype).removeprefix('torch.')}"
+    folders = root / f"{tag}-base", root / f"{tag}-tuned"
     for noise, folder in zip((0.0, 0.01), folders):
         if (folder / "config.json").exists():
             continue
@@ -67,6 +72,19 @@ def write_pair(root: Path, shape: str, dtype: torch.dtype) -> tuple[Path, Path]:
         config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folders
+
+
+def gradient_pass_work(report: dict, prompts: list[str]) -> tuple[int, float]:
+    """(prompt tokens, arithmetic) of one restore step's gradient pass over the first E layers:
+    a forward storing boundaries (2P a token), then per layer a recomputed forward (2P) and the
+    backward (4P), P the parameters of a layer."""
+    tokenizer = build_tokenizer()
+    tokens = 0
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    layer_params = report["decoder_parameters_N"] / report["settings"]["layers_L"]
+    return tokens, 8 * layer_params * report["settings"]["probe_layer"] * tokens
 
 
 def matmul_flops(device: str, dtype: torch.dtype, size: int) -> float:
@@ -109,14 +127,8 @@ def main() -> None:
     run = surgeon_run(path)
     report = json.loads((args.work / "out" / "surgeon.json").read_text())
     step = report["steps"][0]["seconds"]
-    E, tokens = report["settings"]["probe_layer"], 0
-    tokenizer = build_tokenizer()
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    layer_params = report["decoder_parameters_N"] / report["settings"]["layers_L"]
-    # forward storing boundaries (2P a token), then per layer a recomputed forward (2P) and the backward (4P)
-    flops = 8 * layer_params * E * tokens
+    E = report["settings"]["probe_layer"]
+    tokens, flops = gradient_pass_work(report, prompts)
     ceiling = matmul_flops(args.device, torch.float32, 8192 if args.device.startswith("cuda") else 512)
     peak = report["peak_memory"].get("cuda_bytes")
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, shape {args.shape}, E {E}, "

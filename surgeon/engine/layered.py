@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -49,13 +49,25 @@ class _RecordingLayer(torch.nn.Module):
         return hidden_states
 
 
+class _Reads:
+    """`source[name]`: the tensor as stored, read when asked."""
+
+    def __init__(self, source: TensorSource):
+        self.source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source.get(name)
+
+
 @dataclass
 class LayerTensors:
-    """The raw (stored-dtype) base and tuned tensors of one layer's in-scope weights."""
+    """One layer's base and tuned tensors (stored dtype), for a method's per-layer callback. They
+    are read again when asked rather than held for the layer's whole pass: a read from the page
+    cache costs less than keeping two more copies of the layer in memory."""
 
     index: int
-    base: dict[str, torch.Tensor] = field(default_factory=dict)
-    tuned: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: _Reads
+    tuned: _Reads
 
 
 @dataclass
@@ -108,15 +120,12 @@ class LayeredModel:
         else:
             set_module_tensor_to_device(self.skeleton, parameter, self.device, value=value, dtype=self.dtype)
 
-    def _weight(self, name: str, plan: Plan, raw: LayerTensors | None) -> torch.Tensor:
+    def _weight(self, name: str, plan: Plan) -> torch.Tensor:
         if plan == BASE:
             return self.base.get(name)
         if plan == TUNED or name not in plan:
             return self.tuned.get(name)
-        base, tuned = self.base.get(name), self.tuned.get(name)
-        if raw is not None:
-            raw.base[name], raw.tuned[name] = base, tuned
-        return torch.where(plan.get(name), base, tuned)
+        return torch.where(plan.get(name), self.base.get(name), self.tuned.get(name))
 
     def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The parameter's value from its checkpoint tensors (fused when transformers fuses them)."""
@@ -124,15 +133,15 @@ class LayeredModel:
         return fusion.fuse(tensors, self.skeleton) if fusion else next(iter(tensors.values()))
 
     @contextmanager
-    def layer(self, index: int, plan: Plan, keep_raw: bool = False) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
+    def layer(self, index: int, plan: Plan) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
         """Decoder layer `index` with real weights for the duration of the block."""
-        raw = LayerTensors(index)
+        raw = LayerTensors(index, _Reads(self.base), _Reads(self.tuned))
         parameters = self.layout.layer_parameters(index)
         self.materialized_layers += 1
         self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
         try:
             for parameter, names in parameters:
-                value = self._fused(parameter, {n: self._weight(n, plan, raw if keep_raw else None) for n in names})
+                value = self._fused(parameter, {n: self._weight(n, plan) for n in names})
                 self._set_parameter(parameter, value)
             yield self.stack.layers[index], raw
         finally:
@@ -305,7 +314,7 @@ class LayeredModel:
         total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
-                with self.layer(i, plan, keep_raw=True) as (module, raw):
+                with self.layer(i, plan) as (module, raw):
                     in_scope = set(scope[i])
                     params = {}
                     for parameter, names in self.layout.layer_parameters(i):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from surgeon.io.writer import write_file
+from surgeon.io.writer import TensorEntry, write_file
 
 
 class MaskSet:
@@ -57,7 +57,8 @@ class MaskSet:
     def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
         """Packed bits per tensor (little bit order) and the shapes, so a repair can be re-applied."""
         meta = {"format": "surgeon-masks", "bitorder": "little", "shapes": json.dumps(self.shapes)}
-        write_file(path, {name: torch.from_numpy(bits) for name, bits in self._bits.items()}, {**meta, **(metadata or {})})
+        entries = [TensorEntry(name, bits.shape, torch.uint8) for name, bits in self._bits.items()]
+        write_file(path, entries, lambda name: torch.from_numpy(self._bits[name]), {**meta, **(metadata or {})})
 
     @classmethod
     def load(cls, path: Path) -> "MaskSet":

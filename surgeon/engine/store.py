@@ -14,7 +14,7 @@ class SpillStore:
         self.budget_bytes = budget_bytes
         self.directory = Path(directory)
         self._memory: dict[str, torch.Tensor] = {}
-        self._disk: dict[str, tuple[Path, torch.device]] = {}
+        self._disk: dict[str, tuple[Path, torch.device, tuple[int, ...], torch.dtype]] = {}
         self.used_bytes = 0
         self.peak_bytes = 0
         self.spilled_bytes = 0
@@ -36,14 +36,20 @@ class SpillStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         save_file({"t": tensor.detach().contiguous().cpu()}, str(path))
-        self._disk[key] = (path, tensor.device)
+        self._disk[key] = (path, tensor.device, tuple(tensor.shape), tensor.dtype)
         self.spilled_bytes += size
 
     def get(self, key: str) -> torch.Tensor:
         if key in self._memory:
             return self._memory[key]
-        path, device = self._disk[key]
+        path, device, _, _ = self._disk[key]
         return load_file(str(path))["t"].to(device)
+
+    def describe(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a stored tensor, without reading a spilled one back."""
+        if key in self._memory:
+            return tuple(self._memory[key].shape), self._memory[key].dtype
+        return self._disk[key][2:]
 
     def delete(self, key: str) -> None:
         if key in self._memory:

@@ -50,6 +50,11 @@ class StreamingTopK:
         self._size = 0
         self._threshold: float | None = None
 
+    @property
+    def threshold(self) -> float | None:
+        """Scores at or below this are dropped on arrival (None until the first cut)."""
+        return self._threshold
+
     def offer(self, tensor_id: int, values: torch.Tensor, indices: torch.Tensor) -> None:
         """values[i] is the score of flat entry indices[i] of tensor `tensor_id`; indices ascending."""
         values = values.detach().float().cpu()

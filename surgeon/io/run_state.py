@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
-from surgeon.io.writer import write_file
+from surgeon.io.writer import TensorEntry, write_file
 from surgeon.progress import NullProgress, Progress
 
 STATE_TAG = ".surgeon-state"
@@ -82,15 +83,15 @@ class RunState:
         path.mkdir(exist_ok=True)
         return path
 
-    def save(self, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Tensors to a new file, then the record naming it (atomic replace), then the old file goes:
-        a kill at any moment leaves a record and the tensors it names."""
+    def save(self, record: dict, entries: list[TensorEntry], get_tensor: Callable[[str], torch.Tensor]) -> None:
+        """Tensors (fetched one at a time) to a new file, then the record naming it (atomic replace),
+        then the old file goes: a kill at any moment leaves a record and the tensors it names."""
         previous = self.saved.get("tensors") if self.saved else None
         name = f"tensors-{record['sequence']}.safetensors"
         if not self.writer:
             self.saved = {**record, "tensors": name}
             return
-        write_file(self.folder / name, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"format": "pt"})
+        write_file(self.folder / name, entries, get_tensor, {"format": "pt"})
         record = {**record, "tensors": name}
         temporary = self.folder / "progress.json.tmp"
         temporary.write_text(json.dumps(record, indent=2))
@@ -99,8 +100,11 @@ class RunState:
             (self.folder / previous).unlink(missing_ok=True)
         self.saved = record
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.folder / self.saved["tensors"]))
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The saved tensors, one at a time (a run's gradients may not fit in memory at once)."""
+        with safe_open(str(self.folder / self.saved["tensors"]), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
 
     def remove(self) -> None:
         if self.writer:

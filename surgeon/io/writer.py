@@ -60,18 +60,19 @@ def _header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(tensor: torch.Tensor):
+    """The tensor's bytes as a buffer over its own memory (no copy into a bytes object)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_file(path: Path, entries: list[TensorEntry], get_tensor: Callable[[str], torch.Tensor], metadata: dict[str, str]) -> None:
     """One safetensors file whose header keeps the given order, so equal content is equal bytes
-    (safetensors' own writer orders the metadata by a hash map, differently each run)."""
-    entries = [TensorEntry(name, tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()]
+    (safetensors' own writer orders the metadata by a hash map, differently each run). Tensors
+    are fetched one at a time, so a file larger than memory (a run's saved gradients) can be written."""
     with open(path, "wb") as out:
         out.write(_header(entries, metadata))
         for entry in entries:
-            out.write(_tensor_bytes(tensors[entry.name]))
+            out.write(_tensor_bytes(get_tensor(entry.name)))
 
 
 def write_sharded(

@@ -21,6 +21,7 @@ from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, collect, top
 from surgeon.io.checkpoint import check_finite
 from surgeon.io.run_state import RunState
+from surgeon.io.writer import TensorEntry
 from surgeon.methods.interface import Repair
 from surgeon.progress import NullProgress, Progress
 
@@ -116,10 +117,16 @@ class RestoreMethod:
     # -- Directions (computed once) --------------------------------------------------------
 
     def compute_directions(self) -> None:
-        """v_harm: mean h(x) over H with base; v_task: mean h(x) over T with tuned."""
+        """v_harm: mean h(x) over H with base. v_task (mean h(x) over T with tuned) waits until a
+        rollback needs it: a run that never rolls back never computes it."""
         E = self.settings.probe_layer
         self.v_harm = check_finite("direction v_harm", self.engine.last_token_states(self.harmful_on_base, BASE, E, "direction v_harm (base)").mean(0), "data.harmful")
-        self.v_task = check_finite("direction v_task", self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0), "data.task")
+
+    def task_direction(self) -> torch.Tensor:
+        if self.v_task is None:
+            E = self.settings.probe_layer
+            self.v_task = check_finite("direction v_task", self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0), "data.task")
+        return self.v_task
 
     # -- Restore step ----------------------------------------------------------------------
 
@@ -132,9 +139,14 @@ class RestoreMethod:
                 g = grads[name]
                 if accumulate:
                     self.accumulated.put(name, g)
-                # theta - base: zero where restored, tuned - base elsewhere
-                diff = torch.where(masks.get(name), 0.0, raw.tuned[name].float() - raw.base[name].float()).to(g.device)
-                candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
+                # theta - base: zero where restored, tuned - base elsewhere (built in place: one fp32 copy)
+                diff = raw.tuned[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
+                diff.masked_fill_(masks.get(name).to(g.device), 0.0)
+                # the same sign, both nonzero (compared by sign bit: no fp32 temporaries)
+                candidates = (diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))
+                del diff
+                if best.threshold is not None:  # entries at or below it would be dropped on arrival
+                    candidates &= g.abs() > best.threshold
                 indices = candidates.flatten().nonzero().squeeze(1)
                 best.offer(self.tensor_ids[name], g.flatten()[indices].abs(), indices)
 
@@ -163,7 +175,7 @@ class RestoreMethod:
                 candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
                 parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
 
-        self.engine.gradient_pass(self.task, masks, self.v_task, self.settings.probe_layer, self.scope, on_layer, description=description)
+        self.engine.gradient_pass(self.task, masks, self.task_direction(), self.settings.probe_layer, self.scope, on_layer, description=description)
         candidates = collect(parts)
         chosen = top(candidates, math.ceil(self.settings.rollback_ratio * candidates.values.numel()))
         for t, indices in chosen.by_tensor().items():
@@ -252,15 +264,20 @@ class RestoreMethod:
             "sequence": (self.state.saved or {}).get("sequence", 0) + 1, "segment": segment, "step": step,
             "masks": checkpoint.path.name, "result": _result_record(result),
         }
-        gradients = {f"grad/{name}": self.accumulated.get(name) for name in self.names if name in self.accumulated}
-        self.state.save(record, {"v_harm": self.v_harm, "v_task": self.v_task, **gradients})
+        directions = {key: value for key, value in (("v_harm", self.v_harm), ("v_task", self.v_task)) if value is not None}
+        entries = [TensorEntry(key, tuple(value.shape), value.dtype) for key, value in directions.items()]
+        entries += [TensorEntry(f"grad/{name}", *self.accumulated.describe(name)) for name in self.names if name in self.accumulated]
+        # the accumulated gradients (one float per in-scope weight) are read back one at a time, never all at once
+        get = lambda key: directions[key] if key in directions else self.accumulated.get(key.removeprefix("grad/"))
+        self.state.save(record, entries, get)
 
     def _resume(self) -> tuple[RepairResult, MaskSet, str, int]:
-        saved, tensors = self.state.saved, self.state.tensors()
-        self.v_harm, self.v_task = tensors["v_harm"], tensors["v_task"]
-        for key, value in tensors.items():
+        saved = self.state.saved
+        for key, value in self.state.tensors():
             if key.startswith("grad/"):
                 self.accumulated.put(key.removeprefix("grad/"), value)
+            elif key in ("v_harm", "v_task"):
+                setattr(self, key, value)
         self.progress.log(f"resuming after step {saved['step']} ({saved['segment']}), from the saved state of an earlier run "
                           "of this recipe on these inputs; --fresh starts over")
         return _result_from(saved["result"], self.workdir), MaskSet.load(self.workdir / saved["masks"]), saved["segment"], saved["step"]

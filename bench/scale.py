@@ -1,0 +1,107 @@
+"""One restore step on random Llama-shaped pairs: wall time, peak RSS, the gradient pass's share of
+this machine's measured fp32 matmul throughput, and the ratio to a plain in-memory implementation.
+
+Pairs (written once, tensor by tensor, under --work): 0.37B fp32, 1.1B bf16 and 3.0B bf16, each run
+with the default memory budget and with `compute.max_memory` set small. One restore-only step on 16
+prompts, fp32 arithmetic, no evaluation. The in-memory run (tests/reference.py: whole models in
+RAM, the model's own forward through the first E layers, autograd, one top-k: bench/in_memory_step.py)
+does the same step where it fits in memory.
+Runs go one after another (never two at once); results are kept in bench/results/scale.json and a
+configuration measured before is skipped unless --again.
+
+    python bench/scale.py [--pairs 0.37b:float32 1.1b:bfloat16 3b:bfloat16] [--budgets default 256MiB]
+                          [--in-memory 0.37b:float32] [--work /tmp/surgeon-scale] [--again]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from gpu_check import gradient_pass_work, matmul_flops, write_pair  # noqa: E402
+from timed_run import _seconds, surgeon_run  # noqa: E402
+
+from surgeon.tiny import HARMFUL, TASK  # noqa: E402
+
+RESULTS = HERE / "results" / "scale.json"
+PROMPTS = (HARMFUL * 2)[:16]
+SPARSITY = 0.002
+
+
+def recipe(base: Path, tuned: Path, out: Path, budget: str) -> dict:
+    compute = {"device": "cpu", "dtype": "float32", **({} if budget == "default" else {"max_memory": budget})}
+    return {"base": str(base), "tuned": str(tuned), "data": {"harmful": {"prompts": PROMPTS}, "task": {"prompts": TASK}},
+            "probe": {"batch_size": 8}, "restore": {"sparsity": SPARSITY, "steps": 1, "warmup": 0, "save_every": 1},
+            "rollback": {"mode": "never"}, "evaluate": {"models": []}, "compute": compute,
+            "output": {"path": str(out), "max_shard_size": "2GB"}}
+
+
+def in_memory(base: Path, tuned: Path, probe_layer: int) -> dict:
+    """The same step done the plain way (bench/in_memory_step.py), under /usr/bin/time."""
+    out = tuned.parent / f"in-memory-{tuned.name}"
+    command = ["/usr/bin/time", "-v", sys.executable, str(HERE / "in_memory_step.py"), str(base), str(tuned), str(out),
+               "--layer", str(probe_layer), "--sparsity", str(SPARSITY), "--prompts", *PROMPTS]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"in-memory step failed:\n{result.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr)[1].strip()
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1])
+    return {"wall_seconds": _seconds(wall), "peak_rss_gib": rss_kb / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=["0.37b:float32", "1.1b:bfloat16", "3b:bfloat16"])
+    parser.add_argument("--budgets", nargs="+", default=["default", "256MiB"])
+    parser.add_argument("--in-memory", nargs="*", default=["0.37b:float32"], help="pairs also run by the in-memory implementation")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/surgeon-scale"))
+    parser.add_argument("--again", action="store_true", help="measure configurations already in the results again")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    ceiling = results.get("matmul_flops") or matmul_flops("cpu", torch.float32, 2048)
+    results["matmul_flops"] = ceiling
+    print(f"this machine's fp32 matmul (2048^3): {ceiling / 1e9:.1f} GFLOP/s", flush=True)
+    for pair in args.pairs:
+        shape, dtype = pair.split(":")
+        base, tuned = write_pair(args.work, shape, getattr(torch, dtype))
+        checkpoint_bytes = sum(f.stat().st_size for f in tuned.glob("*.safetensors"))
+        for budget in args.budgets:
+            key = f"{pair} {budget}"
+            if key in results.get("runs", {}) and not args.again:
+                continue
+            out = args.work / f"out-{shape}-{dtype}-{budget}"
+            path = args.work / f"{shape}-{dtype}-{budget}.yaml"
+            path.write_text(yaml.safe_dump(recipe(base, tuned, out, budget)))
+            run = surgeon_run(path)
+            report = json.loads((out / "surgeon.json").read_text())
+            step = report["steps"][0]["seconds"]
+            tokens, flops = gradient_pass_work(report, PROMPTS)
+            row = {"checkpoint_bytes": checkpoint_bytes, "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib,
+                   "step_seconds": step, "matmul_share": flops / step / ceiling, "probe_layer": report["settings"]["probe_layer"],
+                   "memory": report["memory"], "phases": report["seconds"]}
+            results.setdefault("runs", {})[key] = row
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            if pair in args.in_memory and budget == args.budgets[0]:  # right after surgeon's run: back to back
+                row["in_memory"] = in_memory(base, tuned, row["probe_layer"])
+                row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]
+                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            ratio = f", {row['wall_ratio']:.2f}x the in-memory wall ({row['in_memory']['wall_seconds']:.0f} s, "\
+                    f"{row['in_memory']['peak_rss_gib']:.2f} GiB)" if "wall_ratio" in row else ""
+            print(f"{key}: {run.wall_seconds:.1f} s wall, peak RSS {run.peak_rss_gib:.2f} GiB "
+                  f"({run.peak_rss_gib * 2**30 / checkpoint_bytes:.0%} of one checkpoint), step {step:.1f} s, "
+                  f"{row['matmul_share']:.1%} of the measured matmul{ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
