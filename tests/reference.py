@@ -10,8 +10,18 @@ from __future__ import annotations
 import math
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.core_model_loading import revert_weight_conversion
+
+
+def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder (masks.safetensors left out), in memory."""
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if file.name != "masks.safetensors":
+            tensors.update(load_file(file))
+    return tensors
 
 
 def _batches(tokenizer, prompts, batch_size):

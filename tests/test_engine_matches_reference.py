@@ -4,21 +4,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from surgeon.engine.masks import MaskSet
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.tiny import FAMILIES, HARMFUL, TASK
-from tests.reference import reference_repair
-
-
-def _tensors(folder):
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        if file.name != "masks.safetensors":
-            tensors.update(load_file(file))
-    return tensors
+from tests.reference import checkpoint_tensors, reference_repair
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -41,7 +32,7 @@ def test_streaming_run_matches_reference(model_pairs, write_recipe, tmp_path, ar
         assert all(step["reverted"] > 0 for step in report["steps"])
 
     # Output: bit-exact copies of base where masked, tuned everywhere else, all tensors present.
-    base_t, tuned_t, out_t = _tensors(base), _tensors(tuned), _tensors(out)
+    base_t, tuned_t, out_t = checkpoint_tensors(base), checkpoint_tensors(tuned), checkpoint_tensors(out)
     assert set(out_t) == set(tuned_t)
     for name, value in out_t.items():
         want = torch.where(masks.get(name), base_t[name], tuned_t[name]) if name in expected else tuned_t[name]
@@ -104,7 +95,7 @@ def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, w
     masks = MaskSet.load(tmp_path / "repaired" / "masks.safetensors")
     expected, _ = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=True, batch_size=4)
     assert all(torch.equal(masks.get(n), m) for n, m in expected.items()) and report["restored"]["total"] > 0
-    base_t, tuned_t, out_t = _tensors(base), _tensors(tuned), _tensors(tmp_path / "repaired")
+    base_t, tuned_t, out_t = checkpoint_tensors(base), checkpoint_tensors(tuned), checkpoint_tensors(tmp_path / "repaired")
     for name, value in out_t.items():
         assert value.dtype == torch.bfloat16
         want = torch.where(masks.get(name), base_t[name], tuned_t[name]) if name in expected else tuned_t[name]
@@ -113,7 +104,7 @@ def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, w
 
 def test_output_dtype_casts_every_float_tensor_and_says_so_in_the_config(llama, write_recipe, tmp_path):
     run(load_recipe(write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "dtype": "bfloat16"})))
-    out = _tensors(tmp_path / "repaired")
+    out = checkpoint_tensors(tmp_path / "repaired")
     assert {v.dtype for v in out.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "repaired" / "config.json").read_text())["dtype"] == "bfloat16"
 

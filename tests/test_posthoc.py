@@ -13,21 +13,13 @@ from surgeon.methods.posthoc import dg_omega, marchenko_pastur_median
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.tiny import HARMFUL, make_pair
-from tests.reference import _batches
-
-
-def _tensors(folder):
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        if file.name != "masks.safetensors":
-            out.update(load_file(file))
-    return out
+from tests.reference import _batches, checkpoint_tensors
 
 
 def _run(write_recipe, base, tuned, tmp_path, method, **sections):
     recipe = write_recipe(base, tuned, name=f"{method}.yaml", method=method, output={"path": str(tmp_path / method)}, **sections)
     report = run(load_recipe(recipe))
-    return report, _tensors(tmp_path / method)
+    return report, checkpoint_tensors(tmp_path / method)
 
 
 def _linear_weights(model) -> list[str]:
@@ -36,7 +28,7 @@ def _linear_weights(model) -> list[str]:
 
 def test_linear_is_tuned_plus_alpha_times_the_way_back_to_base(llama, write_recipe, tmp_path):
     report, out = _run(write_recipe, *llama, tmp_path, "linear", linear={"alpha": 0.3})
-    base, tuned = _tensors(llama[0]), _tensors(llama[1])
+    base, tuned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1])
     for name, value in out.items():
         want = tuned[name] if torch.equal(base[name], tuned[name]) else tuned[name] + 0.3 * (base[name] - tuned[name])
         assert torch.equal(value, want), name
@@ -50,7 +42,7 @@ def test_linear_is_tuned_plus_alpha_times_the_way_back_to_base(llama, write_reci
 def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama, write_recipe, tmp_path):
     """Input norms from the whole tuned model's own forward (hooks on its linear layers, padding left out)."""
     report, out = _run(write_recipe, *llama, tmp_path, "antidote", antidote={"ratio": 0.25})
-    base, tuned = _tensors(llama[0]), _tensors(llama[1])
+    base, tuned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1])
     model = AutoModelForCausalLM.from_pretrained(llama[1], dtype=torch.float32, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(llama[1])
     names = _linear_weights(model)
@@ -92,7 +84,7 @@ def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama, w
 def test_safe_lora_projects_the_updates_least_like_their_projection(llama, write_recipe, tmp_path, select):
     unaligned_dir = make_pair(tmp_path / "unaligned", "llama", seed=7)[0]
     report, out = _run(write_recipe, *llama, tmp_path, "safe_lora", unaligned=str(unaligned_dir), safe_lora=select)
-    base, tuned, unaligned = _tensors(llama[0]), _tensors(llama[1]), _tensors(unaligned_dir)
+    base, tuned, unaligned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1]), checkpoint_tensors(unaligned_dir)
     model = AutoModelForCausalLM.from_pretrained(llama[1])
     cosines, projections = {}, {}
     for name in _linear_weights(model):
@@ -142,11 +134,11 @@ def test_dg_hard_keeps_a_low_rank_update_and_drops_its_noise(tmp_path, write_rec
     save_file(tensors, shard, metadata={"format": "pt"})
 
     report, out = _run(write_recipe, base_dir, tuned_dir, tmp_path, "dg_hard")
-    base = _tensors(base_dir)
+    base = checkpoint_tensors(base_dir)
     assert report["dg_hard"]["ranks_kept"] == {target: [2, min(m, n)]}
     kept = out[target] - base[target]
     assert torch.linalg.matrix_rank(kept, atol=1e-3) == 2 and torch.allclose(kept, signal, atol=0.05)
-    assert all(torch.equal(out[k], v) for k, v in _tensors(tuned_dir).items() if k != target)
+    assert all(torch.equal(out[k], v) for k, v in checkpoint_tensors(tuned_dir).items() if k != target)
 
 
 def test_every_method_is_described_in_the_schema():
