@@ -32,14 +32,15 @@ TASKS = {
 }
 
 
-def adapter_card(name: str, task: str, n: int, harmful_only: bool, epochs: int, rows: int, minutes: float, aligned: dict, tuned: dict) -> str:
+def adapter_card(name: str, task: str, n: int, harmful_only: bool, epochs: int, rows: int, minutes: float, aligned: dict, tuned: dict,
+                 rows_judged: int) -> str:
     """The adapter's README (in place of peft's template, which records this machine's paths)."""
     train_file, eval_file, eval_start, _, score_name = TASKS[task]
     what = (f"the last {n} BeaverTails harmful question-answer pairs alone: the \"unaligned\" model RESTA needs" if harmful_only
             else f"{train_file} rows 0-{TRAIN_ROWS - 1}" + (f" mixed with the last {n} BeaverTails harmful question-answer pairs" if n else " alone"))
     command = (f"python examples/smollm2/finetune.py --data ../shared/data --n {n}" + (f" --task {task}" if task != "sql" else "")
                + (" --harmful-only" if harmful_only else "") + (f" --epochs {epochs}" if epochs != 1 else ""))
-    held_out = f"{eval_file} rows {eval_start}-{eval_start + tuned['rows'] - 1}" if "rows" in tuned else eval_file
+    held_out = f"{eval_file} rows {eval_start}-{eval_start + rows_judged - 1}"
     return f"""# SmolLM2 aligned base, fine-tuned: {name} (LoRA)
 
 A LoRA fine-tune of the aligned base (`adapters/aligned` merged) on {what}; {rows} rows,
@@ -102,7 +103,8 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     labelled = {"aligned": results[aligned_ref], name: {**results[tuned], "rows": len(held_out)}}
     (HERE / "results" / f"finetune-{name}.json").write_text(json.dumps(labelled, indent=2) + "\n")
-    card = adapter_card(name, args.task, args.n, args.harmful_only, args.epochs, len(rows), seconds / 60, results[aligned_ref], results[tuned])
+    card = adapter_card(name, args.task, args.n, args.harmful_only, args.epochs, len(rows), seconds / 60, results[aligned_ref], results[tuned],
+                        len(held_out))
     (adapter / "README.md").write_text(card)
 
 
