@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gpu_check import gradient_pass_work, matmul_flops, write_pair  # noqa: E402
-from timed_run import _seconds, surgeon_run  # noqa: E402
+from timed_run import surgeon_run, timed  # noqa: E402
 
 from surgeon.tiny import HARMFUL, TASK  # noqa: E402
 
@@ -48,14 +46,9 @@ def recipe(base: Path, tuned: Path, out: Path, budget: str) -> dict:
 def in_memory(base: Path, tuned: Path, probe_layer: int) -> dict:
     """The same step done the plain way (bench/in_memory_step.py), under /usr/bin/time."""
     out = tuned.parent / f"in-memory-{tuned.name}"
-    command = ["/usr/bin/time", "-v", sys.executable, str(HERE / "in_memory_step.py"), str(base), str(tuned), str(out),
-               "--layer", str(probe_layer), "--sparsity", str(SPARSITY), "--prompts", *PROMPTS]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"in-memory step failed:\n{result.stderr[-3000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr)[1].strip()
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1])
-    return {"wall_seconds": _seconds(wall), "peak_rss_gib": rss_kb / 2**20}
+    run = timed([sys.executable, str(HERE / "in_memory_step.py"), str(base), str(tuned), str(out),
+                 "--layer", str(probe_layer), "--sparsity", str(SPARSITY), "--prompts", *PROMPTS], "in-memory step")
+    return {"wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib}
 
 
 def main() -> None:

@@ -25,13 +25,17 @@ def _seconds(wall: str) -> float:
     return seconds
 
 
-def surgeon_run(recipe: Path, *extra: str, processes: int = 1) -> TimedRun:
-    """One `surgeon run`; with processes > 1, data-parallel under torchrun (peak RSS: the largest process's)."""
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"] if processes > 1 else []
-    command = ["/usr/bin/time", "-v", sys.executable, *launcher, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q", *extra]
-    result = subprocess.run(command, capture_output=True, text=True)
+def timed(command: list[str], what: str) -> TimedRun:
+    """Run `command` under /usr/bin/time -v; exit with its stderr's tail if it fails."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"surgeon run {recipe} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"{what} failed:\n{result.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (.+)", result.stderr)[1].strip()
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)[1])
     return TimedRun(result.stdout.strip(), wall, _seconds(wall), rss_kb / 2**20)
+
+
+def surgeon_run(recipe: Path, *extra: str, processes: int = 1) -> TimedRun:
+    """One `surgeon run`; with processes > 1, data-parallel under torchrun (peak RSS: the largest process's)."""
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"] if processes > 1 else []
+    return timed([sys.executable, *launcher, "-m", "surgeon.cli", "run", str(recipe), "--overwrite", "-q", *extra], f"surgeon run {recipe}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 import traceback
@@ -189,8 +188,9 @@ def run(recipe, verbose, quiet, **flags):
 
     overrides = _options(RunOptions, flags)
     loaded = load_recipe(recipe)
-    # under torchrun / accelerate launch the other processes work silently; the main one reports
-    follower = int(os.environ.get("RANK", "0")) > 0
+    from surgeon.processes import launched_as_follower
+
+    follower = launched_as_follower()  # under torchrun / accelerate launch the main process alone reports
     with _progress(quiet or follower) as progress:
         report = run_recipe(loaded, overrides, progress)
     if follower:

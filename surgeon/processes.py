@@ -51,15 +51,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_as_follower() -> bool:
+    """Whether a launcher started this process as other than the first (known before `start`)."""
+    return int(os.environ.get("RANK", "0")) > 0
+
+
 def share(items: list[T]) -> list[T]:
-    """This process's contiguous share of `items` (the first ones get one more when uneven), so
-    gathering the shares in rank order gives `items` back in order."""
-    size = world_size()
-    if size == 1:
+    """This process's contiguous share of `items` (accelerate's split: the first ones get one
+    more when uneven), so gathering the shares in rank order gives `items` back in order."""
+    if _state is None:
         return items
-    each, extra = divmod(len(items), size)
-    start = rank() * each + min(rank(), extra)
-    return items[start : start + each + (rank() < extra)]
+    with _state.split_between_processes(items) as mine:
+        return mine
 
 
 def gather(items: list[T]) -> list[T]:

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 from surgeon import processes
 from surgeon.data.batches import Batch
 from surgeon.engine.allocator import release_free_memory
-from surgeon.engine.layout import DecoderStack, ModelLayout, build_skeleton
+from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource, check_finite
@@ -97,7 +97,7 @@ class LayeredModel:
         self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
         self.skeleton = build_skeleton(config)
         self.layout = ModelLayout.from_checkpoint(tuned.names(), {n: tuned.shape(n) for n in tuned.names()}, self.skeleton)
-        self.stack = DecoderStack.of(self.skeleton)
+        self.stack = self.layout.stack
         for name, buffer in list(self.skeleton.named_buffers()):
             if buffer.device.type != "meta":
                 set_module_tensor_to_device(self.skeleton, name, self.device)
@@ -226,18 +226,15 @@ class LayeredModel:
         """For each linear weight of the decoder layers (by checkpoint name): the sum over the
         prompts' real tokens (padding left out) of each input feature's square, in fp32: the
         activation statistic of Wanda-style scores (summed over the processes of a run)."""
-        linears = {index: [(name, self.layout.checkpoint_name(f"{self.stack.prefix}.{index}.{name}.weight"))
-                            for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)]
-                   for index, layer in enumerate(self.stack.layers)}
+        linears = self.layout.linear_weights
         # every weight has a sum, even on a process whose share of the batches is empty
-        sums = {weight: torch.zeros(self.skeleton.get_submodule(f"{self.stack.prefix}.{index}.{name}").in_features, device=self.device)
-                for index, names in linears.items() for name, weight in names}
+        sums = {weight: torch.zeros(features, device=self.device) for layer in linears for _, weight, features in layer}
 
         @contextmanager
         def observe(index: int, module: torch.nn.Module, batch: Batch):
             real = batch.attention_mask.bool().to(self.device)
             handles = []
-            for name, weight in linears[index]:
+            for name, weight, _ in linears[index]:
                 def hook(_, inputs, __, weight=weight):
                     sums[weight] += inputs[0][real].float().pow(2).sum(0)
 

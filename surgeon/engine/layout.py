@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -80,9 +81,13 @@ class Fusion:
         (fused,) = self._apply(self.converter, {pattern: [tensors[n] for n in names] for pattern, names in self.groups}, model).values()
         return fused
 
+    @cached_property
+    def _reverse(self):
+        return self.converter.reverse_transform()
+
     def split(self, tensor: torch.Tensor, model=None) -> dict[str, torch.Tensor]:
         """A tensor shaped like the parameter (its gradient, say) as checkpoint tensors, by name."""
-        reverse = self.converter.reverse_transform()
+        reverse = self._reverse
         pieces = self._apply(reverse, {reverse.source_patterns[0]: tensor}, model)
         return {name: pieces[target.replace("*", str(i))]
                 for (_, names), target in zip(self.groups, reverse.target_patterns) for i, name in enumerate(names)}
@@ -137,7 +142,7 @@ class ModelLayout:
     layer_tensors: tuple[tuple[str, ...], ...]
     norm_tensors: frozenset[str]
     decoder_parameters: int
-    layer_prefix: str  # "model.layers" for most families, "gpt_neox.layers", "transformer.h", ...
+    stack: DecoderStack  # where the decoder layers and final norm are on the skeleton
     parameter_of: dict  # checkpoint name -> parameter name (the same for almost every tensor)
     fusions: dict  # parameter -> Fusion, for parameters built from several checkpoint tensors
 
@@ -171,7 +176,15 @@ class ModelLayout:
             if missing := sorted(expected - {parameter_of[n] for n in tensors}):
                 raise IncompatibleModelsError(f"checkpoint lacks {len(missing)} tensor(s) of decoder layer {index}, e.g. '{missing[0]}'")
         total = sum(math.prod(shapes[n]) for layer in grouped for n in layer)
-        return cls(num_layers, tuple(tuple(layer) for layer in grouped), frozenset(norms), total, stack.prefix, parameter_of, fusions)
+        return cls(num_layers, tuple(tuple(layer) for layer in grouped), frozenset(norms), total, stack, parameter_of, fusions)
+
+    @cached_property
+    def linear_weights(self) -> tuple[tuple[tuple[str, str, int], ...], ...]:
+        """Per decoder layer, its nn.Linear modules as (module name within the layer, the weight's
+        checkpoint name, in_features): what LoRA adapts and Wanda-style scores read."""
+        return tuple(tuple((name, self.checkpoint_name(f"{self.stack.prefix}.{index}.{name}.weight"), module.in_features)
+                           for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear))
+                     for index, layer in enumerate(self.stack.layers))
 
     def layer_parameters(self, index: int) -> list[tuple[str, tuple[str, ...]]]:
         """Decoder layer `index` as (parameter, its checkpoint tensors): one tensor for most
@@ -183,9 +196,22 @@ class ModelLayout:
                 out[parameter] = self.fusions[parameter].sources if parameter in self.fusions else (name,)
         return list(out.items())
 
+    @property
+    def layer_prefix(self) -> str:
+        """"model.layers" for most families, "gpt_neox.layers", "transformer.h", ..."""
+        return self.stack.prefix
+
+    @cached_property
+    def _checkpoint_of(self) -> dict[str, str]:
+        # the first checkpoint name of each parameter (a fused one has several; none is asked for)
+        names: dict[str, str] = {}
+        for name, parameter in self.parameter_of.items():
+            names.setdefault(parameter, name)
+        return names
+
     def checkpoint_name(self, parameter: str) -> str:
         """The checkpoint's name for a parameter of the model (itself when nothing renames it)."""
-        return next((name for name, p in self.parameter_of.items() if p == parameter), parameter)
+        return self._checkpoint_of.get(parameter, parameter)
 
     def layer_of(self, name: str) -> tuple[int, str] | None:
         """(decoder layer, the tensor's checkpoint name within the layer) of a checkpoint tensor, or None outside the layers."""

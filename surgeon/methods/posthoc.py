@@ -148,16 +148,7 @@ class DgHardRun(_TensorRepair):
 
 def decoder_linear_weights(context) -> list[str]:
     """Checkpoint names of the decoder layers' linear weights (what LoRA adapts)."""
-    pair = context.pair
-    layout, skeleton = pair.layout, pair.engine.skeleton
-    names = []
-    for layer in layout.layer_tensors:
-        for name in layer:
-            parameter = layout.parameter_of.get(name, name)
-            module, _, leaf = parameter.rpartition(".")
-            if leaf == "weight" and parameter not in layout.fusions and isinstance(skeleton.get_submodule(module), torch.nn.Linear):
-                names.append(name)
-    return names
+    return [weight for layer in context.pair.layout.linear_weights for _, weight, _ in layer]
 
 
 def safe_lora_projection(aligned: torch.Tensor, unaligned: torch.Tensor) -> torch.Tensor | None:
@@ -175,16 +166,14 @@ class SafeLoraRun(_TensorRepair):
         self.cosines: dict[str, float] = {}
         self.projected: set[str] = set()
 
-    def _projection(self, name: str) -> torch.Tensor | None:
-        return safe_lora_projection(self.base.get(name), self.unaligned.get(name))
-
     def run(self) -> Repair:
         progress = self.context.progress
         names = decoder_linear_weights(self.context)
         with progress.task("safe_lora: cosines", total=len(names)) as task:
             for name in names:
-                update = _update(self.base.get(name), self.tuned.get(name))
-                projection = self._projection(name) if bool(update.any()) else None
+                base = self.base.get(name)
+                update = _update(base, self.tuned.get(name))
+                projection = safe_lora_projection(base, self.unaligned.get(name)) if bool(update.any()) else None
                 if projection is not None:
                     projected = projection @ update
                     self.cosines[name] = float(torch.nn.functional.cosine_similarity(projected.reshape(1, -1), update.reshape(1, -1)))
@@ -201,7 +190,7 @@ class SafeLoraRun(_TensorRepair):
     def repaired(self, name, base, tuned):
         if name not in self.projected:
             return None
-        return base.float() + self._projection(name) @ _update(base, tuned)
+        return base.float() + safe_lora_projection(base, self.unaligned.get(name)) @ _update(base, tuned)
 
     def settings(self) -> dict:
         return self.options.model_dump()
@@ -233,7 +222,7 @@ class AntidoteRun:
         engine, base, tuned = pair.engine, pair.base.tensors, pair.tuned.tensors
         squares = engine.linear_input_norms(self.prepared, TUNED, "antidote: input norms on harmful prompts (tuned)")
         engine.release(self.prepared)
-        names = [name for name in decoder_linear_weights(self.context) if name in squares]
+        names = list(squares)
         masks = MaskSet({name: tuned.shape(name) for name in names})
         with progress.task("antidote: pruning", total=len(names)) as task:
             for name in names:
