@@ -4,6 +4,8 @@ can be compared on the same checkpoints with the same judge. Each works on the f
 back to the stored dtype; a tensor the method leaves alone is copied bit-exact.
 
 - linear (Farn et al. 2025): tuned + alpha x (base - tuned), the pre/post fine-tuning merge.
+- resta (Bhardwaj et al. 2024): tuned + scale x (base - unaligned), unaligned being base fine-tuned
+  on harmful data; tensors where base and unaligned agree stay tuned's.
 - antidote (Huang et al., ICML 2025): one-shot Wanda-style pruning of the update on harmful
   data: in each row of every decoder linear weight, the entries with the highest
   |update| x input norm go back to base. A mask repair: the output is where(mask, base, tuned).
@@ -50,8 +52,7 @@ class _TensorRepair:
         tuned = self.tuned.get(name)
         if name not in self.base_names:
             return tuned
-        base = self.base.get(name)
-        value = None if torch.equal(base, tuned) else self.repaired(name, base, tuned)
+        value = self.repaired(name, self.base.get(name), tuned)
         if value is None:
             return tuned
         self.changed.add(name)
@@ -75,10 +76,31 @@ class LinearRun(_TensorRepair):
         self.label = f"tuned + {self.alpha} x (base - tuned)"
 
     def repaired(self, name, base, tuned):
+        if torch.equal(base, tuned):
+            return None
         return tuned.float() + self.alpha * (base.float() - tuned.float())
 
     def settings(self) -> dict:
         return {"alpha": self.alpha}
+
+
+class RestaRun(_TensorRepair):
+    """tuned + scale x (base - unaligned), where base and unaligned differ (Bhardwaj et al. 2024)."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.unaligned = context.inputs.unaligned.tensors
+        self.scale = context.recipe.resta.scale
+        self.label = f"RESTA: tuned + {self.scale} x (base - unaligned)"
+
+    def repaired(self, name, base, tuned):
+        unaligned = self.unaligned.get(name)
+        if torch.equal(base, unaligned):
+            return None
+        return tuned.float() + self.scale * (base.float() - unaligned.float())
+
+    def settings(self) -> dict:
+        return {"scale": self.scale}
 
 
 # -- DG-Hard ----------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ register(MethodSpec(
     needs=frozenset({"data"}), check=_restore_rules, citation=PAPER,
 ))
 register(MethodSpec(
-    "resta", "surgeon.methods.baselines:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
+    "resta", "surgeon.methods.posthoc:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
     citation=("Bhardwaj, Anh, Poria: *Language Models are Homer Simpson! Safety Re-Alignment of Fine-tuned Language Models "
               "through Task Arithmetic*, ACL 2024 ([arXiv 2402.11746](https://arxiv.org/abs/2402.11746))"),
 ))
