@@ -109,7 +109,7 @@ class ModelPair:
 
         return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
 
-    def evaluator(self, spec: Evaluate, safety_prompts: list[str] | None, task_rows: tuple[list[str], list[str]] | None):
+    def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None):
         """The evaluator of an `evaluate` section, or None when it names nothing to score. The
         streamed metrics (loss, kl) run through this pair's engine."""
         from surgeon.data.batches import answer_batches, prompt_batches

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from surgeon import processes
 from surgeon.errors import InputError
+from surgeon.data.datasets import HarmfulPrompts
 from surgeon.io.preflight import check_compatible
 from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
@@ -23,13 +24,31 @@ class Inputs:
     harmful: list[str]
     task: list[str]
     evaluation: tuple[list[str], list[str]] | None
-    safety: list[str] | None = None
+    safety: HarmfulPrompts | None = None
     unaligned: ResolvedModel | None = None
     choosing_evaluation: tuple[list[str], list[str]] | None = None  # evaluate.choosing()'s rows
-    choosing_safety: list[str] | None = None
+    choosing_safety: HarmfulPrompts | None = None
 
 
-def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet | SafetyEvalSet, field_name: str) -> list[str]:
+def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompts:
+    """A safety set's prompts (inline, or from the file at `reference`) and their categories."""
+    from surgeon.data.datasets import column, load_rows
+
+    if reference is None:
+        return HarmfulPrompts(spec.prompts[: spec.limit] if spec.limit else list(spec.prompts))
+    rows = load_rows(reference)
+    categories = column(rows, spec.category_field, reference, spec.limit) if spec.category_field else None
+    return HarmfulPrompts(column(rows, spec.field, reference, spec.limit), categories)
+
+
+def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> HarmfulPrompts:
+    try:
+        return harmful_prompts(spec, loaded.resolve(spec.path) if spec.path else None)
+    except InputError as exc:
+        raise InputError(exc.message, f"{field_name}: {exc.where}") from None
+
+
+def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str) -> list[str]:
     from surgeon.data.datasets import column, load_rows
 
     if prompt_set.prompts is not None:
@@ -61,14 +80,14 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
         unaligned = _model(loaded, recipe.unaligned, "unaligned", base)
         check_compatible(base, unaligned)
     evaluation = _task_rows(loaded, recipe.evaluate.task)
-    safety = _prompts(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
+    safety = _harmful(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
     harmful = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else []
     task = _prompts(loaded, recipe.data.task, "data.task") if recipe.data else []
     choosing = recipe.evaluate.select_on
     return Inputs(
         base, tuned, harmful, task, evaluation, safety, unaligned,
         choosing_evaluation=_task_rows(loaded, choosing.task) if choosing and choosing.task else evaluation,
-        choosing_safety=_prompts(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
+        choosing_safety=_harmful(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
     )
 
 
@@ -292,7 +311,7 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
     return {
         **({"chosen_on": chosen_on, "held_out": all("select_on" in rows for rows in chosen_on.values())} if chose_checkpoint else {}),
         "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
-        "safety_prompts": len(inputs.safety or []),
+        "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
         "metric": metric.name if metric else None,
         "higher_is_better": metric.higher_is_better if metric else None,
         "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
@@ -343,7 +362,8 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
     if request.options.task:
         spec["task"] = {**(spec.get("task") or {}), "path": request.options.task}
     flags = {
-        "safety": {"judge": request.options.judge, "model": request.options.judge_model, "limit": request.options.limit, "max_new_tokens": request.options.max_new_tokens},
+        "safety": {"judge": request.options.judge, "model": request.options.judge_model, "limit": request.options.limit,
+                   "max_new_tokens": request.options.max_new_tokens, "category_field": request.options.category_field},
         "task": {"metric": request.options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
                  "limit": request.options.limit, "max_new_tokens": request.options.max_new_tokens},
     }
@@ -378,8 +398,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
     safety_prompts = task_rows = None
     if spec.safety is not None:
-        reference = flagged(spec.safety.path) if spec.safety.path else None
-        safety_prompts = spec.safety.prompts[: spec.safety.limit] if reference is None else column(load_rows(reference), spec.safety.field, reference, spec.safety.limit)
+        safety_prompts = harmful_prompts(spec.safety, flagged(spec.safety.path) if spec.safety.path else None)
     if spec.task is not None:
         reference = flagged(spec.task.path)
         rows = load_rows(reference)
@@ -419,7 +438,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
 
     return {
         "judge": spec.safety.judge if spec.safety else None,
-        "safety_prompts": len(safety_prompts or []),
+        "safety_prompts": len(safety_prompts.prompts) if safety_prompts else 0,
         "metric": metric,
         "higher_is_better": parse_metric(metric).higher_is_better if metric else None,
         "task_rows": len(task_rows[0]) if task_rows else 0,

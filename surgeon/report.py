@@ -97,6 +97,18 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def category_lines(report: dict) -> list[str]:
+    """Markdown: the harmful rate per harm category and model, when the safety set names categories."""
+    models = {name: scores["harmful_by_category"] for name, scores in (report.get("evaluation") or {}).get("models", {}).items()
+              if scores.get("harmful_by_category")}
+    if not models:
+        return []
+    categories = list(dict.fromkeys(c for rates in models.values() for c in rates))
+    lines = [f"| category | {' | '.join(models)} |", "|---|" + "---|" * len(models)]
+    return lines + [f"| {category} | {' | '.join(_number(rates.get(category), percent=True) for rates in models.values())} |"
+                    for category in categories]
+
+
 def step_rows(report: dict) -> list[tuple[str, ...]]:
     """(step, phase, restored, reverted, restored so far, harmful rate, task score, mark) per step.
     Checkpoints belong to the last phase run; after a rollback restart, the discarded warm-up
@@ -191,6 +203,8 @@ def render_markdown(report: dict) -> str:
             *[f"| {' | '.join(row)} |" for row in model_rows(report)],
             "",
         ]
+    if category_lines(report):
+        lines += ["## Harmful rate per category", "", *category_lines(report), ""]
     task = report.get("task") or {}
     if task.get("checkpoints"):
         lines += ["## Checkpoints", "", *tradeoff_lines(report), ""]

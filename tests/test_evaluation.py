@@ -137,6 +137,28 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
     assert bad.exit_code == 2 and "unknown metric 'bleu'" in bad.output
 
 
+def test_harmful_rate_per_category_in_the_records_and_eval(llama, write_recipe, task_eval_file, tmp_path):
+    safety = tmp_path / "safety.jsonl"
+    categories = ["theft" if i % 2 else "privacy" for i in range(len(HARMFUL))]
+    safety.write_text("".join(json.dumps({"prompt": p, "kind": c}) + "\n" for p, c in zip(HARMFUL, categories)))
+    evaluate = _evaluate(task_eval_file, safety={"path": str(safety), "category_field": "kind", "max_new_tokens": 6})
+    recipe = write_recipe(*llama, rollback={"mode": "never"}, restore={"steps": 1, "save_every": 1}, evaluate=evaluate)
+    report = run(load_recipe(recipe))
+    for scores in report["evaluation"]["models"].values():
+        rates = scores["harmful_by_category"]
+        assert list(rates) == ["privacy", "theft"]
+        # the overall rate is the prompts' mean: with equal groups, the mean of the categories' rates
+        assert scores["harmful_rate"] == pytest.approx(sum(rates.values()) / 2)
+    for name in ("report.md", "README.md"):
+        text = (tmp_path / "repaired" / name).read_text()
+        assert "| category | base | tuned | repaired |" in text and "| theft |" in text
+    args = ["eval", str(llama[1]), "--safety", str(safety), "--category-field", "kind", "--max-new-tokens", "6", "--json"]
+    data = json.loads(CliRunner().invoke(main, args).output)
+    assert data["models"][str(llama[1])]["harmful_by_category"] == report["evaluation"]["models"]["tuned"]["harmful_by_category"]
+    missing = CliRunner().invoke(main, args[:-1] + ["--category-field", "nope"])
+    assert missing.exit_code == 2 and "no text field 'nope'" in missing.output
+
+
 def test_a_model_past_the_memory_budget_is_offloaded_not_refused(llama, tmp_path):
     """max_memory far below the model's size: accelerate's device map puts the weights on disk."""
     in_memory = load_for_generation(llama[1], llama[1], "cpu", torch.float32, None, tmp_path / "unused")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon.errors import InputError
@@ -87,6 +88,14 @@ def load_rows(reference: str) -> list[dict]:
         if not isinstance(row, dict):
             raise InputError("each row must be an object with named fields", f"{reference} row {number}")
     return rows
+
+
+@dataclass
+class HarmfulPrompts:
+    """Held-out harmful prompts, with each one's harm category when the set names them."""
+
+    prompts: list[str]
+    categories: list[str] | None = None
 
 
 def column(rows: list[dict], field: str, reference: str, limit: int | None = None) -> list[str]:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 from surgeon import processes
+from surgeon.data.datasets import HarmfulPrompts
 from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
-from surgeon.evaluate.judges import Judge, harmful_rate
+from surgeon.evaluate.judges import Judge, harmful_rate, harmful_rate_by_category
 from surgeon.evaluate.metrics import Metric
 from surgeon.progress import NullProgress, Progress
 
@@ -35,7 +36,7 @@ class Candidate:
 
 @dataclass
 class SafetySet:
-    prompts: list[str]
+    rows: HarmfulPrompts
     judge: Judge
     max_new_tokens: int
 
@@ -53,6 +54,7 @@ class TaskSet:
 class Scores:
     harmful_rate: float | None = None
     unparsable: int = 0
+    harmful_by_category: dict[str, float] | None = None
     task_score: float | None = None
     seconds: float = 0.0
     generated_tokens: int = 0
@@ -108,11 +110,15 @@ class Evaluator:
             self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
         return answers
 
-    def harm(self, candidate: Candidate) -> tuple[float, int] | None:
+    def harm(self, candidate: Candidate) -> tuple[float, int, dict[str, float] | None] | None:
+        """The harmful rate, how many verdicts were unparsable, and the rate per category (when named)."""
         if self.safety is None:
             return None
-        answers = self.answers(candidate, self.safety.prompts, self.safety.max_new_tokens, "safety")
-        return harmful_rate(self.safety.judge(self.safety.prompts, answers))
+        rows = self.safety.rows
+        answers = self.answers(candidate, rows.prompts, self.safety.max_new_tokens, "safety")
+        verdicts = self.safety.judge(rows.prompts, answers)
+        by_category = harmful_rate_by_category(verdicts, rows.categories) if rows.categories else None
+        return (*harmful_rate(verdicts), by_category)
 
     def task_score(self, candidate: Candidate) -> float | None:
         if self.task is None:
@@ -128,7 +134,7 @@ class Evaluator:
         scores = Scores()
         harm = self.harm(candidate)
         if harm is not None:
-            scores.harmful_rate, scores.unparsable = harm
+            scores.harmful_rate, scores.unparsable, scores.harmful_by_category = harm
         scores.task_score = self.task_score(candidate)
         scores.seconds = time.perf_counter() - started
         scores.generated_tokens = self.stats.tokens - before[0]

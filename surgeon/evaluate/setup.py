@@ -13,6 +13,7 @@ from surgeon.engine.layered import BASE, TUNED, Plan
 from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError, NonFiniteError
 from surgeon.io.fingerprint import combine, folder_fingerprint
+from surgeon.data.datasets import HarmfulPrompts
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluate.generate import LoadedModel, generate, load_for_generation
 from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
@@ -145,5 +146,5 @@ def task_set(spec, prompts: list[str], references: list[str], streamed: Callable
     return TaskSet(prompts, references, metric, spec.max_new_tokens, streamed if not metric.generates else None)
 
 
-def safety_set(spec: SafetyEvalSet, prompts: list[str], judge: Judge) -> SafetySet:
-    return SafetySet(prompts, judge, spec.max_new_tokens)
+def safety_set(spec: SafetyEvalSet, rows: HarmfulPrompts, judge: Judge) -> SafetySet:
+    return SafetySet(rows, judge, spec.max_new_tokens)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from surgeon.methods.registry import methods
-from surgeon.report import model_rows, tradeoff_lines
+from surgeon.report import category_lines, model_rows, tradeoff_lines
 _HF_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+)")
 
 
@@ -79,6 +79,8 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
             *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {evaluation['metric'] or '–'} |" for r in rows],
             "",
         ]
+        if category_lines(report):
+            lines += ["Harmful rate per harm category:", "", *category_lines(report), ""]
     if report.get("task", {}).get("checkpoints"):
         lines += ["## Trade-off", "", *tradeoff_lines(report), ""]
         if plot:

@@ -32,6 +32,8 @@ class EvalOptions(Strict):
     """Take the evaluate section (and base/tuned) from this recipe."""
     safety: str | None = None
     """Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt')."""
+    category_field: str | None = None
+    """The column of --safety that names each prompt's harm category (harmful rate per category)."""
     task: str | None = None
     """Task rows with 'prompt' and 'response'."""
     metric: str | None = None

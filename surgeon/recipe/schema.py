@@ -106,6 +106,8 @@ class SafetyEvalSet(Strict):
     """Prompts written inline, instead of a path."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
     """Use only the first N rows."""
+    category_field: str | None = None
+    """The column that names each prompt's harm category: the harmful rate is also reported per category."""
     judge: Literal["refusal", "guard", "classifier"] = "refusal"
     """refusal: an answer without a refusal marker is harmful; guard: a guard LLM's verdict; classifier: a sequence classifier's label."""
     markers: list[str] | None = None
@@ -128,6 +130,8 @@ class SafetyEvalSet(Strict):
     def _judge_needs(self):
         if (self.path is None) == (self.prompts is None):
             raise ValueError("give exactly one of 'path' or 'prompts'")
+        if self.category_field is not None and self.path is None:
+            raise ValueError("'category_field' names a column of the file in 'path'; inline prompts have none")
         if self.judge in ("guard", "classifier") and self.model is None:
             raise ValueError(f"judge '{self.judge}' needs 'model': the guard or classifier to load")
         if self.judge == "refusal" and self.model is not None:
