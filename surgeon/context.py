@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from surgeon.allocator import fit_to_budget, release_free_memory
 from surgeon.errors import InputError
 from surgeon.io.references import ResolvedModel
 from surgeon.progress import NullProgress, Progress
@@ -67,6 +68,7 @@ class ModelPair:
 
     def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_files: Path, settings: ModelSettings, workspace: Path):
         self.base, self.tuned, self.tokenizer_files, self.settings, self.workspace = base, tuned, tokenizer_files, settings, Path(workspace)
+        fit_to_budget(settings.budget)
 
     @cached_property
     def config(self):
@@ -186,10 +188,15 @@ class RunContext:
         """Whether the method scored checkpoints to choose among them."""
         return self.__dict__.get("scorer") is not None
 
-    def done_choosing(self) -> None:
-        """The choosing evaluator's generation model goes; the final table loads its own."""
+    def method_done(self) -> None:
+        """What only the method needed goes before the write: its stores (restore's accumulated
+        gradients, up to half of compute.max_memory) and the choosing evaluator's generation
+        model (the final table loads its own)."""
+        for store in self.stores:
+            store.clear()
         if "chooser" in self.__dict__ and self.chooser is not None and self.chooser is not self.evaluator:
             self.chooser.release()
+        release_free_memory(force=True)
 
     def prompt_batches(self, prompts: list[str]):
         from surgeon.data.batches import prompt_batches

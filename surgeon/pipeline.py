@@ -227,7 +227,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
             method = spec.build(context)
         with timer.phase("repair"):
             repair = method.run()
-        context.done_choosing()
+        context.method_done()
         with timer.phase("write"):
             shards = _write_repair(repair, context, output.temporary)
         change, changed = repair.summary()

@@ -70,6 +70,34 @@ def test_pickle_checkpoints_need_allow_pickle(llama, tmp_path):
         resolve_model(str(folder))
     loaded = resolve_model(str(folder), allow_pickle=True)
     assert torch.equal(loaded.tensors.get("model.layers.0.mlp.up_proj.weight"), state["model.layers.0.mlp.up_proj.weight"])
+    ids = torch.tensor([0, 3, 4, 5, 9])
+    assert torch.equal(loaded.tensors.rows("model.embed_tokens.weight", ids), state["model.embed_tokens.weight"][ids])
+
+
+def test_embedding_rows_are_read_without_the_whole_matrix(llama, monkeypatch, tmp_path):
+    """Preparing a prompt set reads the rows its tokens use (runs of consecutive ids in one slice
+    each), never the whole embedding; the rows equal the whole tensor's."""
+    from surgeon.io.checkpoint import SafetensorsCheckpoint
+
+    source = resolve_model(str(llama[1])).tensors
+    name = "model.embed_tokens.weight"
+    ids = torch.tensor([0, 1, 2, 7, 8, 40, source.shape(name)[0] - 1])
+    assert torch.equal(source.rows(name, ids), source.get(name)[ids])
+    assert source.rows(name, ids[:0]).shape == (0, source.shape(name)[1])  # a process whose share has no batches
+    whole = []
+    real = SafetensorsCheckpoint.get
+    monkeypatch.setattr(SafetensorsCheckpoint, "get", lambda self, n: whole.append(n) or real(self, n))
+    from surgeon.context import ModelPair, ModelSettings
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine.layered import TUNED
+    from surgeon.progress import NullProgress
+    from surgeon.recipe.schema import Compute
+    from surgeon.tiny import HARMFUL
+
+    model = resolve_model(str(llama[1]))
+    pair = ModelPair(model, model, llama[1], ModelSettings.of(Compute(), None, str, "cpu", NullProgress()), tmp_path)
+    pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), TUNED, 2)
+    assert name not in whole
 
 
 def test_unknown_reference_is_a_clear_error(tmp_path):
@@ -106,6 +134,9 @@ def test_lora_adapter_merges_exactly_like_peft(llama, tmp_path, dtype):
         assert ours.dtype == dtype and torch.equal(ours, reference), name
         changed += not torch.equal(ours, base.tensors.get(name))
     assert changed == 6 * 3
+    ids = torch.tensor([1, 2, 5])
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):  # as stored, and merged
+        assert torch.equal(tuned.tensors.rows(name, ids), tuned.tensors.get(name)[ids])
 
 
 def test_adapter_run_equals_run_on_the_merged_checkpoint(llama, write_recipe, tmp_path):

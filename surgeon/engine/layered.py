@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from surgeon import processes
 from surgeon.data.batches import Batch
-from surgeon.engine.allocator import release_free_memory
+from surgeon.allocator import release_free_memory
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
@@ -161,7 +161,11 @@ class LayeredModel:
         prepared = PreparedInputs(f"inputs{next(self._tags)}", batches, [])
         owner, attribute = self.stack.owner, self.stack.attribute
         real_layers = self.stack.layers
-        self._set(self.embedding_name, source.get(self.embedding_name))
+        # only the vocabulary rows these batches use are read; the model's own embedding module
+        # runs on them (with its scaling, as Gemma's), through ids renumbered into those rows
+        used = torch.unique(torch.cat([batch.input_ids.flatten() for batch in batches])) if batches else torch.zeros(0, dtype=torch.long)
+        rows = {"weight": source.rows(self.embedding_name, used).to(self.device, self.dtype)}
+        embedding = self.skeleton.get_input_embeddings()
         try:
             for index, batch in enumerate(batches):
                 records: list = []
@@ -170,8 +174,9 @@ class LayeredModel:
                 ))
                 try:
                     with torch.no_grad():
+                        embeds = torch.func.functional_call(embedding, rows, (torch.searchsorted(used, batch.input_ids).to(self.device),))
                         owner(
-                            input_ids=batch.input_ids.to(self.device),
+                            inputs_embeds=embeds,
                             attention_mask=batch.attention_mask.to(self.device),
                             position_ids=batch.position_ids.to(self.device),
                             use_cache=False,
@@ -182,7 +187,6 @@ class LayeredModel:
                 prepared.layer_arguments.append([(args, kwargs) for _, args, kwargs in records])
         finally:
             setattr(owner, attribute, real_layers)
-            self._set(self.embedding_name, None)
         return prepared
 
     def release(self, prepared: PreparedInputs) -> None:

@@ -104,6 +104,9 @@ class LoraMergedSource(DerivedSource):
     def merged_names(self) -> set[str]:
         return set(self._deltas) | set(self._replaced)
 
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.get(name)[ids] if name in self.merged_names else self.base.rows(name, ids)
+
     def get(self, name: str) -> torch.Tensor:
         if name in self._replaced:
             return self._weights.get(self._replaced[name]).to(self.base.dtype(name))

@@ -18,12 +18,19 @@ SAFETENSORS_DTYPES = {
 }
 
 
+_FINITE_CHUNK = 2**22  # entries checked at once: isfinite's temporaries (|x|, masks) stay a few MB
+
+
 def check_finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
-    """The tensor itself, or NonFiniteError naming it: a NaN would silently skew every choice after it."""
+    """The tensor itself, or NonFiniteError naming it: a NaN would silently skew every choice after it.
+    Checked in chunks: on a whole embedding, isfinite's temporaries would double the memory it takes."""
     if tensor.is_floating_point():
-        values = tensor.float() if tensor.element_size() == 1 else tensor  # float8 has no isfinite kernel
-        if not torch.isfinite(values).all():
-            raise NonFiniteError(f"tensor '{name}' holds NaN or infinite values", where)
+        flat = tensor.reshape(-1)
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            values = flat[start : start + _FINITE_CHUNK]
+            values = values.float() if values.element_size() == 1 else values  # float8 has no isfinite kernel
+            if not torch.isfinite(values).all():
+                raise NonFiniteError(f"tensor '{name}' holds NaN or infinite values", where)
     return tensor
 
 
@@ -52,6 +59,22 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (unique, ascending) of a 2-D tensor: the embedding rows a prompt set uses,
+        without the whole matrix (a 128k-token vocabulary in fp32 is 2-4 GB)."""
+        ...
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as [start, stop) runs of consecutive values."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(start, stop) for start, stop in runs]
+
 
 class DerivedSource:
     """Base of sources that compute their tensors from others: names, shapes and dtypes are `like`'s."""
@@ -67,6 +90,9 @@ class DerivedSource:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.like.dtype(name)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return self.get(name)[ids]
 
 
 class SafetensorsCheckpoint(_FiniteOnce):
@@ -140,6 +166,15 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
         return self._finite(name, tensor, str(self._where[name]))
 
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        try:
+            with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
+                view = handle.get_slice(name)
+                rows = torch.cat([view[start:stop] for start, stop in _runs(ids.tolist())] or [view[0:0]])
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
+        return check_finite(name, rows, str(self._where[name]))
+
 
 class PickleCheckpoint(_FiniteOnce):
     """`.bin`/`.pt` checkpoints, only when the recipe says allow_pickle; loaded weights_only."""
@@ -166,3 +201,6 @@ class PickleCheckpoint(_FiniteOnce):
 
     def get(self, name: str) -> torch.Tensor:
         return self._finite(name, self._tensors[name].clone(), self._files)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        return check_finite(name, self._tensors[name][ids], self._files)  # indexing copies, from the mapped file

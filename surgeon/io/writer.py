@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from surgeon.io.checkpoint import SAFETENSORS_DTYPES
+from surgeon.allocator import release_free_memory
 from surgeon.progress import NullProgress, Progress
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -73,6 +74,7 @@ def write_file(path: Path, entries: list[TensorEntry], get_tensor: Callable[[str
         out.write(_header(entries, metadata))
         for entry in entries:
             out.write(_tensor_bytes(get_tensor(entry.name)))
+            release_free_memory()
 
 
 def write_sharded(
@@ -95,6 +97,8 @@ def write_sharded(
                     if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
                         raise ValueError(f"{entry.name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
                     out.write(_tensor_bytes(tensor))
+                    del tensor  # before the next read: a tensor read through a mapping holds its pages
+                    release_free_memory()
                     weight_map[entry.name] = shard_name
                     task.advance()
     if len(names) > 1:

@@ -9,7 +9,9 @@ memory returns when they are freed. bench/scale.py, one restore step at max_memo
 pair at 1.10 and 0.95 GiB (the same wall); 16 MiB kept 1.53 GiB, 1-4 MiB cost 15-30% of the wall
 time (every per-batch activation mapped and zero-filled afresh).
 What stays in the heap is trimmed with `malloc_trim`, but trimming after every layer cost
-SmolLM2-135M 30% of its repair time, so only once RSS has grown by SLACK since the last trim.
+SmolLM2-135M 30% of its repair time, so only once RSS has grown by a slack since the last trim:
+SLACK_BYTES, or a quarter of a smaller compute.max_memory (`fit_to_budget`). The engine calls it
+after each layer, the writer after each tensor.
 """
 
 import ctypes
@@ -31,6 +33,13 @@ if sys.platform.startswith("linux"):
         _libc = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _after_last_trim = [0]
+_slack = [SLACK_BYTES]
+
+
+def fit_to_budget(budget_bytes: int) -> None:
+    """Trim after a quarter of compute.max_memory's growth where that is less than SLACK_BYTES, so
+    that a small budget is not exceeded by the heap's free blocks."""
+    _slack[0] = min(SLACK_BYTES, budget_bytes // 4)
 
 
 def _rss() -> int:
@@ -38,9 +47,10 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
-def release_free_memory() -> None:
+def release_free_memory(force: bool = False) -> None:
+    """Trim the heap once RSS has grown by the slack since the last trim (or now, with force)."""
     if _libc is None:
         return
-    if _rss() - _after_last_trim[0] > SLACK_BYTES:
+    if force or _rss() - _after_last_trim[0] > _slack[0]:
         _libc.malloc_trim(0)
         _after_last_trim[0] = _rss()
