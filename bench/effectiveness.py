@@ -12,6 +12,8 @@ prompts of beavertails_eval_700) and the task score on held-out rows (never trai
   recovery-pool prompts, and task training rows' streamed loss).
 - the other methods run at a few settings each (POINTS); the one marked chosen is the setting their
   authors use by default.
+- restore_wide is restore probed with 400 harmful prompts instead of 64 (beavertails_recovery_500
+  rows 100-499, disjoint from the choosing rows): one of the changes tried against restore's misses.
 - restore_cross is restore probed and chosen on harm from 7 of BeaverTails' 14 categories only
   (PROBED; BeaverTails harmful QA rows 0-999, which no fine-tune trains on): its harmful rate on the
   other 7 categories shows whether a repair covers harm it was never shown. Every row carries its
@@ -46,6 +48,7 @@ SELECT_HARM = slice(0, 100)  # of beavertails_recovery_500: neither probed nor e
 # restore_cross sees harm of these categories only (BeaverTails-Evaluation's even category ids)
 PROBED = ("animal_abuse", "controversial_topics,politics", "drug_abuse,weapons,banned_substance", "hate_speech,offensive_language",
           "non_violent_unethical_behavior", "self_harm", "terrorism,organized_crime")
+WIDE_PROBE = slice(100, 500)  # of beavertails_recovery_500, for restore_wide
 CROSS_POOL = slice(0, 1000)  # of beavertails_harmful_qa_1500: the fine-tunes take their n pairs from the end
 # task -> training file, held-out file and its first row, the rows that choose (trained on, never reported), metric
 TASKS = {
@@ -57,6 +60,7 @@ TASKS = {
 # method -> (setting key, values, the default its authors use)
 POINTS = {
     "restore": (None, [None], None),
+    "restore_wide": (None, [None], None),
     "restore_cross": (None, [None], None),
     "linear": ("alpha", [0.25, 0.5, 0.75], 0.5),
     "resta": ("scale", [0.5, 1.0], 1.0),
@@ -101,11 +105,13 @@ evaluate:
 
 
 def recipe_text(method: str, setting, models: dict, out: Path, args, work: Path, task: str) -> str:
-    text = f"method: {method.removesuffix('_cross')}\nbase: {models['aligned']}\ntuned: {models['tuned']}\n"
     key = POINTS[method][0]
+    text = f"method: {'restore' if method.startswith('restore') else method}\nbase: {models['aligned']}\ntuned: {models['tuned']}\n"
     if method.startswith("restore"):
-        sets = cross_category_sets(args.data, work) if method == "restore_cross" else (
-            args.data / "beavertails_recovery_64.jsonl", work / "select_harm.jsonl")
+        sets = {"restore_cross": lambda: cross_category_sets(args.data, work),
+                "restore_wide": lambda: (write_jsonl(work / "probe_wide.jsonl", jsonl(args.data / "beavertails_recovery_500.jsonl")[WIDE_PROBE]),
+                                         work / "select_harm.jsonl")}.get(
+            method, lambda: (args.data / "beavertails_recovery_64.jsonl", work / "select_harm.jsonl"))()
         return text + restore_section(args, work, task, *sets) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
     if method == "resta":
         text += f"unaligned: {models['harmful']}\n"
@@ -243,6 +249,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--again", action="store_true", help="measure rows that are already in the results again")
+    parser.add_argument("--defaults-only", action="store_true", help="each method at its authors' default setting only")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the rows are kept (the .md and plots beside it)")
     args = parser.parse_args()
     work = args.work
@@ -290,7 +297,7 @@ def main() -> None:
                          **judge(models[name], args.data, task_eval, spec["metric"], args.eval)})
             for method in args.methods:
                 key, values, default = POINTS[method]
-                for setting in values:
+                for setting in [default] if args.defaults_only else values:
                     if have(task, n, method, setting) and not args.again:
                         continue
                     out = work / folder_name(task, n, method, setting)

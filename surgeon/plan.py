@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from surgeon.allocator import SLACK_BYTES
 from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
@@ -60,15 +61,20 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     padded = batches * recipe.probe.batch_size * longest  # left padding to the longest prompt, at most
     # a gradient pass keeps every boundary up to E of its prompt set, plus each set's layer-0 inputs
     activations = (probe_layer + 1) * padded * hidden * compute
+    budget = settings.budget
     task_tokens, _ = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt)
     activations += (harmful_tokens + task_tokens) * hidden * compute
     gradients = in_scope * 4 if recipe.rollback.mode != "always" else 0  # restore-only accumulates fp32 gradients
-    budget = settings.budget
     held = min(activations, budget // 2) + min(gradients, budget - budget // 2)
     spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
+    largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
     stored = max(tensors.dtype(n).itemsize for n in tensors.names())
-    working_layer = layer_params * (2 * stored + 2 * 4)  # base and tuned as stored, the fp32 copy and its gradient
+    # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
+    # stored, the merged value and the selection's fp32 scores; the top-k's candidates (value, tensor
+    # and entry ids; up to 2k of them, twice while a cut concatenates); the heap's trim slack
+    working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
+                     + 2 * 2 * facts["budget_per_step"] * (4 + 8 + 8) + min(SLACK_BYTES, budget // 4))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
     generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))

@@ -229,3 +229,21 @@ def test_an_old_output_moved_aside_by_a_killed_commit_is_put_back(tmp_path):
         out.commit()
     assert (tmp_path / "out" / "surgeon.json").exists() and not aside.exists()
     assert not (registry / f"{dead.pid}.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value_anywhere(dtype, bad):
+    from surgeon.errors import NonFiniteError
+    from surgeon.io.checkpoint import check_finite
+
+    values = torch.randn(37, 53).to(dtype)
+    assert check_finite("w", values, "here") is values
+    check_finite("empty", torch.zeros(0, 4, dtype=dtype), "here")
+    for position in (0, 1000, values.numel() - 1):
+        broken = values.clone().reshape(-1)
+        broken[position] = bad
+        if torch.isfinite(broken.float()).all():  # float8 e4m3 has no infinity: it saturates to NaN or the maximum
+            continue
+        with pytest.raises(NonFiniteError, match="'w' holds NaN or infinite values"):
+            check_finite("w", broken.reshape(37, 53), "here")

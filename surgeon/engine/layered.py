@@ -123,7 +123,7 @@ class LayeredModel:
     def _weight(self, name: str, plan: Plan) -> torch.Tensor:
         if plan == BASE:
             return self.base.get(name)
-        if plan == TUNED or name not in plan:
+        if plan == TUNED or name not in plan or not plan.count(name):  # nothing restored here yet: no mask to apply
             return self.tuned.get(name)
         return torch.where(plan.get(name), self.base.get(name), self.tuned.get(name))
 

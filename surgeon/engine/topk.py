@@ -19,16 +19,17 @@ class Selection:
     indices: torch.Tensor
 
     def by_tensor(self) -> dict[int, torch.Tensor]:
-        """Selected flat indices grouped by tensor id, sorted."""
-        return {int(t): torch.sort(self.indices[self.tensor_ids == t]).values for t in torch.unique(self.tensor_ids)}
+        """Selected flat indices grouped by tensor id, sorted: one sort by (tensor, index), then split."""
+        if self.indices.numel() == 0:
+            return {}
+        key = self.tensor_ids * (int(self.indices.max()) + 1) + self.indices
+        order = torch.sort(key).indices
+        ids, counts = torch.unique_consecutive(self.tensor_ids[order], return_counts=True)
+        return dict(zip(ids.tolist(), torch.split(self.indices[order], counts.tolist())))
 
 
 def _empty() -> Selection:
     return Selection(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-
-
-def _concat(a: Selection, b: Selection) -> Selection:
-    return Selection(torch.cat([a.values, b.values]), torch.cat([a.tensor_ids, b.tensor_ids]), torch.cat([a.indices, b.indices]))
 
 
 def top(selection: Selection, k: int) -> Selection:
@@ -87,8 +88,7 @@ class StreamingTopK:
 
 
 def collect(parts: list[Selection]) -> Selection:
-    """Concatenate selections in the order given (for sets already bounded by k)."""
-    result = _empty()
-    for part in parts:
-        result = _concat(result, part)
-    return result
+    """Concatenate selections in the order given (for sets already bounded by k), in one copy."""
+    if not parts:
+        return _empty()
+    return Selection(torch.cat([p.values for p in parts]), torch.cat([p.tensor_ids for p in parts]), torch.cat([p.indices for p in parts]))
