@@ -139,15 +139,21 @@ class RestoreMethod:
                 g = grads[name]
                 if accumulate:
                     self.accumulated.put(name, g)
-                # theta - base: zero where restored, tuned - base elsewhere (built in place: one fp32 copy)
-                diff = raw.tuned[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
-                diff.masked_fill_(masks.get(name).to(g.device), 0.0)
-                # the same sign, both nonzero (compared by sign bit: no fp32 temporaries)
-                candidates = (diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))
-                del diff
-                if best.threshold is not None:  # entries at or below it would be dropped on arrival
-                    candidates &= g.abs() > best.threshold
-                indices = candidates.flatten().nonzero().squeeze(1)
+                # a candidate: not restored yet, theta - base (= tuned - base) nonzero and of g's sign
+                # (compared by sign bit: no fp32 temporaries)
+                if best.threshold is None:
+                    diff = raw.tuned[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
+                    diff.masked_fill_(masks.get(name).to(g.device), 0.0)
+                    indices = ((diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))).flatten().nonzero().squeeze(1)
+                    del diff
+                else:
+                    # entries at or below the top-k's threshold would be dropped on arrival: the few
+                    # above it are tested alone (the same candidates, a third of the time)
+                    indices = (g.abs() > best.threshold).flatten().nonzero().squeeze(1)
+                    at = indices.cpu()
+                    diff = (raw.tuned[name].flatten()[at].float() - raw.base[name].flatten()[at].float()).to(g.device)
+                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(g.flatten()[indices])) & ~masks.flat(name)[at].to(g.device)
+                    indices = indices[keep]
                 best.offer(self.tensor_ids[name], g.flatten()[indices].abs(), indices)
 
         seed = (lambda name: self.accumulated.get(name) if name in self.accumulated else None) if accumulate else (lambda name: None)
