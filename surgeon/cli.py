@@ -181,7 +181,7 @@ def main():
 @_reported
 def run(recipe, verbose, quiet, **flags):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
-    from surgeon.console import models_table, summary_lines, summary_table
+    from surgeon.console import categories_table, models_table, summary_lines, summary_table
     from surgeon.pipeline import destination
     from surgeon.pipeline import run as run_recipe
     from surgeon.recipe import load_recipe
@@ -198,8 +198,9 @@ def run(recipe, verbose, quiet, **flags):
     out, _ = _consoles()
     if not quiet and report.get("steps"):  # a method that records its steps (restore)
         out.print(summary_table(report))
-    if (table := models_table(report)) is not None:
-        out.print(table)
+    for table in (models_table(report), categories_table(report)):
+        if table is not None:
+            out.print(table)
     for line in summary_lines(report, destination(loaded, overrides)):
         click.echo(line)
     if report.get("pushed"):
@@ -247,7 +248,7 @@ def evaluate(models, as_json, verbose, quiet, **flags):
     """Harmful rate and task score of MODELS side by side ('base'/'tuned' name a recipe's models)."""
     import json
 
-    from surgeon.console import models_table
+    from surgeon.console import categories_table, models_table
     from surgeon.pipeline import EvalRequest, evaluate_models
     from surgeon.recipe import load_recipe
 
@@ -258,7 +259,9 @@ def evaluate(models, as_json, verbose, quiet, **flags):
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
-    _consoles()[0].print(models_table({"evaluation": results}))
+    for table in (models_table({"evaluation": results}), categories_table({"evaluation": results})):
+        if table is not None:
+            _consoles()[0].print(table)
     generation = results["generation"]
     if generation["tokens"]:
         click.echo(f"generated {generation['tokens']:,} tokens in {generation['seconds']:.1f}s ({generation['tokens_per_second']:.1f} tokens/s)")

@@ -156,6 +156,21 @@ def models_table(report: dict) -> Table | None:
     return table
 
 
+def categories_table(report: dict) -> Table | None:
+    from surgeon.report import category_rows
+
+    models, rows = category_rows(report)
+    if not rows:
+        return None
+    table = Table(title="harmful rate per category")
+    table.add_column("category", overflow="fold")
+    for model in models:
+        table.add_column(model, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def summary_lines(report: dict, destination) -> list[str]:
     seconds = sum(report["seconds"].values())
     lines = [f"{report['method']}: {report['change']}"]

@@ -97,16 +97,21 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def category_lines(report: dict) -> list[str]:
-    """Markdown: the harmful rate per harm category and model, when the safety set names categories."""
+def category_rows(report: dict) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(models, one row per harm category: its name and each model's harmful rate), when the
+    safety set names categories; ([], []) otherwise."""
     models = {name: scores["harmful_by_category"] for name, scores in (report.get("evaluation") or {}).get("models", {}).items()
               if scores.get("harmful_by_category")}
-    if not models:
-        return []
     categories = list(dict.fromkeys(c for rates in models.values() for c in rates))
-    lines = [f"| category | {' | '.join(models)} |", "|---|" + "---|" * len(models)]
-    return lines + [f"| {category} | {' | '.join(_number(rates.get(category), percent=True) for rates in models.values())} |"
-                    for category in categories]
+    return list(models), [(c, *(_number(rates.get(c), percent=True) for rates in models.values())) for c in categories]
+
+
+def category_lines(report: dict) -> list[str]:
+    """Markdown: the harmful rate per harm category and model (nothing without categories)."""
+    models, rows = category_rows(report)
+    if not rows:
+        return []
+    return [f"| category | {' | '.join(models)} |", "|---|" + "---|" * len(models)] + [f"| {' | '.join(row)} |" for row in rows]
 
 
 def step_rows(report: dict) -> list[tuple[str, ...]]:

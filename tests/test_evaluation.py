@@ -155,6 +155,8 @@ def test_harmful_rate_per_category_in_the_records_and_eval(llama, write_recipe, 
     args = ["eval", str(llama[1]), "--safety", str(safety), "--category-field", "kind", "--max-new-tokens", "6", "--json"]
     data = json.loads(CliRunner().invoke(main, args).output)
     assert data["models"][str(llama[1])]["harmful_by_category"] == report["evaluation"]["models"]["tuned"]["harmful_by_category"]
+    table = CliRunner().invoke(main, args[:-1])
+    assert table.exit_code == 0 and "harmful rate per category" in table.output and "theft" in table.output
     missing = CliRunner().invoke(main, args[:-1] + ["--category-field", "nope"])
     assert missing.exit_code == 2 and "no text field 'nope'" in missing.output
 
