@@ -78,8 +78,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def cross_category_sets(data: Path, work: Path) -> tuple[Path, Path]:
-    """restore_cross's probe (64 prompts) and choosing prompts (100 others), all of PROBED's categories."""
-    pool = [r for r in jsonl(data / "beavertails_harmful_qa_1500.jsonl")[CROSS_POOL] if r["category"] in PROBED]
+    """restore_cross's probe (64 prompts) and choosing prompts (100 others) from PROBED's categories,
+    taken in turn from each category (the pool's order is not: half its first rows are one category)."""
+    rows = jsonl(data / "beavertails_harmful_qa_1500.jsonl")[CROSS_POOL]
+    queues = [[r for r in rows if r["category"] == category] for category in PROBED]
+    pool = [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
     return write_jsonl(work / "probe_cross.jsonl", pool[:64]), write_jsonl(work / "select_harm_cross.jsonl", pool[64:164])
 
 
