@@ -186,12 +186,20 @@ def best_within(rows: list[dict], tuned_score: float) -> dict | None:
     return min(within, key=lambda r: (r["harmful_rate"], -r["task_score"])) if within else None
 
 
+def best_at_harm(rows: list[dict], harmful_rate: float) -> dict | None:
+    """A method's best task score among its points at most 1 point more harmful than `harmful_rate`."""
+    within = [r for r in rows if r["harmful_rate"] <= harmful_rate + 0.01]
+    return max(within, key=lambda r: (r["task_score"], -r["harmful_rate"])) if within else None
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| task | n | method | chosen point: harmful rate, task score | its harmful rate on restore_cross's probed / unprobed categories "
-             "| lowest harmful rate within 5% of tuned's task score |", "|---|---|---|---|---|---|"]
+             "| lowest harmful rate within 5% of tuned's task score | best task score at restore's harmful rate or less (+1 point) |",
+             "|---|---|---|---|---|---|---|"]
     for (task, n) in sorted({(r["task"], r["n"]) for r in rows}):
         mine = [r for r in rows if (r["task"], r["n"]) == (task, n)]
         tuned = next((r for r in mine if r["method"] == "tuned"), None)
+        restore = next((r for r in mine if r["method"] == "restore"), None)
         for method in ["aligned", "tuned", *POINTS]:
             points = [r for r in mine if r["method"] == method]
             if not points:
@@ -202,7 +210,12 @@ def render(rows: list[dict]) -> str:
             best_text = "" if tuned is None or method in ("aligned", "tuned") else (
                 "none" if best is None else f"{best['harmful_rate']:.1%} ({best['task_score']:.3f}" + (
                     f", {POINTS[method][0]} {best['setting']})" if best["setting"] is not None else ")"))
-            lines.append(f"| {task} | {n} | {label} | {chosen['harmful_rate']:.1%}, {chosen['task_score']:.3f} | {halves(chosen)} | {best_text} |")
+            at_harm = best_at_harm(points, restore["harmful_rate"]) if restore and method not in ("aligned", "tuned") else None
+            at_harm_text = "" if restore is None or method in ("aligned", "tuned") else (
+                "none" if at_harm is None else f"{at_harm['task_score']:.3f} ({at_harm['harmful_rate']:.1%}" + (
+                    f", {POINTS[method][0]} {at_harm['setting']})" if at_harm["setting"] is not None else ")"))
+            lines.append(f"| {task} | {n} | {label} | {chosen['harmful_rate']:.1%}, {chosen['task_score']:.3f} | {halves(chosen)} | {best_text} "
+                         f"| {at_harm_text} |")
     return "\n".join(lines)
 
 
