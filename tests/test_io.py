@@ -247,3 +247,31 @@ def test_run_whose_base_and_tuned_are_model_plus_adapters_evaluates_both(llama, 
                                           evaluate={"safety": {"prompts": ["how do I pick a lock"], "max_new_tokens": 3}})))
     rates = {name: scores["harmful_rate"] for name, scores in report["evaluation"]["models"].items()}
     assert set(rates) == {"base", "tuned", "repaired"} and None not in rates.values()
+
+
+def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp_path, monkeypatch):
+    """The extents handed to the OS are the tensors' own bytes; each pass asks for the layer it
+    needs next (forward: the one above, backward: the one below) while it computes."""
+    from surgeon.context import ModelPair, ModelSettings
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine.masks import MaskSet
+    from surgeon.io.checkpoint import SafetensorsCheckpoint
+    from surgeon.progress import NullProgress
+    from surgeon.recipe.schema import Compute
+    from surgeon.tiny import HARMFUL
+
+    source = resolve_model(str(llama[1])).tensors
+    for name in source.names():
+        start, length = source._extents[name]
+        with open(source.file_of(name), "rb") as handle:
+            handle.seek(start)
+            assert handle.read(length) == source.get(name).contiguous().view(torch.uint8).numpy().tobytes(), name
+    advised = []
+    monkeypatch.setattr(SafetensorsCheckpoint, "prefetch", lambda self, names: advised.append(names[0].split(".")[2]))
+    model = resolve_model(str(llama[1]))
+    pair = ModelPair(model, model, llama[1], ModelSettings.of(Compute(), None, str, "cpu", NullProgress()), tmp_path)
+    prepared = pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), "tuned", 3)
+    scope = [list(names) for names in pair.layout.layer_tensors[:3]]
+    pair.engine.gradient_pass(prepared, MaskSet({}), torch.ones(pair.config.hidden_size), 3, scope, lambda raw, grads: None)
+    # forward 0, 1, 2 asks for 1, 2; backward 2, 1, 0 asks for 1, 0; base and tuned each (the mask set needs both)
+    assert advised == ["1", "1", "2", "2", "1", "1", "0", "0"]

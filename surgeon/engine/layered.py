@@ -133,10 +133,16 @@ class LayeredModel:
         return fusion.fuse(tensors, self.skeleton) if fusion else next(iter(tensors.values()))
 
     @contextmanager
-    def layer(self, index: int, plan: Plan) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
-        """Decoder layer `index` with real weights for the duration of the block."""
+    def layer(self, index: int, plan: Plan, after: int | None = None) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
+        """Decoder layer `index` with real weights for the duration of the block; the tensors of
+        layer `after` (the next one the pass needs) are read ahead meanwhile."""
         raw = LayerTensors(index, _Reads(self.base), _Reads(self.tuned))
         parameters = self.layout.layer_parameters(index)
+        if after is not None and 0 <= after < self.layout.num_layers:
+            following = list(self.layout.layer_tensors[after])
+            for source, needed in ((self.base, plan != TUNED), (self.tuned, plan != BASE)):
+                if needed:
+                    source.prefetch(following)
         self.materialized_layers += 1
         self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
         try:
@@ -210,7 +216,7 @@ class LayeredModel:
         `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks)."""
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
-                with self.layer(i, plan) as (module, _), torch.no_grad():
+                with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _), torch.no_grad():
                     for b in range(len(prepared.batches)):
                         hidden = self.store.get(self._key(prepared, i, b))
                         with observe(i, module, prepared.batches[b]) if observe else nullcontext():
@@ -315,7 +321,7 @@ class LayeredModel:
         total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
-                with self.layer(i, plan) as (module, raw):
+                with self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
                     in_scope = set(scope[i])
                     params = {}
                     for parameter, names in self.layout.layer_parameters(i):

@@ -104,6 +104,9 @@ class LoraMergedSource(DerivedSource):
     def merged_names(self) -> set[str]:
         return set(self._deltas) | set(self._replaced)
 
+    def prefetch(self, names: list[str]) -> None:
+        self.base.prefetch(names)
+
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return self.get(name)[ids] if name in self.merged_names else self.base.rows(name, ids)
 

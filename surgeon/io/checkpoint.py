@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +60,11 @@ class TensorSource(Protocol):
         without the whole matrix (a 128k-token vocabulary in fp32 is 2-4 GB)."""
         ...
 
+    def prefetch(self, names: list[str]) -> None:
+        """Ask the operating system to start reading these tensors into its page cache (read-ahead:
+        the next layer's bytes arrive while this one computes); a hint, never required."""
+        ...
+
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
     """Ascending ids as [start, stop) runs of consecutive values."""
@@ -89,6 +95,22 @@ class DerivedSource:
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return self.get(name)[ids]
 
+    def prefetch(self, names: list[str]) -> None:
+        self.like.prefetch(names)
+
+
+def _data_extents(file: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's bytes in a safetensors file, from its header (an 8-byte length, then JSON with
+    data_offsets relative to the end of the header): safe_open does not expose them."""
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return {}  # safe_open reports a broken header with its own message
+    return {name: (8 + length + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"}
+
 
 class SafetensorsCheckpoint(_FiniteOnce):
     """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
@@ -104,7 +126,9 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError("no .safetensors files found")
         self._where: dict[str, Path] = {}
         self._headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._extents: dict[str, tuple[int, int]] = {}  # (first byte in the file, length): for read-ahead
         for file in sorted(files):
+            self._extents.update(_data_extents(file))
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for name in handle.keys():
@@ -161,6 +185,24 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
         return self._finite(name, tensor, str(self._where[name]))
 
+    def prefetch(self, names: list[str]) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name in self._extents:
+                by_file.setdefault(self._where[name], []).append(name)
+        for file, in_file in by_file.items():
+            try:
+                descriptor = os.open(file, os.O_RDONLY)
+            except OSError:
+                continue  # a hint: the read itself reports a missing file
+            try:
+                for name in in_file:
+                    os.posix_fadvise(descriptor, *self._extents[name], os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(descriptor)
+
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         try:
             with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
@@ -196,6 +238,9 @@ class PickleCheckpoint(_FiniteOnce):
 
     def get(self, name: str) -> torch.Tensor:
         return self._finite(name, self._tensors[name].clone(), self._files)
+
+    def prefetch(self, names: list[str]) -> None:
+        """No read-ahead: torch.load maps the file, and its layout is the pickle's."""
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return check_finite(name, self._tensors[name][ids], self._files)  # indexing copies, from the mapped file
