@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,42 +31,49 @@ class Inputs:
     choosing_safety: HarmfulPrompts | None = None
 
 
+@contextmanager
+def _naming(field_name: str):
+    """An input error inside names the recipe field too."""
+    try:
+        yield
+    except InputError as exc:
+        raise type(exc)(exc.message, f"{field_name}: {exc.where}") from None
+
+
+def _inline(prompt_set: PromptSet | SafetyEvalSet) -> list[str]:
+    return prompt_set.prompts[: prompt_set.limit] if prompt_set.limit else list(prompt_set.prompts)
+
+
 def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompts:
     """A safety set's prompts (inline, or from the file at `reference`) and their categories."""
     from surgeon.data.datasets import column, load_rows
 
     if reference is None:
-        return HarmfulPrompts(spec.prompts[: spec.limit] if spec.limit else list(spec.prompts))
+        return HarmfulPrompts(_inline(spec))
     rows = load_rows(reference)
     categories = column(rows, spec.category_field, reference, spec.limit) if spec.category_field else None
     return HarmfulPrompts(column(rows, spec.field, reference, spec.limit), categories)
 
 
 def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> HarmfulPrompts:
-    try:
+    with _naming(field_name):
         return harmful_prompts(spec, loaded.resolve(spec.path) if spec.path else None)
-    except InputError as exc:
-        raise InputError(exc.message, f"{field_name}: {exc.where}") from None
 
 
 def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str) -> list[str]:
     from surgeon.data.datasets import column, load_rows
 
     if prompt_set.prompts is not None:
-        return prompt_set.prompts[: prompt_set.limit] if prompt_set.limit else list(prompt_set.prompts)
+        return _inline(prompt_set)
     reference = loaded.resolve(prompt_set.path)
-    try:
+    with _naming(field_name):
         return column(load_rows(reference), prompt_set.field, reference, prompt_set.limit)
-    except InputError as exc:
-        raise InputError(exc.message, f"{field_name}: {exc.where}") from None
 
 
 def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
     """A recipe's model reference resolved; an error names the recipe field too."""
-    try:
+    with _naming(field_name):
         return resolve_model(loaded.resolve(spec.path, may_be_hub_id=True), spec.allow_pickle, base=base)
-    except InputError as exc:
-        raise type(exc)(exc.message, f"{field_name}: {exc.where}") from None
 
 
 def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> Inputs:

@@ -262,7 +262,7 @@ def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp
 
     source = resolve_model(str(llama[1])).tensors
     for name in source.names():
-        start, length = source._extents[name]
+        start, length = source.extent(name)
         with open(source.file_of(name), "rb") as handle:
             handle.seek(start)
             assert handle.read(length) == source.get(name).contiguous().view(torch.uint8).numpy().tobytes(), name

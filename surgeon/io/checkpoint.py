@@ -126,9 +126,8 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError("no .safetensors files found")
         self._where: dict[str, Path] = {}
         self._headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._extents: dict[str, tuple[int, int]] = {}  # (first byte in the file, length): for read-ahead
+        self._extents: dict[Path, dict[str, tuple[int, int]]] = {}  # per file, read at its first read-ahead
         for file in sorted(files):
-            self._extents.update(_data_extents(file))
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for name in handle.keys():
@@ -190,7 +189,7 @@ class SafetensorsCheckpoint(_FiniteOnce):
             return
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            if name in self._extents:
+            if self.extent(name) is not None:
                 by_file.setdefault(self._where[name], []).append(name)
         for file, in_file in by_file.items():
             try:
@@ -199,9 +198,18 @@ class SafetensorsCheckpoint(_FiniteOnce):
                 continue  # a hint: the read itself reports a missing file
             try:
                 for name in in_file:
-                    os.posix_fadvise(descriptor, *self._extents[name], os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(descriptor, *self.extent(name), os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(descriptor)
+
+    def extent(self, name: str) -> tuple[int, int] | None:
+        """(first byte, length) of a tensor's data in its file; each file's header is parsed at its first use."""
+        file = self._where.get(name)
+        if file is None:
+            return None
+        if file not in self._extents:
+            self._extents[file] = _data_extents(file)
+        return self._extents[file].get(name)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         try:
