@@ -76,15 +76,17 @@ def write_pair(root: Path, shape: str, dtype: torch.dtype) -> tuple[Path, Path]:
 
 def gradient_pass_work(report: dict, prompts: list[str]) -> tuple[int, float]:
     """(prompt tokens, arithmetic) of one restore step's gradient pass over the first E layers:
-    a forward storing boundaries (2P a token), then per layer a recomputed forward (2P) and the
-    backward (4P), P the parameters of a layer."""
+    the forward (2P a token) and the backward (4P), P the parameters of a layer, plus a recomputed
+    forward (2P) for each layer whose autograd graphs the pass could not keep."""
     tokenizer = build_tokenizer()
     tokens = 0
     for prompt in prompts:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
     layer_params = report["decoder_parameters_N"] / report["settings"]["layers_L"]
-    return tokens, 8 * layer_params * report["settings"]["probe_layer"] * tokens
+    layers = report["settings"]["probe_layer"]
+    recomputed = layers - report["memory"].get("graphs_kept", {}).get("layers", 0)
+    return tokens, 2 * layer_params * tokens * (3 * layers + recomputed)
 
 
 def matmul_flops(device: str, dtype: torch.dtype, size: int) -> float:

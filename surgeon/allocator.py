@@ -42,6 +42,11 @@ def fit_to_budget(budget_bytes: int) -> None:
     _slack[0] = min(SLACK_BYTES, budget_bytes // 4)
 
 
+def slack() -> int:
+    """How far the heap may grow past live data before a trim: memory a budget has to leave for it."""
+    return _slack[0]
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * _PAGE

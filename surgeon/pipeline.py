@@ -254,6 +254,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
             extra={"output": {"shards": shards, "folder": output.destination.name},
                    "evaluation": evaluation,
                    "memory": {"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
+                              "graphs_kept": {"layers": pair.engine.kept_graph_layers, "bytes": pair.engine.kept_graph_bytes},
                               "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
                               "spilled_bytes": sum(store.spilled_bytes for store in stores)}},
         )

@@ -13,6 +13,7 @@ from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
 IMPORTS_BYTES = 360 * 2**20  # torch, transformers and surgeon loaded, measured on the demo (0.34-0.36 GiB)
+GRAPH_TENSORS = 24  # what autograd saves of a Llama-shaped layer, a token: its norms, projections, attention and MLP inputs
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -65,9 +66,13 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     task_tokens, _ = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt)
     activations += (harmful_tokens + task_tokens) * hidden * compute
     gradients = in_scope * 4 if recipe.rollback.mode != "always" else 0  # restore-only accumulates fp32 gradients
-    held = min(activations, budget // 2) + min(gradients, budget - budget // 2)
-    spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
+    # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
+    # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
+    graph_layer = layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
+    graphs = min(probe_layer, max(0, budget // 2 - activations - min(SLACK_BYTES, budget // 4)) // graph_layer) * graph_layer
+    held = min(activations, budget // 2) + graphs + min(gradients, budget - budget // 2)
+    spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
     largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
     stored = max(tensors.dtype(n).itemsize for n in tensors.names())
     # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
@@ -94,7 +99,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
         **facts,
         "memory_budget_bytes": budget,
         "peak_memory_bytes": IMPORTS_BYTES + held + working_layer + generation,
-        "memory": {"imports": IMPORTS_BYTES, "activations": min(activations, budget // 2),
+        "memory": {"imports": IMPORTS_BYTES, "activations": min(activations, budget // 2), "graphs": graphs,
                    "gradients": min(gradients, budget - budget // 2), "one_layer": working_layer, "generation_model": generation},
         "disk_bytes": disk, "disk": {"output": output, "spill": spill, "run_state": state, "evaluation_checkpoint": evaluation},
         "free_disk_bytes": free,

@@ -41,10 +41,56 @@ def test_streaming_run_matches_reference(model_pairs, write_recipe, tmp_path, ar
     assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == out_t.keys()
 
 
-def test_memory_bound_one_decoder_layer_at_a_time(llama, write_recipe, task_eval_file):
-    recipe = write_recipe(*llama, rollback={"mode": "always"}, evaluate={"task": {"path": str(task_eval_file)}})
-    report = run(load_recipe(recipe))
-    assert report["memory"]["max_decoder_layers_materialized"] == 1
+def test_memory_bound_one_decoder_layer_at_a_time(llama, write_recipe, task_eval_file, tmp_path):
+    """With a budget too small for a layer's autograd graphs, one decoder layer is materialized at
+    a time (the backward recomputes each layer); the default budget keeps the graphs of the
+    probe layer's E layers instead."""
+    small = write_recipe(*llama, rollback={"mode": "always"}, evaluate={"task": {"path": str(task_eval_file)}}, compute={"max_memory": 4096})
+    assert run(load_recipe(small))["memory"]["max_decoder_layers_materialized"] == 1
+    default = run(load_recipe(write_recipe(*llama, name="default.yaml", output={"path": str(tmp_path / "default")})))
+    assert default["memory"]["max_decoder_layers_materialized"] == default["settings"]["probe_layer"]
+
+
+def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(llama, tmp_path, monkeypatch):
+    """A gradient pass with room for every layer's graphs, for some of them, or for none gives
+    bit-identical gradients and loss, and keeps the graphs of as many layers as the room allows."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from surgeon.allocator import slack
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine import layered
+    from surgeon.engine.layered import TUNED, LayeredModel
+    from surgeon.engine.store import SpillStore
+    from surgeon.io.references import resolve_model
+
+    base, tuned = resolve_model(str(llama[0])), resolve_model(str(llama[1]))
+    config = AutoConfig.from_pretrained(llama[1])
+    batches = prompt_batches(AutoTokenizer.from_pretrained(llama[1]), HARMFUL, 4)
+    kept: list[tuple[int, bool, int]] = []
+    keep = layered._Graphs.keep
+    monkeypatch.setattr(layered._Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
+
+    def gradients(budget: int | None, layers: int = 3) -> tuple[dict, float, int]:
+        kept.clear()
+        store = SpillStore(budget or 10**9, tmp_path / str(budget))
+        engine = LayeredModel(config, base.tensors, tuned.tensors, store)
+        prepared = engine.prepare(batches, TUNED, layers)
+        inputs = store.used_bytes
+        if budget is None:  # room for the graphs of layers 0 and 1, not 2, beside the inputs, each layer's
+            # boundaries and gradients, and the heap's slack
+            store.budget_bytes = inputs + (layers + 2) * inputs + slack() + sizes[0] + sizes[1]
+        grads: dict = {}
+        loss = engine.gradient_pass(prepared, TUNED, torch.ones(config.hidden_size), layers, engine.layout.scope(layers),
+                                    lambda raw, g: grads.update({n: t.clone() for n, t in g.items()}))
+        return grads, loss, [i for i, taken, _ in kept if taken]
+
+    whole, loss, taken = gradients(10**9)
+    sizes = [size for _, _, size in kept]
+    assert taken == [0, 1, 2] and all(size > 0 for size in sizes)
+    for budget, expected in ((None, [0, 1]), (1, [])):
+        grads, other_loss, taken = gradients(budget)
+        assert taken == expected and other_loss == loss
+        assert grads.keys() == whole.keys() and all(torch.equal(grads[n], whole[n]) for n in whole)
 
 
 def test_spilling_to_disk_gives_the_same_masks(llama, write_recipe, tmp_path):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from surgeon.data.datasets import column, load_rows
-from surgeon.errors import IncompatibleModelsError, InputError
+from surgeon.errors import IncompatibleModelsError, InputError, NonFiniteError
 from surgeon.io.preflight import check_compatible
 from surgeon.io.references import resolve_model
 from surgeon.io.writer import TensorEntry, write_sharded
@@ -72,6 +72,7 @@ def test_pickle_checkpoints_need_allow_pickle(llama, tmp_path):
     assert torch.equal(loaded.tensors.get("model.layers.0.mlp.up_proj.weight"), state["model.layers.0.mlp.up_proj.weight"])
     ids = torch.tensor([0, 3, 4, 5, 9])
     assert torch.equal(loaded.tensors.rows("model.embed_tokens.weight", ids), state["model.embed_tokens.weight"][ids])
+    assert torch.equal(loaded.tensors.gather("model.norm.weight", ids), state["model.norm.weight"][ids])
 
 
 def test_embedding_rows_are_read_without_the_whole_matrix(llama, monkeypatch, tmp_path):
@@ -98,6 +99,30 @@ def test_embedding_rows_are_read_without_the_whole_matrix(llama, monkeypatch, tm
     pair = ModelPair(model, model, llama[1], ModelSettings.of(Compute(), None, str, "cpu", NullProgress()), tmp_path)
     pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), TUNED, 2)
     assert name not in whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8])
+def test_entries_are_gathered_from_the_file_without_reading_the_tensor(tmp_path, monkeypatch, dtype):
+    """A selection's few entries come from a mapping of the file (no whole-tensor read), equal
+    to the tensor's own, in every stored dtype; a NaN among them is refused like a read's."""
+    from surgeon.io.checkpoint import SafetensorsCheckpoint
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(64, 33), "c": torch.randn(7)}
+    save_file({n: t.to(dtype) for n, t in tensors.items()}, tmp_path / "model.safetensors")
+    source = SafetensorsCheckpoint([tmp_path / "model.safetensors"])
+    monkeypatch.setattr(SafetensorsCheckpoint, "get", lambda self, name: pytest.fail(f"{name} read whole"))
+    for name, tensor in tensors.items():
+        stored = tensor.to(dtype).flatten()
+        for indices in (torch.tensor([0, 2, stored.numel() - 1]), torch.randperm(stored.numel())[:9], torch.zeros(0, dtype=torch.long)):
+            got = source.gather(name, indices)
+            assert got.dtype == dtype and torch.equal(got.view(torch.uint8), stored[indices].view(torch.uint8))
+    if dtype.is_floating_point:
+        broken = tensors["b"].clone()
+        broken[10, 3] = float("nan")
+        save_file({"b": broken.to(dtype)}, tmp_path / "broken.safetensors")
+        with pytest.raises(NonFiniteError, match="'b'"):
+            SafetensorsCheckpoint([tmp_path / "broken.safetensors"]).gather("b", torch.tensor([10 * 33 + 3]))
 
 
 def test_unknown_reference_is_a_clear_error(tmp_path):
@@ -137,6 +162,7 @@ def test_lora_adapter_merges_exactly_like_peft(llama, tmp_path, dtype):
     ids = torch.tensor([1, 2, 5])
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):  # as stored, and merged
         assert torch.equal(tuned.tensors.rows(name, ids), tuned.tensors.get(name)[ids])
+        assert torch.equal(tuned.tensors.gather(name, ids * 7), tuned.tensors.get(name).flatten()[ids * 7])
 
 
 def test_adapter_run_equals_run_on_the_merged_checkpoint(llama, write_recipe, tmp_path):
@@ -269,9 +295,13 @@ def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp
     advised = []
     monkeypatch.setattr(SafetensorsCheckpoint, "prefetch", lambda self, names: advised.append(names[0].split(".")[2]))
     model = resolve_model(str(llama[1]))
-    pair = ModelPair(model, model, llama[1], ModelSettings.of(Compute(), None, str, "cpu", NullProgress()), tmp_path)
-    prepared = pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), "tuned", 3)
-    scope = [list(names) for names in pair.layout.layer_tensors[:3]]
-    pair.engine.gradient_pass(prepared, MaskSet({}), torch.ones(pair.config.hidden_size), 3, scope, lambda raw, grads: None)
-    # forward 0, 1, 2 asks for 1, 2; backward 2, 1, 0 asks for 1, 0; base and tuned each (the mask set needs both)
-    assert advised == ["1", "1", "2", "2", "1", "1", "0", "0"]
+    # forward 0, 1, 2 asks for 1, 2; base and tuned each (the mask set needs both); a backward that
+    # recomputes layers 2, 1, 0 asks for 1, 0; one that runs on the forward's kept graphs reads nothing
+    for budget, backward in ((4096, ["1", "1", "0", "0"]), (None, [])):
+        advised.clear()
+        settings = ModelSettings.of(Compute(max_memory=budget), None, str, "cpu", NullProgress())
+        pair = ModelPair(model, model, llama[1], settings, tmp_path / str(budget))
+        prepared = pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), "tuned", 3)
+        scope = [list(names) for names in pair.layout.layer_tensors[:3]]
+        pair.engine.gradient_pass(prepared, MaskSet({}), torch.ones(pair.config.hidden_size), 3, scope, lambda raw, grads: None)
+        assert advised == ["1", "1", "2", "2"] + backward

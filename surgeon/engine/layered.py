@@ -9,6 +9,7 @@ running the model's own forward with stand-in layers, so no architecture is re-i
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -19,7 +20,7 @@ from transformers import PretrainedConfig
 
 from surgeon import processes
 from surgeon.data.batches import Batch
-from surgeon.allocator import release_free_memory
+from surgeon.allocator import release_free_memory, slack
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
@@ -50,13 +51,17 @@ class _RecordingLayer(torch.nn.Module):
 
 
 class _Reads:
-    """`source[name]`: the tensor as stored, read when asked."""
+    """`source[name]`: the tensor as stored, read when asked; `gather(name, indices)`: a few of its
+    entries (flat indices), without reading the rest."""
 
     def __init__(self, source: TensorSource):
         self.source = source
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.source.get(name)
+
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        return self.source.gather(name, indices)
 
 
 @dataclass
@@ -80,6 +85,62 @@ class PreparedInputs:
 
     def input_key(self, batch: int) -> str:
         return f"{self.tag}/h0/{batch}"
+
+
+@dataclass
+class _KeptLayer:
+    """One layer's autograd graphs from a gradient pass's forward: per batch the input and the
+    output, and the layer's parameters as the graphs hold them."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    parameters: dict[str, torch.nn.Parameter]
+    nbytes: int
+
+
+class _Graphs:
+    """What a gradient pass's forward keeps for its backward while `room` bytes allow: each layer's
+    graphs (the tensors autograd saves, the layer's weights among them), so the backward runs on
+    them instead of materializing and recomputing the layer. A layer whose graphs do not fit is
+    let go after its forward and recomputed in the backward, as every layer is when room is 0."""
+
+    def __init__(self, room: int, scope: list[list[str]]):
+        self.room, self.scope = room, scope
+        self.layers: dict[int, _KeptLayer] = {}
+        self.used = 0
+        self._saved: dict[int, int] = {}
+
+    def open(self) -> bool:
+        """Whether the next layer's forward records its graphs (not once one did not fit)."""
+        return self.room > self.used
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Autograd on, and the bytes of every tensor it saves counted (each storage once)."""
+        self._saved = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            self._saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+
+    def keep(self, index: int, layer: _KeptLayer) -> bool:
+        layer.nbytes = sum(self._saved.values())
+        if self.used + layer.nbytes > self.room:
+            self.room = self.used  # layers above are recomputed too: no room is left for them
+            return False
+        self.layers[index] = layer
+        self.used += layer.nbytes
+        return True
+
+    def pop(self, index: int) -> _KeptLayer | None:
+        layer = self.layers.pop(index, None)
+        if layer is not None:
+            self.used -= layer.nbytes
+        return layer
 
 
 class LayeredModel:
@@ -106,6 +167,8 @@ class LayeredModel:
         self.embedding_name = self.layout.checkpoint_name(embedding)
         self.materialized_layers = 0
         self.max_materialized_layers = 0
+        self.kept_graph_layers = 0  # the most layers whose graphs one gradient pass kept, and their bytes
+        self.kept_graph_bytes = 0
         self._tags = itertools.count()
 
     # -- weights ---------------------------------------------------------------------------
@@ -211,20 +274,45 @@ class LayeredModel:
         return prepared.input_key(batch) if layer == 0 else f"{prepared.tag}/x{layer}/{batch}"
 
     def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str,
-                 observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None = None) -> None:
+                 observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None = None,
+                 graphs: _Graphs | None = None) -> None:
         """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
-        `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks)."""
+        `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks);
+        `graphs` keeps the layers' autograd graphs for a backward while it has room."""
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
-                with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _), torch.no_grad():
-                    for b in range(len(prepared.batches)):
-                        hidden = self.store.get(self._key(prepared, i, b))
-                        with observe(i, module, prepared.batches[b]) if observe else nullcontext():
-                            out = self._run(module, hidden, prepared.layer_arguments[b][i])
-                        self.store.put(self._key(prepared, i + 1, b), out)
-                        if not keep and i > 0:
-                            self.store.delete(self._key(prepared, i, b))
+                with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _):
+                    record = graphs is not None and graphs.open()
+                    kept = _KeptLayer([], [], self._track(i, graphs.scope[i]) if record else {}, 0)
+                    with graphs.recording() if record else torch.no_grad():
+                        for b in range(len(prepared.batches)):
+                            hidden = self.store.get(self._key(prepared, i, b))
+                            if record:
+                                hidden = hidden.detach().requires_grad_(i > 0)
+                            with observe(i, module, prepared.batches[b]) if observe else nullcontext():
+                                out = self._run(module, hidden, prepared.layer_arguments[b][i])
+                            if record:
+                                kept.inputs.append(hidden)
+                                kept.outputs.append(out)
+                            self.store.put(self._key(prepared, i + 1, b), out)
+                            if not keep and i > 0:
+                                self.store.delete(self._key(prepared, i, b))
+                if record and graphs.keep(i, kept):
+                    self.materialized_layers += 1  # its weights stay, held by the graphs, until its backward
+                    self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
+                del kept
                 task.advance()
+
+    def _track(self, index: int, in_scope: list[str]) -> dict[str, torch.nn.Parameter]:
+        """Layer `index`'s parameters (materialized), those with an in-scope checkpoint tensor set
+        to require a gradient and the rest not."""
+        wanted = set(in_scope)
+        parameters = {}
+        for parameter, names in self.layout.layer_parameters(index):
+            param = self.skeleton.get_parameter(parameter)
+            param.requires_grad_(any(n in wanted for n in names))
+            parameters[parameter] = param
+        return parameters
 
     def last_token_states(self, prepared: PreparedInputs, plan: Plan, num_layers: int, description: str = "probing") -> torch.Tensor:
         """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
@@ -309,7 +397,14 @@ class LayeredModel:
         `initial_grads` seeds each parameter's .grad before the batches add to it, the same
         order of additions as calling backward batch after batch on a whole model.
         """
-        self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward")
+        # the graphs share the activations' budget with the boundaries this pass stores (a layer's
+        # output and its gradient per batch, each the size of the layer-0 input) and with the heap's
+        # slack before a trim
+        boundaries = (num_layers + 2) * sum(math.prod(shape) * dtype.itemsize for shape, dtype in map(self.store.describe, map(prepared.input_key, range(len(prepared.batches)))))
+        graphs = _Graphs(self.store.budget_bytes - self.store.used_bytes - boundaries - slack(), scope)
+        self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward", graphs=graphs)
+        self.kept_graph_layers = max(self.kept_graph_layers, len(graphs.layers))
+        self.kept_graph_bytes = max(self.kept_graph_bytes, graphs.used)
         target = target.to(self.device, torch.float32)
         total = 0.0
         for b in range(len(prepared.batches)):
@@ -321,13 +416,15 @@ class LayeredModel:
         total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
-                with self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
+                kept = graphs.pop(i)
+                reads = LayerTensors(i, _Reads(self.base), _Reads(self.tuned))
+                with nullcontext((None, reads)) if kept else self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
+                    parameters = kept.parameters if kept else self._track(i, scope[i])
                     in_scope = set(scope[i])
                     params = {}
                     for parameter, names in self.layout.layer_parameters(i):
-                        param = self.skeleton.get_parameter(parameter)
+                        param = parameters[parameter]
                         wanted = [n for n in names if n in in_scope]
-                        param.requires_grad_(bool(wanted))
                         if wanted:
                             params[parameter] = (param, wanted)
                             # the accumulated gradient enters once, on the main process, before the sum over processes
@@ -339,8 +436,11 @@ class LayeredModel:
                             else:
                                 param.grad = None
                     for b in range(len(prepared.batches)):
-                        hidden = self.store.get(self._key(prepared, i, b)).detach().requires_grad_(i > 0)
-                        out = self._run(module, hidden, prepared.layer_arguments[b][i])
+                        if kept:
+                            hidden, out = kept.inputs[b], kept.outputs[b]
+                        else:
+                            hidden = self.store.get(self._key(prepared, i, b)).detach().requires_grad_(i > 0)
+                            out = self._run(module, hidden, prepared.layer_arguments[b][i])
                         out.backward(self.store.pop(f"{prepared.tag}/grad/{b}"))
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
@@ -353,5 +453,9 @@ class LayeredModel:
                         grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
                         param.grad = None
                     on_layer(raw, grads)
+                if kept:
+                    del kept, parameters, params, hidden, out
+                    self.materialized_layers -= 1
+                    release_free_memory()
                 task.advance()
         return total

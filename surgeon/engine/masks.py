@@ -35,6 +35,11 @@ class MaskSet:
         bits = np.unpackbits(self._bits[name], count=size, bitorder="little")
         return torch.from_numpy(bits.astype(bool))
 
+    def at(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """The bits of flat entries `indices`, without unpacking the rest."""
+        idx = indices.cpu().numpy()
+        return torch.from_numpy(((self._bits[name][idx >> 3] >> (idx & 7).astype(np.uint8)) & 1).astype(bool))
+
     def get(self, name: str) -> torch.Tensor:
         return self.flat(name).reshape(self.shapes[name])
 

@@ -110,6 +110,10 @@ class LoraMergedSource(DerivedSource):
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return self.get(name)[ids] if name in self.merged_names else self.base.rows(name, ids)
 
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        # a merged entry is the product's rounding, so it is taken from the merged tensor as a whole
+        return self.get(name).flatten()[indices] if name in self.merged_names else self.base.gather(name, indices)
+
     def get(self, name: str) -> torch.Tensor:
         if name in self._replaced:
             return self._weights.get(self._replaced[name]).to(self.base.dtype(name))

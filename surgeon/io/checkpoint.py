@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -60,6 +62,11 @@ class TensorSource(Protocol):
         without the whole matrix (a 128k-token vocabulary in fp32 is 2-4 GB)."""
         ...
 
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Entries `indices` of the flattened tensor (as stored): the few a selection looks at,
+        without copying the whole tensor out of the file."""
+        ...
+
     def prefetch(self, names: list[str]) -> None:
         """Ask the operating system to start reading these tensors into its page cache (read-ahead:
         the next layer's bytes arrive while this one computes); a hint, never required."""
@@ -94,6 +101,9 @@ class DerivedSource:
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return self.get(name)[ids]
+
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        return self.get(name).flatten()[indices]
 
     def prefetch(self, names: list[str]) -> None:
         self.like.prefetch(names)
@@ -220,6 +230,27 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
         return check_finite(name, rows, str(self._where[name]))
 
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Read through a mapping of the tensor's bytes: only the pages holding the entries are
+        touched, and the mapping is closed again (see the class note on open handles)."""
+        extent = self.extent(name)
+        dtype = self.dtype(name)
+        if not indices.numel():
+            return torch.empty(0, dtype=dtype)
+        if extent is None:
+            return self.get(name).flatten()[indices]
+        try:
+            with open(self._where[name], "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only: nothing writes through it
+                    stored = torch.frombuffer(mapped, dtype=dtype, count=extent[1] // dtype.itemsize, offset=extent[0])
+                # safetensors stores little-endian, as every platform torch runs on
+                entries = stored[indices.to(torch.long)]
+                del stored  # the mapping closes next, with nothing left pointing into it
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
+        return check_finite(name, entries, str(self._where[name]))
+
 
 class PickleCheckpoint(_FiniteOnce):
     """`.bin`/`.pt` checkpoints, only when the recipe says allow_pickle; loaded weights_only."""
@@ -252,3 +283,6 @@ class PickleCheckpoint(_FiniteOnce):
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         return check_finite(name, self._tensors[name][ids], self._files)  # indexing copies, from the mapped file
+
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        return check_finite(name, self._tensors[name].flatten()[indices], self._files)

@@ -151,8 +151,8 @@ class RestoreMethod:
                     # above it are tested alone (the same candidates, a third of the time)
                     indices = (g.abs() > best.threshold).flatten().nonzero().squeeze(1)
                     at = indices.cpu()
-                    diff = (raw.tuned[name].flatten()[at].float() - raw.base[name].flatten()[at].float()).to(g.device)
-                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(g.flatten()[indices])) & ~masks.flat(name)[at].to(g.device)
+                    diff = (raw.tuned.gather(name, at).float() - raw.base.gather(name, at).float()).to(g.device)
+                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(g.flatten()[indices])) & ~masks.at(name, at).to(g.device)
                     indices = indices[keep]
                 best.offer(self.tensor_ids[name], g.flatten()[indices].abs(), indices)
 
@@ -177,7 +177,7 @@ class RestoreMethod:
                 if indices is None or indices.numel() == 0:
                     continue
                 g = grads[name].flatten()[indices.to(grads[name].device)].float().cpu()
-                diff = (raw.base[name].float() - raw.tuned[name].float()).flatten()[indices]  # theta - tuned
+                diff = raw.base.gather(name, indices).float() - raw.tuned.gather(name, indices).float()  # theta - tuned
                 candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
                 parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
 
