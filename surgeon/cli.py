@@ -309,7 +309,8 @@ def plan(recipe, output, no_calibrate, verbose, quiet):
     click.echo(f"decoder layers L {facts['layers']}, probe layer E {facts['probe_layer']}, N {facts['decoder_parameters']:,}, "
                f"k {facts['budget_per_step']:,} per step, {facts['in_scope_parameters']:,} weights in scope")
     click.echo(f"memory: peak about {gib(facts['peak_memory_bytes'])} (imports {gib(memory['imports'])}, activations "
-               f"{gib(memory['activations'])}, gradients {gib(memory['gradients'])}, one layer {gib(memory['one_layer'])}, "
+               f"{gib(memory['activations'])}, kept autograd graphs {gib(memory['graphs'])}, gradients {gib(memory['gradients'])}, "
+               f"one layer {gib(memory['one_layer'])}, "
                f"generation model {gib(memory['generation_model'])}); compute.max_memory {gib(facts['memory_budget_bytes'])}")
     click.echo(f"disk: {gib(facts['disk_bytes'])} (output {gib(disk['output'])}, spill {gib(disk['spill'])}, saved state "
                f"{gib(disk['run_state'])}, evaluation checkpoint {gib(disk['evaluation_checkpoint'])}); {gib(facts['free_disk_bytes'])} free")

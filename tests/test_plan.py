@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from surgeon.cli import main
+from surgeon.pipeline import run
 from surgeon.plan import plan
 from surgeon.recipe import load_recipe
 
@@ -20,6 +21,9 @@ def test_plan_reports_the_runs_numbers_and_times_a_layer(llama, write_recipe, tm
     assert facts["memory"]["generation_model"] > 0 and facts["disk"]["evaluation_checkpoint"] > 0  # the safety set generates
     assert facts["peak_memory_bytes"] == sum(facts["memory"].values()) and facts["seconds_per_step"] > 0
     assert not any(p.name.startswith(".out.surgeon") for p in tmp_path.iterdir())  # the calibration's scratch is gone
+    # the autograd graphs a run keeps (all E layers' at the default budget), predicted within a factor of 2
+    kept = run(load_recipe(recipe))["memory"]["graphs_kept"]
+    assert kept["layers"] == 4 and kept["bytes"] / 2 <= facts["memory"]["graphs"] <= 2 * kept["bytes"]
 
     result = CliRunner().invoke(main, ["plan", str(recipe), "-q", "--no-calibrate"])
     assert result.exit_code == 0, result.output
