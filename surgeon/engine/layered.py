@@ -400,7 +400,8 @@ class LayeredModel:
         # the graphs share the activations' budget with the boundaries this pass stores (a layer's
         # output and its gradient per batch, each the size of the layer-0 input) and with the heap's
         # slack before a trim
-        boundaries = (num_layers + 2) * sum(math.prod(shape) * dtype.itemsize for shape, dtype in map(self.store.describe, map(prepared.input_key, range(len(prepared.batches)))))
+        inputs = [self.store.describe(prepared.input_key(b)) for b in range(len(prepared.batches))]
+        boundaries = (num_layers + 2) * sum(math.prod(shape) * dtype.itemsize for shape, dtype in inputs)
         graphs = _Graphs(self.store.budget_bytes - self.store.used_bytes - boundaries - slack(), scope)
         self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward", graphs=graphs)
         self.kept_graph_layers = max(self.kept_graph_layers, len(graphs.layers))
