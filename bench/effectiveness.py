@@ -14,6 +14,9 @@ prompts of beavertails_eval_700) and the task score on held-out rows (never trai
   authors use by default.
 - restore_wide is restore probed with 400 harmful prompts instead of 64 (beavertails_recovery_500
   rows 100-499, disjoint from the choosing rows): one of the changes tried against restore's misses.
+- restore_metric is restore whose floor and choice use the task's own metric on generated answers
+  (exact match, F1) over the choosing rows instead of their streamed loss: on ToxicChat n = 0 the
+  loss improved (0.185 -> 0.172) while the held-out F1 fell from 0.455 to 0.277.
 - restore_cross is restore probed and chosen on harm from 7 of BeaverTails' 14 categories only
   (PROBED; BeaverTails harmful QA rows 0-999, which no fine-tune trains on): its harmful rate on the
   other 7 categories shows whether a repair covers harm it was never shown. Every row carries its
@@ -62,6 +65,7 @@ POINTS = {
     "restore": (None, [None], None),
     "restore_wide": (None, [None], None),
     "restore_cross": (None, [None], None),
+    "restore_metric": (None, [None], None),
     "linear": ("alpha", [0.25, 0.5, 0.75], 0.5),
     "resta": ("scale", [0.5, 1.0], 1.0),
     "antidote": ("ratio", [0.05, 0.1, 0.2], 0.1),
@@ -86,7 +90,7 @@ def cross_category_sets(data: Path, work: Path) -> tuple[Path, Path]:
     return write_jsonl(work / "probe_cross.jsonl", pool[:64]), write_jsonl(work / "select_harm_cross.jsonl", pool[64:164])
 
 
-def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path) -> str:
+def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path, metric: str = "loss") -> str:
     spec = TASKS[task]
     return f"""data:
   harmful: {{path: {probe}}}
@@ -101,7 +105,7 @@ restore:
 rollback: {{mode: auto, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}}}
 evaluate:
   safety: {{path: {select_harm}, judge: refusal, max_new_tokens: 64}}
-  task: {{path: {work / f'select_{task}.jsonl'}, metric: loss, max_new_tokens: 64}}
+  task: {{path: {work / f'select_{task}.jsonl'}, metric: {metric}, max_new_tokens: 64}}
   select: lowest_harm_within_floor
   models: []
 """
@@ -115,7 +119,8 @@ def recipe_text(method: str, setting, models: dict, out: Path, args, work: Path,
                 "restore_wide": lambda: (write_jsonl(work / "probe_wide.jsonl", jsonl(args.data / "beavertails_recovery_500.jsonl")[WIDE_PROBE]),
                                          work / "select_harm.jsonl")}.get(
             method, lambda: (args.data / "beavertails_recovery_64.jsonl", work / "select_harm.jsonl"))()
-        return text + restore_section(args, work, task, *sets) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
+        metric = TASKS[task]["metric"] if method == "restore_metric" else "loss"
+        return text + restore_section(args, work, task, *sets, metric) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
     if method == "resta":
         text += f"unaligned: {models['harmful']}\n"
     if method == "safe_lora":
