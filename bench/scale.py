@@ -76,7 +76,7 @@ def main() -> None:
             out = args.work / f"out-{shape}-{dtype}-{budget}"
             path = args.work / f"{shape}-{dtype}-{budget}.yaml"
             path.write_text(yaml.safe_dump(recipe(base, tuned, out, budget)))
-            run = surgeon_run(path)
+            run = surgeon_run(path, "--fresh")  # a state left by an interrupted run would be resumed, not measured
             report = json.loads((out / "surgeon.json").read_text())
             step = report["steps"][0]["seconds"]
             tokens, flops = gradient_pass_work(report, PROMPTS)
