@@ -36,10 +36,15 @@ _after_last_trim = [0]
 _slack = [SLACK_BYTES]
 
 
+def slack_for(budget_bytes: int) -> int:
+    """The slack a budget gets: a quarter of compute.max_memory where that is less than SLACK_BYTES,
+    so that a small budget is not exceeded by the heap's free blocks."""
+    return min(SLACK_BYTES, budget_bytes // 4)
+
+
 def fit_to_budget(budget_bytes: int) -> None:
-    """Trim after a quarter of compute.max_memory's growth where that is less than SLACK_BYTES, so
-    that a small budget is not exceeded by the heap's free blocks."""
-    _slack[0] = min(SLACK_BYTES, budget_bytes // 4)
+    """Trim after `slack_for(budget_bytes)` of growth."""
+    _slack[0] = slack_for(budget_bytes)
 
 
 def slack() -> int:

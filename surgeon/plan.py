@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from surgeon.allocator import SLACK_BYTES
+from surgeon.allocator import slack_for
 from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
@@ -70,7 +70,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
     # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
     graph_layer = layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
-    graphs = min(probe_layer, max(0, budget // 2 - activations - min(SLACK_BYTES, budget // 4)) // graph_layer) * graph_layer
+    graphs = min(probe_layer, max(0, budget // 2 - activations - slack_for(budget)) // graph_layer) * graph_layer
     held = min(activations, budget // 2) + graphs + min(gradients, budget - budget // 2)
     spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
     largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
@@ -79,7 +79,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     # stored, the merged value and the selection's fp32 scores; the top-k's candidates (value, tensor
     # and entry ids; up to 2k of them, twice while a cut concatenates); the heap's trim slack
     working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
-                     + 2 * 2 * facts["budget_per_step"] * (4 + 8 + 8) + min(SLACK_BYTES, budget // 4))
+                     + 2 * 2 * facts["budget_per_step"] * (4 + 8 + 8) + slack_for(budget))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
     generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))

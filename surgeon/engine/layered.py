@@ -282,22 +282,21 @@ class LayeredModel:
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
                 with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _):
-                    record = graphs is not None and graphs.open()
-                    kept = _KeptLayer([], [], self._track(i, graphs.scope[i]) if record else {}, 0)
-                    with graphs.recording() if record else torch.no_grad():
+                    kept = _KeptLayer([], [], self._track(i, graphs.scope[i]), 0) if graphs is not None and graphs.open() else None
+                    with graphs.recording() if kept else torch.no_grad():
                         for b in range(len(prepared.batches)):
                             hidden = self.store.get(self._key(prepared, i, b))
-                            if record:
+                            if kept:
                                 hidden = hidden.detach().requires_grad_(i > 0)
                             with observe(i, module, prepared.batches[b]) if observe else nullcontext():
                                 out = self._run(module, hidden, prepared.layer_arguments[b][i])
-                            if record:
+                            if kept:
                                 kept.inputs.append(hidden)
                                 kept.outputs.append(out)
                             self.store.put(self._key(prepared, i + 1, b), out)
                             if not keep and i > 0:
                                 self.store.delete(self._key(prepared, i, b))
-                if record and graphs.keep(i, kept):
+                if kept and graphs.keep(i, kept):
                     self.materialized_layers += 1  # its weights stay, held by the graphs, until its backward
                     self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
                 del kept
@@ -418,8 +417,9 @@ class LayeredModel:
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
                 kept = graphs.pop(i)
-                reads = LayerTensors(i, _Reads(self.base), _Reads(self.tuned))
-                with nullcontext((None, reads)) if kept else self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
+                # a kept layer needs no weights of its own: only the reads its callback may ask for
+                stored = nullcontext((None, LayerTensors(i, _Reads(self.base), _Reads(self.tuned)))) if kept else None
+                with stored or self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
                     parameters = kept.parameters if kept else self._track(i, scope[i])
                     in_scope = set(scope[i])
                     params = {}
