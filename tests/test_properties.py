@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgeon.engine.masks import MaskSet
-from surgeon.engine.topk import StreamingTopK, collect, top, Selection
+from surgeon.engine.topk import StreamingTopK, collect, kth_largest, top, Selection
 from surgeon.io.writer import TensorEntry, plan_shards
 
 values = st.lists(st.floats(0, 8, allow_nan=False, width=32).map(lambda v: round(v, 1)), min_size=0, max_size=40)
@@ -23,11 +23,24 @@ def test_streaming_topk_equals_a_stable_sort_of_the_concatenation(chunks, k):
     for tensor_id, chunk in enumerate(chunks):
         best.offer(tensor_id, torch.tensor(chunk, dtype=torch.float32), torch.arange(len(chunk)))
         flat += [(v, tensor_id, i) for i, v in enumerate(chunk)]
-    expected = sorted(flat, key=lambda e: -e[0])[:k]  # Python's sort is stable
+    expected = sorted(sorted(flat, key=lambda e: -e[0])[:k], key=lambda e: e[1:])  # Python's sort is stable; result in offer order
     got = best.result()
     assert list(zip(got.values.tolist(), got.tensor_ids.tolist(), got.indices.tolist())) == [
         (float(np.float32(v)), t, i) for v, t, i in expected
     ]
+
+
+specials = st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])
+
+
+@settings(max_examples=300, deadline=None)
+@given(numbers=st.lists(st.floats(allow_nan=False, width=32) | specials, min_size=1, max_size=60), data=st.data())
+def test_kth_largest_is_the_kth_of_a_descending_sort(numbers, data):
+    """Any sign, zeros of both signs, subnormals and infinities: the counting passes over the bit
+    patterns order values as the numbers do."""
+    k = data.draw(st.integers(1, len(numbers)))
+    values = torch.tensor(numbers, dtype=torch.float32)
+    assert kth_largest(values, k) == float(torch.sort(values, descending=True).values[k - 1])
 
 
 @settings(max_examples=100, deadline=None)
@@ -73,3 +86,11 @@ def test_shard_plan_keeps_order_and_budget(sizes, budget):
         assert flat == entries
     count = len(shards)
     assert list(shards) == (["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+
+def test_streaming_topk_ties_filling_one_bucket_keep_the_earliest_offered():
+    """Equal values share a bucket, so only an exact cut can let the later ones go."""
+    best = StreamingTopK(3)
+    for tensor_id in range(10):
+        best.offer(tensor_id, torch.full((20,), 0.5 if tensor_id % 2 else 0.0), torch.arange(20))
+    got = best.result()
+    assert got.tensor_ids.tolist() == [1, 1, 1] and got.indices.tolist() == [0, 1, 2] and best.threshold == 0.5

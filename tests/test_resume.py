@@ -10,7 +10,9 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
+import surgeon.pipeline
 from surgeon.cli import main
 from surgeon.methods.restore import RestoreMethod
 from tests.test_schedule import script
@@ -129,3 +131,25 @@ def test_an_unreadable_or_empty_state_starts_over(tmp_path):
     assert json.loads((folder / "key.json").read_text()) == {"recipe_sha256": "a"} and not (folder / "progress.json").exists()
     # the same key but nothing saved yet (stopped before the first checkpoint): a quiet new start
     assert RunState.open(folder, {"recipe_sha256": "a"}, progress=Log()).saved is None and len(Log.lines) == 1
+
+
+def test_the_state_after_the_last_step_keeps_no_accumulated_gradient(llama, write_recipe, tmp_path, monkeypatch):
+    """The accumulated gradient is kept for the next step and saved with each checkpoint; after the
+    last step nothing would read it, so it is neither kept nor written."""
+    def saved_gradients():
+        (tensors,) = (tmp_path / ".out.surgeon-state").glob("tensors-*.safetensors")
+        with safe_open(str(tensors), framework="pt") as handle:
+            return [key for key in handle.keys() if key.startswith("grad/")]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    recipe = write_recipe(*llama, output={"path": str(tmp_path / "out")}, rollback={"mode": "never"},
+                          restore={"steps": 3, "warmup": 0, "save_every": 1})
+    calls = _fail_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    assert saved_gradients()  # after step 2 of 3
+    calls["n"] = -10**6  # no more failures in the steps; the write fails instead
+    monkeypatch.setattr(surgeon.pipeline, "_write_repair", interrupted)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    assert saved_gradients() == []  # after step 3 of 3

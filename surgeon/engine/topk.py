@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+# candidates pile up to this many times k before those below the threshold are let go
+PILE = 1.5
+BUCKETS = 1 << 16  # by the high 16 bits of a value's bit pattern: sign, exponent and 7 bits of mantissa
+
 
 @dataclass
 class Selection:
@@ -27,33 +31,83 @@ class Selection:
         ids, counts = torch.unique_consecutive(self.tensor_ids[order], return_counts=True)
         return dict(zip(ids.tolist(), torch.split(self.indices[order], counts.tolist())))
 
+    def keep(self, which: torch.Tensor) -> Selection:
+        return Selection(self.values[which], self.tensor_ids[which], self.indices[which])
+
 
 def _empty() -> Selection:
     return Selection(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
 
 def top(selection: Selection, k: int) -> Selection:
-    order = torch.sort(selection.values, descending=True, stable=True).indices[:k]
-    return Selection(selection.values[order], selection.tensor_ids[order], selection.indices[order])
+    """The k best, best first."""
+    return selection.keep(torch.sort(selection.values, descending=True, stable=True).indices[:k])
+
+
+def _from_top(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bucket holding the rank-th largest entry, counting from 1; that entry's rank within it),
+    from the entries' counts per bucket in ascending order."""
+    above = counts.flip(0).cumsum(0)  # above[j]: entries in the j+1 highest buckets
+    j = int(torch.searchsorted(above, rank))
+    return counts.numel() - 1 - j, rank - (int(above[j - 1]) if j else 0)
+
+
+def _keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int32 keys that order as the numbers do (no NaN): the bit pattern, with the
+    negatives' reversed and below the positives."""
+    bits = values.contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _value(key: int) -> float:
+    return float(torch.tensor([key ^ 0x7FFFFFFF if key < 0 else key], dtype=torch.int32).view(torch.float32))
+
+
+def _bucket(keys: torch.Tensor) -> torch.Tensor:
+    return (keys >> 16) + BUCKETS // 2
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of float32 `values` (1 <= k <= numel; no NaN), by two counting passes over
+    their keys (`_keys`): a fraction of a selection's time, and nothing is ordered."""
+    keys = _keys(values)
+    buckets = _bucket(keys)
+    bucket, rank = _from_top(torch.bincount(buckets, minlength=BUCKETS), k)
+    low, _ = _from_top(torch.bincount(keys[buckets == bucket] & 0xFFFF, minlength=BUCKETS), rank)
+    return _value(((bucket - BUCKETS // 2) << 16) | low)
+
+
+def _best(pool: Selection, k: int) -> tuple[Selection, float]:
+    """The k best of `pool` in its own order (everything above the k-th value, and its ties in that
+    order), and the k-th value."""
+    cut = kth_largest(pool.values, k)
+    keep = pool.values > cut
+    ties = (pool.values == cut).nonzero().squeeze(1)[: k - int(keep.sum())]
+    keep[ties] = True
+    return pool.keep(keep.nonzero().squeeze(1)), cut  # resolved once, not once per array
 
 
 class StreamingTopK:
     """Offer candidates tensor by tensor (in a fixed order); `result()` is the global top k.
 
-    Candidates pile up until there are 2k, then one selection of the k-th value (`torch.kthvalue`) cuts them
-    back to k and raises a threshold: later candidates at or below it are dropped on arrival,
-    since k earlier ones already rank above them. One stable sort of at most 2k values at the end.
+    Every admitted candidate is counted in its bucket (`_bucket`); once k are counted, the k-th
+    largest lies in a known bucket, and the threshold rises to just below it after every offer:
+    later candidates at or below it are dropped on arrival, since k earlier ones rank above them.
+    Nothing is ordered on the way: when PILE * k candidates are held, those at or below the
+    threshold are let go (an exact cut at the k-th value if ties in one bucket keep too many), and
+    `result()` makes the one exact cut.
     """
 
     def __init__(self, k: int):
         self.k = k
         self._parts: list[Selection] = []
         self._size = 0
+        self._counts = torch.zeros(BUCKETS, dtype=torch.long)
         self._threshold: float | None = None
 
     @property
     def threshold(self) -> float | None:
-        """Scores at or below this are dropped on arrival (None until the first cut)."""
+        """Scores at or below this are dropped on arrival (None until k have been offered)."""
         return self._threshold
 
     def offer(self, tensor_id: int, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -64,29 +118,38 @@ class StreamingTopK:
             return
         if self._threshold is not None:
             keep = values > self._threshold
-            values, indices = values[keep], indices[keep]
-            if values.numel() == 0:
-                return
+            if not keep.all():  # a caller that tested against the threshold already offers none below it
+                values, indices = values[keep], indices[keep]
+                if values.numel() == 0:
+                    return
         self._parts.append(Selection(values, torch.full_like(indices, tensor_id), indices))
         self._size += values.numel()
-        if self._size > 2 * self.k:
-            self._cut()
+        self._counts += torch.bincount(_bucket(_keys(values)), minlength=BUCKETS)
+        self._raise(self._below(_from_top(self._counts, self.k)[0]) if int(self._counts.sum()) >= self.k else None)
+        if self._size > PILE * self.k:
+            pool = collect(self._parts)
+            pool = pool.keep((pool.values > self._threshold).nonzero().squeeze(1))
+            if pool.values.numel() > PILE * self.k:  # ties within one bucket
+                pool, cut = _best(pool, self.k)
+                self._raise(cut)
+            self._parts, self._size = [pool], pool.values.numel()
 
-    def _cut(self) -> None:
-        """Keep the k best: everything above the k-th value, and its ties in offer order."""
-        pool = collect(self._parts)
-        # the k-th largest value by selection (no ordering of the rest: faster than topk's k outputs)
-        cut = torch.kthvalue(pool.values, pool.values.numel() - self.k + 1).values
-        keep = pool.values > cut
-        ties = (pool.values == cut).nonzero().squeeze(1)[: self.k - int(keep.sum())]
-        keep[ties] = True
-        keep = keep.nonzero().squeeze(1)  # resolved once, not once per array
-        self._parts = [Selection(pool.values[keep], pool.tensor_ids[keep], pool.indices[keep])]
-        self._size = self.k
-        self._threshold = float(cut)
+    @staticmethod
+    def _below(bucket: int) -> float | None:
+        """The largest value under every value of `bucket` (None for the lowest bucket)."""
+        if bucket == 0:
+            return None
+        key = ((bucket - BUCKETS // 2) << 16) - 1
+        return _value(-2 if key == -1 else key)  # key -1 is -0.0, which would drop +0.0 too
+
+    def _raise(self, threshold: float | None) -> None:
+        if threshold is not None and (self._threshold is None or threshold > self._threshold):
+            self._threshold = threshold
 
     def result(self) -> Selection:
-        return top(collect(self._parts), self.k)
+        """The global top k, in offer order (tensor by tensor, indices ascending)."""
+        pool = collect(self._parts)
+        return _best(pool, self.k)[0] if pool.values.numel() > self.k else pool
 
 
 def collect(parts: list[Selection]) -> Selection:

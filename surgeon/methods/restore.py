@@ -130,14 +130,16 @@ class RestoreMethod:
 
     # -- Restore step ----------------------------------------------------------------------
 
-    def restore_step(self, masks: MaskSet, accumulate: bool, description: str) -> tuple[dict[str, torch.Tensor], float]:
-        """Restore the k candidates with the largest |g|; return the entries restored and the loss."""
+    def restore_step(self, masks: MaskSet, accumulate: bool, description: str, last: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+        """Restore the k candidates with the largest |g|; return the entries restored and the loss.
+        With `accumulate`, g includes the earlier steps' gradients, and is kept for the next step
+        unless this is the `last` (nothing would read it: its memory and the saved state's disk are spared)."""
         best = StreamingTopK(self.settings.budget)
 
         def on_layer(raw: LayerTensors, grads: dict[str, torch.Tensor]) -> None:
             for name in self.scope[raw.index]:
                 g = grads[name]
-                if accumulate:
+                if accumulate and not last:
                     self.accumulated.put(name, g)
                 # a candidate: not restored yet, theta - base (= tuned - base) nonzero and of g's sign
                 # (compared by sign bit: no fp32 temporaries)
@@ -146,17 +148,22 @@ class RestoreMethod:
                     diff.masked_fill_(masks.get(name).to(g.device), 0.0)
                     indices = ((diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))).flatten().nonzero().squeeze(1)
                     del diff
+                    scores = g.flatten()[indices]
                 else:
                     # entries at or below the top-k's threshold would be dropped on arrival: the few
-                    # above it are tested alone (the same candidates, a third of the time)
-                    indices = (g.abs() > best.threshold).flatten().nonzero().squeeze(1)
+                    # above it are tested alone (the same candidates, a third of the time); two
+                    # comparisons rather than |g|, which would write a gradient-sized temporary
+                    t = best.threshold
+                    indices = ((g > t) | (g < -t)).flatten().nonzero().squeeze(1)
                     at = indices.cpu()
+                    scores = g.flatten()[indices]
                     diff = (raw.tuned.gather(name, at).float() - raw.base.gather(name, at).float()).to(g.device)
-                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(g.flatten()[indices])) & ~masks.at(name, at).to(g.device)
-                    indices = indices[keep]
-                best.offer(self.tensor_ids[name], g.flatten()[indices].abs(), indices)
+                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(scores)) & ~masks.at(name, at).to(g.device)
+                    indices, scores = indices[keep], scores[keep]
+                best.offer(self.tensor_ids[name], scores.abs(), indices)
 
-        seed = (lambda name: self.accumulated.get(name) if name in self.accumulated else None) if accumulate else (lambda name: None)
+        take = self.accumulated.pop if last else self.accumulated.get
+        seed = (lambda name: take(name) if name in self.accumulated else None) if accumulate else (lambda name: None)
         loss = self.engine.gradient_pass(
             self.harmful, masks, self.v_harm, self.settings.probe_layer, self.scope, on_layer, seed, description
         )
@@ -212,7 +219,7 @@ class RestoreMethod:
         for step in range(first, last + 1):
             started = time.perf_counter()
             phase = "restore+rollback" if rollback else "restore-only"
-            restored, cosine = self.restore_step(masks, accumulate=not rollback, description=f"step {step}/{s.steps} restore")
+            restored, cosine = self.restore_step(masks, accumulate=not rollback, description=f"step {step}/{s.steps} restore", last=step == s.steps)
             reverted = self.rollback_step(masks, restored, f"step {step}/{s.steps} rollback") if rollback else 0
             record = StepRecord(step, phase, sum(int(i.numel()) for i in restored.values()), reverted, masks.count(), cosine, time.perf_counter() - started)
             result.steps.append(record)
