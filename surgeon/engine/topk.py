@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # candidates pile up to this many times k before those below the threshold are let go
@@ -33,6 +34,24 @@ class Selection:
 
     def keep(self, which: torch.Tensor) -> Selection:
         return Selection(self.values[which], self.tensor_ids[which], self.indices[which])
+
+
+def true_at(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of a boolean tensor's true entries, ascending. On the CPU by numpy's
+    flatnonzero: torch's nonzero took twice as long on two cores (a counting pass, then a filling
+    one, each split across threads)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.detach().reshape(-1).numpy()))
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def beyond(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Flat indices of the entries with |value| > threshold (threshold >= 0), ascending: one of a
+    selection's passes over every gradient. numpy where it has the dtype (on two cores 1.7 ms for
+    a 1024 x 2816 fp32 gradient against 4.1 ms for torch's comparisons and nonzero)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64, torch.float16):
+        return torch.from_numpy(np.flatnonzero(np.abs(values.detach().reshape(-1).numpy()) > threshold))
+    return true_at((values > threshold) | (values < -threshold))
 
 
 def _empty() -> Selection:
@@ -82,9 +101,9 @@ def _best(pool: Selection, k: int) -> tuple[Selection, float]:
     order), and the k-th value."""
     cut = kth_largest(pool.values, k)
     keep = pool.values > cut
-    ties = (pool.values == cut).nonzero().squeeze(1)[: k - int(keep.sum())]
+    ties = true_at(pool.values == cut)[: k - int(keep.sum())]
     keep[ties] = True
-    return pool.keep(keep.nonzero().squeeze(1)), cut  # resolved once, not once per array
+    return pool.keep(true_at(keep)), cut  # resolved once, not once per array
 
 
 class StreamingTopK:
@@ -128,7 +147,7 @@ class StreamingTopK:
         self._raise(self._below(_from_top(self._counts, self.k)[0]) if int(self._counts.sum()) >= self.k else None)
         if self._size > PILE * self.k:
             pool = collect(self._parts)
-            pool = pool.keep((pool.values > self._threshold).nonzero().squeeze(1))
+            pool = pool.keep(true_at(pool.values > self._threshold))
             if pool.values.numel() > PILE * self.k:  # ties within one bucket
                 pool, cut = _best(pool, self.k)
                 self._raise(cut)

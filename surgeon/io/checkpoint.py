@@ -45,6 +45,11 @@ class _FiniteOnce:
             self._checked.add(name)
         return tensor
 
+    def _finite_part(self, name: str, part: torch.Tensor, where: str) -> torch.Tensor:
+        """Some entries of a tensor: checked unless the whole tensor was (a selection gathers
+        millions of entries of tensors it has read whole)."""
+        return part if name in self._checked else check_finite(name, part, where)
+
 
 class TensorSource(Protocol):
     """What the engine needs from a model's weights: names, headers, and one tensor at a time."""
@@ -228,7 +233,7 @@ class SafetensorsCheckpoint(_FiniteOnce):
                 rows = torch.cat([view[start:stop] for start, stop in _runs(ids.tolist())] or [view[0:0]])
         except (SafetensorError, OSError) as exc:
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
-        return check_finite(name, rows, str(self._where[name]))
+        return self._finite_part(name, rows, str(self._where[name]))
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Read through a mapping of the tensor's bytes: only the pages holding the entries are
@@ -249,7 +254,7 @@ class SafetensorsCheckpoint(_FiniteOnce):
                 del stored  # the mapping closes next, with nothing left pointing into it
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
-        return check_finite(name, entries, str(self._where[name]))
+        return self._finite_part(name, entries, str(self._where[name]))
 
 
 class PickleCheckpoint(_FiniteOnce):
@@ -282,7 +287,7 @@ class PickleCheckpoint(_FiniteOnce):
         """No read-ahead: torch.load maps the file, and its layout is the pickle's."""
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        return check_finite(name, self._tensors[name][ids], self._files)  # indexing copies, from the mapped file
+        return self._finite_part(name, self._tensors[name][ids], self._files)  # indexing copies, from the mapped file
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
-        return check_finite(name, self._tensors[name].flatten()[indices], self._files)
+        return self._finite_part(name, self._tensors[name].flatten()[indices], self._files)

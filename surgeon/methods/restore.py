@@ -18,7 +18,7 @@ from surgeon import processes
 from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan, PreparedInputs
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
-from surgeon.engine.topk import Selection, StreamingTopK, collect, top
+from surgeon.engine.topk import Selection, StreamingTopK, beyond, collect, top, true_at
 from surgeon.io.checkpoint import check_finite
 from surgeon.io.run_state import RunState
 from surgeon.io.writer import TensorEntry
@@ -146,19 +146,17 @@ class RestoreMethod:
                 if best.threshold is None:
                     diff = raw.tuned[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
                     diff.masked_fill_(masks.get(name).to(g.device), 0.0)
-                    indices = ((diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))).flatten().nonzero().squeeze(1)
+                    indices = true_at((diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))).to(g.device)
                     del diff
                     scores = g.flatten()[indices]
                 else:
                     # entries at or below the top-k's threshold would be dropped on arrival: the few
-                    # above it are tested alone (the same candidates, a third of the time); two
-                    # comparisons rather than |g|, which would write a gradient-sized temporary
-                    t = best.threshold
-                    indices = ((g > t) | (g < -t)).flatten().nonzero().squeeze(1)
+                    # above it are tested alone (the same candidates, a third of the time)
+                    indices = beyond(g, best.threshold).to(g.device)
                     at = indices.cpu()
                     scores = g.flatten()[indices]
                     diff = (raw.tuned.gather(name, at).float() - raw.base.gather(name, at).float()).to(g.device)
-                    keep = (diff != 0) & (torch.signbit(diff) == torch.signbit(scores)) & ~masks.at(name, at).to(g.device)
+                    keep = true_at((diff != 0) & (torch.signbit(diff) == torch.signbit(scores)) & ~masks.at(name, at).to(g.device)).to(g.device)
                     indices, scores = indices[keep], scores[keep]
                 best.offer(self.tensor_ids[name], scores.abs(), indices)
 
