@@ -93,6 +93,47 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
         assert grads.keys() == whole.keys() and all(torch.equal(grads[n], whole[n]) for n in whole)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_pass_reads_the_weights_it_ran_with(llama, tmp_path, monkeypatch, dtype):
+    """`current` gives where(mask, base, tuned) as stored, kept graphs or recomputed layers: from the
+    live parameters when the compute dtype holds the stored values (fp32), from the files when it
+    does not (bf16 compute of an fp32 checkpoint)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine.layered import TUNED, LayeredModel
+    from surgeon.engine.store import SpillStore
+    from surgeon.io.checkpoint import SafetensorsCheckpoint
+    from surgeon.io.references import resolve_model
+
+    base, tuned = resolve_model(str(llama[0])).tensors, resolve_model(str(llama[1])).tensors
+    config = AutoConfig.from_pretrained(llama[1])
+    batches = prompt_batches(AutoTokenizer.from_pretrained(llama[1]), HARMFUL, 4)
+    gathers = []
+    gather = SafetensorsCheckpoint.gather
+    monkeypatch.setattr(SafetensorsCheckpoint, "gather", lambda self, name, indices: gathers.append(name) or gather(self, name, indices))
+    for budget in (10**9, 1):
+        engine = LayeredModel(config, base, tuned, SpillStore(budget, tmp_path / str(budget)), dtype=dtype)
+        scope = engine.layout.scope(3)
+        plan = MaskSet({n: tuned.shape(n) for layer in scope for n in layer})
+        generator = torch.Generator().manual_seed(0)
+        for name in plan.names():
+            plan.set(name, torch.randperm(plan.get(name).numel(), generator=generator)[:5].sort().values)
+        seen = []
+
+        def on_layer(raw, grads):
+            for name in scope[raw.index]:
+                indices = torch.arange(0, grads[name].numel(), 3)
+                expected = torch.where(plan.get(name), base.get(name), tuned.get(name)).flatten()[indices]
+                gathers.clear()
+                assert torch.equal(raw.current.gather(name, indices).to(expected.dtype), expected), name
+                assert (gathers == []) == (dtype == torch.float32), name
+                seen.append(name)
+
+        engine.gradient_pass(engine.prepare(batches, TUNED, 3), plan, torch.ones(config.hidden_size), 3, scope, on_layer)
+        assert sorted(seen) == sorted(plan.names())
+
+
 def test_spilling_to_disk_gives_the_same_masks(llama, write_recipe, tmp_path):
     in_memory = run(load_recipe(write_recipe(*llama, name="a.yaml", output={"path": str(tmp_path / "a")})))
     spilled = run(load_recipe(write_recipe(*llama, name="b.yaml", output={"path": str(tmp_path / "b")}, compute={"max_memory": 1024})))

@@ -64,15 +64,42 @@ class _Reads:
         return self.source.gather(name, indices)
 
 
+class _Current:
+    """`gather(name, indices)`: entries of the weights a pass ran with (the plan's where(mask, base,
+    tuned)), from the layer's live parameter where it holds that tensor alone in a dtype that keeps
+    the stored values exactly (no file read: a selection gathers millions of entries), else from
+    base and tuned by the plan."""
+
+    def __init__(self, parameters: dict[str, torch.Tensor], plan: Plan, base: TensorSource, tuned: TensorSource):
+        self.parameters, self.plan, self.base, self.tuned = parameters, plan, base, tuned
+
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        param = self.parameters.get(name)
+        if param is not None:
+            return param.detach().reshape(-1)[indices.to(param.device)]
+        if self.plan in (BASE, TUNED) or name not in self.plan:
+            return (self.base if self.plan == BASE else self.tuned).gather(name, indices)
+        return torch.where(self.plan.at(name, indices), self.base.gather(name, indices), self.tuned.gather(name, indices))
+
+
+def _holds_exactly(stored: torch.dtype, compute: torch.dtype) -> bool:
+    try:
+        return stored.is_floating_point and torch.promote_types(stored, compute) == compute
+    except RuntimeError:  # float8 types have no promotion
+        return compute == torch.float32
+
+
 @dataclass
 class LayerTensors:
     """One layer's base and tuned tensors (stored dtype), for a method's per-layer callback. They
     are read again when asked rather than held for the layer's whole pass: a read from the page
-    cache costs less than keeping two more copies of the layer in memory."""
+    cache costs less than keeping two more copies of the layer in memory. In a gradient pass,
+    `current` reads the weights the pass ran with."""
 
     index: int
     base: _Reads
     tuned: _Reads
+    current: _Current | None = None
 
 
 @dataclass
@@ -313,6 +340,13 @@ class LayeredModel:
             parameters[parameter] = param
         return parameters
 
+    def _alone(self, index: int, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+        """Layer `index`'s parameters that hold one checkpoint tensor as stored (no fusion, a dtype
+        that keeps its values), by that tensor's name."""
+        return {names[0]: parameters[parameter] for parameter, names in self.layout.layer_parameters(index)
+                if len(names) == 1 and parameter not in self.layout.fusions
+                and all(_holds_exactly(source.dtype(names[0]), parameters[parameter].dtype) for source in (self.base, self.tuned))}
+
     def last_token_states(self, prepared: PreparedInputs, plan: Plan, num_layers: int, description: str = "probing") -> torch.Tensor:
         """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
         self._forward(prepared, plan, num_layers, keep=False, description=description)
@@ -446,6 +480,7 @@ class LayeredModel:
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                             self.store.delete(self._key(prepared, i, b))
+                    raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned)
                     grads = {}
                     for parameter, (param, wanted) in params.items():
                         grad = processes.sum_(param.grad if param.grad is not None else torch.zeros_like(param))

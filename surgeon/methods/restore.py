@@ -155,8 +155,9 @@ class RestoreMethod:
                     indices = beyond(g, best.threshold).to(g.device)
                     at = indices.cpu()
                     scores = g.flatten()[indices]
-                    diff = (raw.tuned.gather(name, at).float() - raw.base.gather(name, at).float()).to(g.device)
-                    keep = true_at((diff != 0) & (torch.signbit(diff) == torch.signbit(scores)) & ~masks.at(name, at).to(g.device)).to(g.device)
+                    # theta - base, zero where restored already (theta is base there)
+                    diff = raw.current.gather(name, at).to(g.device, torch.float32) - raw.base.gather(name, at).to(g.device, torch.float32)
+                    keep = true_at((diff != 0) & (torch.signbit(diff) == torch.signbit(scores))).to(g.device)
                     indices, scores = indices[keep], scores[keep]
                 best.offer(self.tensor_ids[name], scores.abs(), indices)
 
