@@ -6,17 +6,21 @@ with the default memory budget and with `compute.max_memory` set small. One rest
 prompts, fp32 arithmetic, no evaluation. The in-memory run (tests/reference.py: whole models in
 RAM, the model's own forward through the first E layers, autograd, one top-k: bench/in_memory_step.py)
 does the same step where it fits in memory.
-Runs go one after another (never two at once); results are kept in bench/results/scale.json and a
-configuration measured before is skipped unless --again.
+Runs go one after another (never two at once); each configuration runs --repeats times (the
+in-memory run alternating with surgeon's), and the row gives the median wall and step time, every
+run's step time, and the largest peak RSS: on this 2-core VM one run's step time varies by +-10%.
+Results are kept in bench/results/scale.json and a configuration measured before is skipped unless
+--again.
 
     python bench/scale.py [--pairs 0.37b:float32 1.1b:bfloat16 3b:bfloat16] [--budgets default 256MiB]
-                          [--in-memory 0.37b:float32] [--work /tmp/surgeon-scale] [--again]
+                          [--in-memory 0.37b:float32] [--repeats 3] [--work /tmp/surgeon-scale] [--again]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["default", "256MiB"])
     parser.add_argument("--in-memory", nargs="*", default=["0.37b:float32"], help="pairs also run by the in-memory implementation")
     parser.add_argument("--work", type=Path, default=Path("/tmp/surgeon-scale"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median times, largest peak)")
     parser.add_argument("--again", action="store_true", help="measure configurations already in the results again")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -76,23 +81,29 @@ def main() -> None:
             out = args.work / f"out-{shape}-{dtype}-{budget}"
             path = args.work / f"{shape}-{dtype}-{budget}.yaml"
             path.write_text(yaml.safe_dump(recipe(base, tuned, out, budget)))
-            run = surgeon_run(path, "--fresh")  # a state left by an interrupted run would be resumed, not measured
-            report = json.loads((out / "surgeon.json").read_text())
-            step = report["steps"][0]["seconds"]
+            runs, reports, plain = [], [], []
+            for _ in range(args.repeats):
+                runs.append(surgeon_run(path, "--fresh"))  # a saved state would be resumed, not measured
+                reports.append(json.loads((out / "surgeon.json").read_text()))
+                if pair in args.in_memory and budget == args.budgets[0]:  # alternating with surgeon's: back to back
+                    plain.append(in_memory(base, tuned, reports[-1]["settings"]["probe_layer"]))
+            steps = [report["steps"][0]["seconds"] for report in reports]
+            step = statistics.median(steps)
+            report = reports[steps.index(min(steps, key=lambda s: abs(s - step)))]
             tokens, flops = gradient_pass_work(report, PROMPTS)
-            row = {"checkpoint_bytes": checkpoint_bytes, "wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib,
-                   "step_seconds": step, "matmul_share": flops / step / ceiling, "probe_layer": report["settings"]["probe_layer"],
+            row = {"checkpoint_bytes": checkpoint_bytes, "repeats": args.repeats, "wall_seconds": statistics.median(r.wall_seconds for r in runs),
+                   "peak_rss_gib": max(r.peak_rss_gib for r in runs), "step_seconds": step, "steps_seconds": steps,
+                   "matmul_share": flops / step / ceiling, "probe_layer": report["settings"]["probe_layer"],
                    "memory": report["memory"], "phases": report["seconds"]}
+            if plain:
+                row["in_memory"] = {"wall_seconds": statistics.median(r["wall_seconds"] for r in plain), "peak_rss_gib": max(r["peak_rss_gib"] for r in plain)}
+                row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]
             results.setdefault("runs", {})[key] = row
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-            if pair in args.in_memory and budget == args.budgets[0]:  # right after surgeon's run: back to back
-                row["in_memory"] = in_memory(base, tuned, row["probe_layer"])
-                row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]
-                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             ratio = f", {row['wall_ratio']:.2f}x the in-memory wall ({row['in_memory']['wall_seconds']:.0f} s, "\
                     f"{row['in_memory']['peak_rss_gib']:.2f} GiB)" if "wall_ratio" in row else ""
-            print(f"{key}: {run.wall_seconds:.1f} s wall, peak RSS {run.peak_rss_gib:.2f} GiB "
-                  f"({run.peak_rss_gib * 2**30 / checkpoint_bytes:.0%} of one checkpoint), step {step:.1f} s, "
+            print(f"{key}: {row['wall_seconds']:.1f} s wall, peak RSS {row['peak_rss_gib']:.2f} GiB "
+                  f"({row['peak_rss_gib'] * 2**30 / checkpoint_bytes:.0%} of one checkpoint), step {step:.1f} s ({', '.join(f'{s:.1f}' for s in steps)}), "
                   f"{row['matmul_share']:.1%} of the measured matmul{ratio}", flush=True)
 
 
