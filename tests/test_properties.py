@@ -94,3 +94,16 @@ def test_streaming_topk_ties_filling_one_bucket_keep_the_earliest_offered():
         best.offer(tensor_id, torch.full((20,), 0.5 if tensor_id % 2 else 0.0), torch.arange(20))
     got = best.result()
     assert got.tensor_ids.tolist() == [1, 1, 1] and got.indices.tolist() == [0, 1, 2] and best.threshold == 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.sets(st.tuples(st.integers(0, 4), st.integers(0, 30)), max_size=40), data=st.data())
+def test_by_tensor_groups_each_tensors_indices_ascending(entries, data):
+    """Whatever the order (grouped in offer order as the top-k returns it, or shuffled as rollback's
+    top does), each tensor's selected indices come back once, ascending."""
+    grouped = sorted(entries, key=lambda e: (-e[0], e[1]))  # tensors in a non-ascending offer order
+    for order in (grouped, data.draw(st.permutations(grouped))):
+        selection = Selection(torch.zeros(len(order)), torch.tensor([t for t, _ in order], dtype=torch.long),
+                              torch.tensor([i for _, i in order], dtype=torch.long))
+        got = {t: indices.tolist() for t, indices in selection.by_tensor().items()}
+        assert got == {t: sorted(i for u, i in entries if u == t) for t in {t for t, _ in entries}}

@@ -24,13 +24,18 @@ class Selection:
     indices: torch.Tensor
 
     def by_tensor(self) -> dict[int, torch.Tensor]:
-        """Selected flat indices grouped by tensor id, sorted: one sort by (tensor, index), then split."""
+        """Selected flat indices grouped by tensor id, sorted: split where already so (the top-k's
+        result, in offer order), else one sort by (tensor, index) first."""
         if self.indices.numel() == 0:
             return {}
-        key = self.tensor_ids * (int(self.indices.max()) + 1) + self.indices
-        order = torch.sort(key).indices
-        ids, counts = torch.unique_consecutive(self.tensor_ids[order], return_counts=True)
-        return dict(zip(ids.tolist(), torch.split(self.indices[order], counts.tolist())))
+        ids, indices = self.tensor_ids, self.indices
+        same = ids[1:] == ids[:-1]
+        ids_once = torch.unique_consecutive(ids).numel() == torch.unique(ids).numel()
+        if not (ids_once and bool(((indices[1:] > indices[:-1]) | ~same).all())):
+            order = torch.sort(ids * (int(indices.max()) + 1) + indices).indices
+            ids, indices = ids[order], indices[order]
+        ids, counts = torch.unique_consecutive(ids, return_counts=True)
+        return dict(zip(ids.tolist(), torch.split(indices, counts.tolist())))
 
     def keep(self, which: torch.Tensor) -> Selection:
         return Selection(self.values[which], self.tensor_ids[which], self.indices[which])
