@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from surgeon.allocator import slack_for
+from surgeon.engine.topk import PILE
 from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
@@ -65,7 +66,8 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     budget = settings.budget
     task_tokens, _ = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt)
     activations += (harmful_tokens + task_tokens) * hidden * compute
-    gradients = in_scope * 4 if recipe.rollback.mode != "always" else 0  # restore-only accumulates fp32 gradients
+    # restore-only steps accumulate fp32 gradients, kept for the next step (none after the last)
+    gradients = in_scope * 4 if recipe.rollback.mode != "always" and recipe.restore.steps > 1 else 0
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
     # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
     # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
@@ -77,9 +79,9 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     stored = max(tensors.dtype(n).itemsize for n in tensors.names())
     # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
     # stored, the merged value and the selection's fp32 scores; the top-k's candidates (value, tensor
-    # and entry ids; up to 2k of them, twice while a cut concatenates); the heap's trim slack
+    # and entry ids; up to PILE * k of them, twice while they are let go); the heap's trim slack
     working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
-                     + 2 * 2 * facts["budget_per_step"] * (4 + 8 + 8) + slack_for(budget))
+                     + 2 * math.ceil(PILE * facts["budget_per_step"]) * (4 + 8 + 8) + slack_for(budget))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
     generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))

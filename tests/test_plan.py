@@ -39,3 +39,11 @@ def test_plan_refuses_when_the_disk_is_short(llama, write_recipe, monkeypatch):
     monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     result = CliRunner().invoke(main, ["plan", str(write_recipe(*llama)), "-q", "--no-calibrate"])
     assert result.exit_code == 2 and "GB of disk beside the destination" in result.output and "GB are free" in result.output
+
+
+def test_plan_holds_accumulated_gradients_only_for_a_later_step(llama, write_recipe, tmp_path):
+    """Restore-only steps keep the accumulated gradient for the next step; a one-step run keeps none."""
+    for steps, held in ((1, False), (3, True)):
+        recipe = write_recipe(*llama, name=f"steps{steps}.yaml", rollback={"mode": "never"}, restore={"steps": steps, "warmup": 0})
+        facts = plan(load_recipe(recipe), tmp_path / "out")
+        assert (facts["memory"]["gradients"] > 0) == held
