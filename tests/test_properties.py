@@ -12,12 +12,15 @@ from surgeon.engine.topk import StreamingTopK, collect, kth_largest, top, Select
 from surgeon.io.writer import TensorEntry, plan_shards
 
 values = st.lists(st.floats(0, 8, allow_nan=False, width=32).map(lambda v: round(v, 1)), min_size=0, max_size=40)
+signed = st.lists(st.floats(-8, 8, width=32).map(lambda v: round(v, 1)) | st.sampled_from([float("inf"), -float("inf"), -0.0]),
+                  min_size=0, max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
-@given(chunks=st.lists(values, min_size=1, max_size=6), k=st.integers(0, 60))
+@given(chunks=st.lists(values | signed, min_size=1, max_size=6), k=st.integers(0, 60))
 def test_streaming_topk_equals_a_stable_sort_of_the_concatenation(chunks, k):
-    """Including ties (values are rounded so they repeat): the earlier-offered entry wins."""
+    """Including ties (values are rounded so they repeat): the earlier-offered entry wins; any
+    sign and infinities (the selection offers |g|, but nothing here depends on it)."""
     best = StreamingTopK(k)
     flat = []
     for tensor_id, chunk in enumerate(chunks):

@@ -83,6 +83,9 @@ def _keys(values: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+_NEGATIVE_INFINITY = -0x7F800001  # the key of -inf; keys below it are NaN patterns
+
+
 def _value(key: int) -> float:
     return float(torch.tensor([key ^ 0x7FFFFFFF if key < 0 else key], dtype=torch.int32).view(torch.float32))
 
@@ -152,7 +155,8 @@ class StreamingTopK:
         self._raise(self._below(_from_top(self._counts, self.k)[0]) if int(self._counts.sum()) >= self.k else None)
         if self._size > PILE * self.k:
             pool = collect(self._parts)
-            pool = pool.keep(true_at(pool.values > self._threshold))
+            if self._threshold is not None:  # None while the k-th value is in -inf's bucket
+                pool = pool.keep(true_at(pool.values > self._threshold))
             if pool.values.numel() > PILE * self.k:  # ties within one bucket
                 pool, cut = _best(pool, self.k)
                 self._raise(cut)
@@ -160,10 +164,11 @@ class StreamingTopK:
 
     @staticmethod
     def _below(bucket: int) -> float | None:
-        """The largest value under every value of `bucket` (None for the lowest bucket)."""
-        if bucket == 0:
-            return None
+        """The largest value under every value of `bucket` (None when nothing is: the bucket
+        holds -inf, and the keys below it are NaN patterns)."""
         key = ((bucket - BUCKETS // 2) << 16) - 1
+        if key < _NEGATIVE_INFINITY:
+            return None
         return _value(-2 if key == -1 else key)  # key -1 is -0.0, which would drop +0.0 too
 
     def _raise(self, threshold: float | None) -> None:
