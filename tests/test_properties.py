@@ -73,6 +73,11 @@ def test_masks_set_clear_count_and_round_trip(tmp_path_factory, shape, data):
     masks.save(path)
     loaded = MaskSet.load(path)
     assert torch.equal(loaded.get("w"), masks.get("w")) and loaded.shapes == masks.shapes
+    more = data.draw(st.sets(st.integers(0, size - 1)))  # a resumed run goes on setting bits, in its own copy
+    before = masks.get("w").clone()
+    loaded.set("w", torch.tensor(sorted(more), dtype=torch.long))
+    expected[list(more)] = True
+    assert torch.equal(loaded.get("w"), expected.reshape(shape)) and torch.equal(masks.get("w"), before)
 
 
 @settings(max_examples=100, deadline=None)

