@@ -67,6 +67,7 @@ def test_masks_set_clear_count_and_round_trip(tmp_path_factory, shape, data):
     expected = torch.zeros(size, dtype=torch.bool)
     expected[list(on - off)] = True
     assert torch.equal(masks.get("w"), expected.reshape(shape)) and masks.count() == len(on - off)
+    assert masks.indices("w").tolist() == sorted(on - off)
     probe = torch.tensor(data.draw(st.lists(st.integers(0, size - 1))), dtype=torch.long)
     assert torch.equal(masks.at("w", probe), expected[probe])
     path = tmp_path_factory.mktemp("m") / "masks.safetensors"

@@ -213,9 +213,9 @@ class LayeredModel:
     def _weight(self, name: str, plan: Plan) -> torch.Tensor:
         if plan == BASE:
             return self.base.get(name)
-        if plan == TUNED or name not in plan or not plan.count(name):  # nothing restored here yet: no mask to apply
+        if plan == TUNED:
             return self.tuned.get(name)
-        return torch.where(plan.get(name), self.base.get(name), self.tuned.get(name))
+        return plan.apply(name, self.tuned.get(name), lambda indices: self.base.gather(name, indices))
 
     def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The parameter's value from its checkpoint tensors (fused when transformers fuses them)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,24 @@ class MaskSet:
 
     def get(self, name: str) -> torch.Tensor:
         return self.flat(name).reshape(self.shapes[name])
+
+    def indices(self, name: str) -> torch.Tensor:
+        """The flat indices of the set bits, ascending, unpacking only the bytes that hold one."""
+        bits = self._bits[name]
+        held = np.flatnonzero(bits)
+        rows, columns = np.nonzero(np.unpackbits(bits[held][:, None], axis=1, bitorder="little"))
+        return torch.from_numpy(held[rows] * 8 + columns)
+
+    def apply(self, name: str, tuned: torch.Tensor, base_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """where(mask, base, tuned) for tensor `name`, bit-exact, written into `tuned` (the caller's
+        own copy): `base_at(indices)` reads base's entries where the mask is set, not the whole
+        tensor (a step's weights, and the written checkpoint, cost one read of tuned)."""
+        if name not in self._bits or not self.count(name):
+            return tuned
+        indices = self.indices(name)
+        flat = tuned.reshape(-1)
+        flat[indices] = base_at(indices).to(flat.device)
+        return flat.view(tuned.shape)
 
     def _update(self, name: str, indices: torch.Tensor, value: bool) -> None:
         """In the packed bytes, touching only theirs (unpacking a tensor's bits and packing them

@@ -60,7 +60,9 @@ class TensorSource(Protocol):
 
     def dtype(self, name: str) -> torch.dtype: ...
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as stored, a copy of the caller's own (it may write to it; the file never changes)."""
+        ...
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (unique, ascending) of a 2-D tensor: the embedding rows a prompt set uses,

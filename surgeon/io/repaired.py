@@ -19,10 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet) -> torch.Tensor:
     """Bit-exact copies: base's stored value where the mask is set, tuned's elsewhere."""
-    value = tuned.tensors.get(name)
-    if name in masks:
-        value = torch.where(masks.get(name), base.tensors.get(name), value)
-    return value
+    return masks.apply(name, tuned.tensors.get(name), lambda indices: base.tensors.gather(name, indices))
 
 
 def write_checkpoint(
