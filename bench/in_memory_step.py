@@ -50,6 +50,7 @@ def main() -> None:
 
     with torch.no_grad():
         v_harm = torch.cat([last_hidden(base, b) for b in batches]).mean(0)
+    step_started = time.perf_counter()  # the step as surgeon's report times it: gradients and the selection
     for batch in batches:
         (-torch.nn.functional.cosine_similarity(last_hidden(model, batch).mean(0), v_harm, dim=0)).backward()
     norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
@@ -63,6 +64,7 @@ def main() -> None:
         scores.append(torch.where(candidate, param.grad.abs(), torch.full_like(param.grad, -1.0)).flatten())
         params.append((name, param))
     chosen = torch.topk(torch.cat(scores), math.ceil(args.sparsity * total)).indices
+    step = time.perf_counter() - step_started
     with torch.no_grad():  # restore the chosen entries, then write the whole model in tuned's dtype
         offsets = torch.tensor([0] + [p.numel() for _, p in params]).cumsum(0)
         for (name, param), start, end in zip(params, offsets[:-1], offsets[1:]):
@@ -70,7 +72,7 @@ def main() -> None:
             param.view(-1)[mine] = base_params[name].detach().view(-1)[mine]
     model.model.layers = full_layers
     model.to(tuned_dtype).save_pretrained(args.out)
-    print(f"in-memory step: {chosen.numel():,} weights restored and written in {time.perf_counter() - started:.1f} s")
+    print(f"in-memory step: {chosen.numel():,} weights restored and written in {time.perf_counter() - started:.1f} s; step {step:.3f} s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def in_memory(base: Path, tuned: Path, probe_layer: int) -> dict:
     out = tuned.parent / f"in-memory-{tuned.name}"
     run = timed([sys.executable, str(HERE / "in_memory_step.py"), str(base), str(tuned), str(out),
                  "--layer", str(probe_layer), "--sparsity", str(SPARSITY), "--prompts", *PROMPTS], "in-memory step")
-    return {"wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib}
+    return {"wall_seconds": run.wall_seconds, "peak_rss_gib": run.peak_rss_gib, "step_seconds": float(re.search(r"step ([\d.]+) s", run.stdout)[1])}
 
 
 def main() -> None:
@@ -97,7 +98,11 @@ def main() -> None:
                    "matmul_share": flops / step / ceiling, "probe_layer": report["settings"]["probe_layer"],
                    "memory": report["memory"], "phases": report["seconds"]}
             if plain:
-                row["in_memory"] = {"wall_seconds": statistics.median(r["wall_seconds"] for r in plain), "peak_rss_gib": max(r["peak_rss_gib"] for r in plain)}
+                plain_step = statistics.median(r["step_seconds"] for r in plain)
+                # its work: every layer's forward and backward once (autograd keeps the whole graph)
+                _, plain_flops = gradient_pass_work({**report, "memory": {"graphs_kept": {"layers": report["settings"]["probe_layer"]}}}, PROMPTS)
+                row["in_memory"] = {"wall_seconds": statistics.median(r["wall_seconds"] for r in plain), "peak_rss_gib": max(r["peak_rss_gib"] for r in plain),
+                                    "step_seconds": plain_step, "steps_seconds": [r["step_seconds"] for r in plain], "matmul_share": plain_flops / plain_step / ceiling}
                 row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]
             earlier = results.get("runs", {}).get(key)
             if earlier:  # a set measured again keeps the earlier sets' figures beside it
@@ -105,7 +110,8 @@ def main() -> None:
             results.setdefault("runs", {})[key] = row
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
             ratio = f", {row['wall_ratio']:.2f}x the in-memory wall ({row['in_memory']['wall_seconds']:.0f} s, "\
-                    f"{row['in_memory']['peak_rss_gib']:.2f} GiB)" if "wall_ratio" in row else ""
+                    f"{row['in_memory']['peak_rss_gib']:.2f} GiB; its step {row['in_memory']['step_seconds']:.1f} s, "\
+                    f"{row['in_memory']['matmul_share']:.1%} of the matmul)" if "wall_ratio" in row else ""
             print(f"{key}: {row['wall_seconds']:.1f} s wall, peak RSS {row['peak_rss_gib']:.2f} GiB "
                   f"({row['peak_rss_gib'] * 2**30 / checkpoint_bytes:.0%} of one checkpoint), step {step:.1f} s ({', '.join(f'{s:.1f}' for s in steps)}), "
                   f"{row['matmul_share']:.1%} of the measured matmul{ratio}", flush=True)
