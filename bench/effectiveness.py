@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -156,7 +157,17 @@ def judge(model: str, data: Path, task_eval: Path, metric: str, limit: int) -> d
 
     options = EvalOptions(safety=str(data / "beavertails_eval_700.jsonl"), category_field="category", task=str(task_eval), metric=metric,
                           limit=limit, max_new_tokens=64, batch_size=16)
-    return evaluate_models(EvalRequest([model], options=options))["models"][model]
+    started = time.perf_counter()
+    scores = evaluate_models(EvalRequest([model], options=options))["models"][model]
+    return {**scores, "judge_seconds": time.perf_counter() - started}  # answers cached from an earlier judgement cost ~0
+
+
+def wall_time(rows: list[dict]) -> str:
+    """The bench's recorded wall time: each repair's, and each judgement's where it was recorded."""
+    repairs = [r["repair"]["wall_seconds"] for r in rows if r.get("repair")]
+    judged = [r["judge_seconds"] for r in rows if "judge_seconds" in r]
+    return (f"Recorded wall time: {sum(repairs) / 3600:.1f} h of repairs ({len(repairs)} rows) and {sum(judged) / 3600:.1f} h of "
+            f"judging ({len(judged)} of {len(rows)} rows; judgements before judge_seconds was recorded are not counted).")
 
 
 def rows_from_earlier(figures) -> list[dict]:
@@ -250,7 +261,7 @@ def plot(rows: list[dict], task: str, n: int, path: Path) -> None:
 
 def save(rows: list[dict], results: Path) -> None:
     results.write_text(json.dumps(rows, indent=1) + "\n")
-    results.with_suffix(".md").write_text(render(rows) + "\n")
+    results.with_suffix(".md").write_text(render(rows) + "\n\n" + wall_time(rows) + "\n")
     for task, n in {(r["task"], r["n"]) for r in rows}:
         plot(rows, task, n, results.parent / f"{results.stem}-{task}-n{n}.png")
 
@@ -332,7 +343,7 @@ def main() -> None:
                     add(row)
                     print(f"{task} n={n} {method} {key or ''} {setting if setting is not None else ''}: harmful {scores['harmful_rate']:.1%}, "
                           f"task {scores['task_score']:.3f} (repair {repair['wall_seconds']:.0f} s)", flush=True)
-    print(render(rows), flush=True)
+    print(render(rows) + "\n\n" + wall_time(rows), flush=True)
 
 
 if __name__ == "__main__":
