@@ -26,7 +26,7 @@ def _free_disk(folder: Path) -> int:
 
 
 def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None) -> tuple[int, int]:
-    """(padded tokens over all batches, the longest prompt) as the batches will hold them."""
+    """(the prompts' tokens, the longest prompt's), chat-templated as the batches will hold them."""
     from surgeon.data.batches import prompt_ids
 
     lengths = [len(ids) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
@@ -59,8 +59,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     hidden = pair.config.get_text_config().hidden_size
 
     harmful_tokens, longest = _prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt)
-    batches = math.ceil(len(inputs.harmful) / recipe.probe.batch_size)
-    padded = batches * recipe.probe.batch_size * longest  # left padding to the longest prompt, at most
+    padded = len(inputs.harmful) * longest  # left padding to the longest prompt, at most
     # a gradient pass keeps every boundary up to E of its prompt set, plus each set's layer-0 inputs
     activations = (probe_layer + 1) * padded * hidden * compute
     budget = settings.budget
