@@ -74,10 +74,11 @@ def write_pair(root: Path, shape: str, dtype: torch.dtype) -> tuple[Path, Path]:
     return folders
 
 
-def gradient_pass_work(report: dict, prompts: list[str]) -> tuple[int, float]:
+def gradient_pass_work(report: dict, prompts: list[str], recompute: bool = True) -> tuple[int, float]:
     """(prompt tokens, arithmetic) of one restore step's gradient pass over the first E layers:
     the forward (2P a token) and the backward (4P), P the parameters of a layer, plus a recomputed
-    forward (2P) for each layer whose autograd graphs the pass could not keep."""
+    forward (2P) for each layer whose autograd graphs the pass could not keep (none with
+    recompute=False: an implementation that keeps every graph, as the in-memory one)."""
     tokenizer = build_tokenizer()
     tokens = 0
     for prompt in prompts:
@@ -85,7 +86,7 @@ def gradient_pass_work(report: dict, prompts: list[str]) -> tuple[int, float]:
         tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
     layer_params = report["decoder_parameters_N"] / report["settings"]["layers_L"]
     layers = report["settings"]["probe_layer"]
-    recomputed = layers - report["memory"].get("graphs_kept", {}).get("layers", 0)
+    recomputed = layers - report["memory"].get("graphs_kept", {}).get("layers", 0) if recompute else 0
     return tokens, 2 * layer_params * tokens * (3 * layers + recomputed)
 
 

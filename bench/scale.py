@@ -100,7 +100,7 @@ def main() -> None:
             if plain:
                 plain_step = statistics.median(r["step_seconds"] for r in plain)
                 # its work: every layer's forward and backward once (autograd keeps the whole graph)
-                _, plain_flops = gradient_pass_work({**report, "memory": {"graphs_kept": {"layers": report["settings"]["probe_layer"]}}}, PROMPTS)
+                _, plain_flops = gradient_pass_work(report, PROMPTS, recompute=False)
                 row["in_memory"] = {"wall_seconds": statistics.median(r["wall_seconds"] for r in plain), "peak_rss_gib": max(r["peak_rss_gib"] for r in plain),
                                     "step_seconds": plain_step, "steps_seconds": [r["step_seconds"] for r in plain], "matmul_share": plain_flops / plain_step / ceiling}
                 row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]

@@ -65,13 +65,18 @@ class _Reads:
 
 
 class _Current:
-    """`gather(name, indices)`: entries of the weights a pass ran with (the plan's where(mask, base,
-    tuned)), from the layer's live parameter where it holds that tensor alone in a dtype that keeps
-    the stored values exactly (no file read: a selection gathers millions of entries), else from
-    base and tuned by the plan."""
+    """The weights a pass ran with (the plan's where(mask, base, tuned)): `current[name]` whole,
+    `gather(name, indices)` a few entries. From the layer's live parameter where it holds that
+    tensor alone in a dtype that keeps the stored values exactly (no file read: a selection gathers
+    millions of entries), else from base and tuned by the plan."""
 
-    def __init__(self, parameters: dict[str, torch.Tensor], plan: Plan, base: TensorSource, tuned: TensorSource):
-        self.parameters, self.plan, self.base, self.tuned = parameters, plan, base, tuned
+    def __init__(self, parameters: dict[str, torch.Tensor], plan: Plan, base: TensorSource, tuned: TensorSource,
+                 weight: Callable[[str], torch.Tensor]):
+        self.parameters, self.plan, self.base, self.tuned, self.weight = parameters, plan, base, tuned, weight
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        param = self.parameters.get(name)
+        return param.detach() if param is not None else self.weight(name)
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         param = self.parameters.get(name)
@@ -480,7 +485,7 @@ class LayeredModel:
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                             self.store.delete(self._key(prepared, i, b))
-                    raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned)
+                    raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned, lambda name: self._weight(name, plan))
                     grads = {}
                     for parameter, (param, wanted) in params.items():
                         grad = processes.sum_(param.grad if param.grad is not None else torch.zeros_like(param))

@@ -55,9 +55,9 @@ class MaskSet:
         """where(mask, base, tuned) for tensor `name`, bit-exact, written into `tuned` (the caller's
         own copy): `base_at(indices)` reads base's entries where the mask is set, not the whole
         tensor (a step's weights, and the written checkpoint, cost one read of tuned)."""
-        if name not in self._bits or not self.count(name):
+        indices = self.indices(name) if name in self._bits else None
+        if indices is None or not indices.numel():
             return tuned
-        indices = self.indices(name)
         flat = tuned.reshape(-1)
         flat[indices] = base_at(indices).to(flat.device)
         return flat.view(tuned.shape)

@@ -134,6 +134,7 @@ class StreamingTopK:
         self._parts: list[Selection] = []
         self._size = 0
         self._counts = torch.zeros(BUCKETS, dtype=torch.long)
+        self._counted = 0
         self._threshold: float | None = None
 
     @property
@@ -156,7 +157,8 @@ class StreamingTopK:
         self._parts.append(Selection(values, torch.full_like(indices, tensor_id), indices))
         self._size += values.numel()
         self._counts += torch.bincount(_bucket(_keys(values)), minlength=BUCKETS)
-        self._raise(self._below(_from_top(self._counts, self.k)[0]) if int(self._counts.sum()) >= self.k else None)
+        self._counted += values.numel()
+        self._raise(self._below(_from_top(self._counts, self.k)[0]) if self._counted >= self.k else None)
         if self._size > PILE * self.k:
             pool = collect(self._parts)
             if self._threshold is not None:  # None while the k-th value is in -inf's bucket

@@ -141,11 +141,10 @@ class RestoreMethod:
                 g = grads[name]
                 if accumulate and not last:
                     self.accumulated.put(name, g)
-                # a candidate: not restored yet, theta - base (= tuned - base) nonzero and of g's sign
-                # (compared by sign bit: no fp32 temporaries)
+                # a candidate: theta - base nonzero (so not restored yet: theta is base there) and of
+                # g's sign (compared by sign bit)
                 if best.threshold is None:
-                    diff = raw.tuned[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
-                    diff.masked_fill_(masks.get(name).to(g.device), 0.0)
+                    diff = raw.current[name].to(g.device, torch.float32, copy=True).sub_(raw.base[name].to(g.device))
                     indices = true_at((diff != 0) & (g != 0) & (torch.signbit(diff) == torch.signbit(g))).to(g.device)
                     del diff
                     scores = g.flatten()[indices]
@@ -155,7 +154,6 @@ class RestoreMethod:
                     indices = beyond(g, best.threshold).to(g.device)
                     at = indices.cpu()
                     scores = g.flatten()[indices]
-                    # theta - base, zero where restored already (theta is base there)
                     diff = raw.current.gather(name, at).to(g.device, torch.float32) - raw.base.gather(name, at).to(g.device, torch.float32)
                     keep = true_at((diff != 0) & (torch.signbit(diff) == torch.signbit(scores))).to(g.device)
                     indices, scores = indices[keep], scores[keep]
