@@ -22,6 +22,9 @@ prompts of beavertails_eval_700) and the task score on held-out rows (never trai
   other 7 categories shows whether a repair covers harm it was never shown. Every row carries its
   harmful rate per category (the evaluation prompts' `category`), and the table gives the chosen
   point's rate on the probed and the unprobed halves.
+- restore_answer is restore whose rollback (when the warm-up's gate calls for it) reverts by the
+  gradient of the task answers' loss (rollback.objective answer_loss: the task prompts' reference
+  answers, through every layer and the head) instead of the task direction at the probe layer.
 
 Writes examples/smollm2/results/effectiveness.json: a list of rows, each with task, n, method,
 setting, harmful_rate, task_score and chosen (plus what the repair changed and cost), and rows for
@@ -67,6 +70,7 @@ POINTS = {
     "restore_wide": (None, [None], None),
     "restore_cross": (None, [None], None),
     "restore_metric": (None, [None], None),
+    "restore_answer": (None, [None], None),
     "linear": ("alpha", [0.25, 0.5, 0.75], 0.5),
     "resta": ("scale", [0.5, 1.0], 1.0),
     "antidote": ("ratio", [0.05, 0.1, 0.2], 0.1),
@@ -91,11 +95,12 @@ def cross_category_sets(data: Path, work: Path) -> tuple[Path, Path]:
     return write_jsonl(work / "probe_cross.jsonl", pool[:64]), write_jsonl(work / "select_harm_cross.jsonl", pool[64:164])
 
 
-def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path, metric: str = "loss") -> str:
+def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path, metric: str = "loss", objective: str = "direction") -> str:
     spec = TASKS[task]
+    answers = ", answer_field: response" if objective == "answer_loss" else ""
     return f"""data:
   harmful: {{path: {probe}}}
-  task: {{path: {args.data / spec['train']}, limit: {args.task_prompts}}}
+  task: {{path: {args.data / spec['train']}, limit: {args.task_prompts}{answers}}}
 probe: {{batch_size: 16}}
 restore:
   sparsity: {args.sparsity}
@@ -103,7 +108,7 @@ restore:
   stop_at: {{harmful_rate: {args.stop_at}}}
   warmup: {args.warmup}
   save_every: {args.save_every}
-rollback: {{mode: auto, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}}}
+rollback: {{mode: auto, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}{'' if objective == 'direction' else f', objective: {objective}'}}}
 evaluate:
   safety: {{path: {select_harm}, judge: refusal, max_new_tokens: 64}}
   task: {{path: {work / f'select_{task}.jsonl'}, metric: {metric}, max_new_tokens: 64}}
@@ -121,7 +126,8 @@ def recipe_text(method: str, setting, models: dict, out: Path, args, work: Path,
                                          work / "select_harm.jsonl")}.get(
             method, lambda: (args.data / "beavertails_recovery_64.jsonl", work / "select_harm.jsonl"))()
         metric = TASKS[task]["metric"] if method == "restore_metric" else "loss"
-        return text + restore_section(args, work, task, *sets, metric) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
+        objective = "answer_loss" if method == "restore_answer" else "direction"
+        return text + restore_section(args, work, task, *sets, metric, objective) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
     if method == "resta":
         text += f"unaligned: {models['harmful']}\n"
     if method == "safe_lora":

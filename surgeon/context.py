@@ -203,6 +203,11 @@ class RunContext:
 
         return prompt_batches(self.pair.tokenizer, prompts, self.recipe.probe.batch_size, self.recipe.probe.system_prompt)
 
+    def answer_batches(self, prompts: list[str], answers: list[str]):
+        from surgeon.data.batches import answer_batches
+
+        return answer_batches(self.pair.tokenizer, prompts, answers, self.recipe.probe.batch_size, self.recipe.probe.system_prompt)
+
     @property
     def probe_layer(self) -> int:
         return self.pair.layout.probe_layer(self.recipe.probe.layer)

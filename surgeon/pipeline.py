@@ -27,6 +27,7 @@ class Inputs:
     evaluation: tuple[list[str], list[str]] | None
     safety: HarmfulPrompts | None = None
     unaligned: ResolvedModel | None = None
+    task_answers: list[str] | None = None  # data.task's answers, for a rollback on their loss
     choosing_evaluation: tuple[list[str], list[str]] | None = None  # evaluate.choosing()'s rows
     choosing_safety: HarmfulPrompts | None = None
 
@@ -60,14 +61,17 @@ def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> Harm
         return harmful_prompts(spec, loaded.resolve(spec.path) if spec.path else None)
 
 
-def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str) -> list[str]:
+def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answer_field: str | None = None) -> tuple[list[str], list[str] | None]:
+    """A prompt set's prompts, and the answers in `answer_field` when it names one."""
     from surgeon.data.datasets import column, load_rows
 
     if prompt_set.prompts is not None:
-        return _inline(prompt_set)
+        return _inline(prompt_set), None
     reference = loaded.resolve(prompt_set.path)
     with _naming(field_name):
-        return column(load_rows(reference), prompt_set.field, reference, prompt_set.limit)
+        rows = load_rows(reference)
+        answers = column(rows, answer_field, reference, prompt_set.limit) if answer_field else None
+        return column(rows, prompt_set.field, reference, prompt_set.limit), answers
 
 
 def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
@@ -89,11 +93,11 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
         check_compatible(base, unaligned)
     evaluation = _task_rows(loaded, recipe.evaluate.task)
     safety = _harmful(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
-    harmful = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else []
-    task = _prompts(loaded, recipe.data.task, "data.task") if recipe.data else []
+    harmful, _ = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else ([], None)
+    task, task_answers = _prompts(loaded, recipe.data.task, "data.task", recipe.data.task.answer_field) if recipe.data else ([], None)
     choosing = recipe.evaluate.select_on
     return Inputs(
-        base, tuned, harmful, task, evaluation, safety, unaligned,
+        base, tuned, harmful, task, evaluation, safety, unaligned, task_answers,
         choosing_evaluation=_task_rows(loaded, choosing.task) if choosing and choosing.task else evaluation,
         choosing_safety=_harmful(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
     )

@@ -25,11 +25,15 @@ def _free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None) -> tuple[int, int]:
-    """(the prompts' tokens, the longest prompt's), chat-templated as the batches will hold them."""
-    from surgeon.data.batches import prompt_ids
+def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None, answers: list[str] | None = None) -> tuple[int, int]:
+    """(the prompts' tokens, the longest prompt's), chat-templated as the batches will hold them;
+    with `answers`, of each prompt and its answer."""
+    from surgeon.data.batches import answer_ids, prompt_ids
 
-    lengths = [len(ids) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
+    if answers is None:
+        lengths = [len(ids) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
+    else:
+        lengths = [len(asked) + len(answer) for asked, answer in answer_ids(pair.tokenizer, prompts, answers, system_prompt)]
     return sum(lengths), max(lengths, default=0)
 
 
@@ -42,6 +46,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     from surgeon.data.batches import prompt_batches
     from surgeon.engine.layered import TUNED
     from surgeon.engine.masks import MaskSet
+    from surgeon.engine.objectives import TowardDirection
     from surgeon.pipeline import layout_facts, resolve_inputs
     from surgeon.io.references import tokenizer_folder
 
@@ -59,19 +64,26 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     hidden = pair.config.get_text_config().hidden_size
 
     harmful_tokens, longest = _prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt)
-    padded = len(inputs.harmful) * longest  # left padding to the longest prompt, at most
-    # a gradient pass keeps every boundary up to E of its prompt set, plus each set's layer-0 inputs
-    activations = (probe_layer + 1) * padded * hidden * compute
+    # each gradient pass: (its layers, its padded tokens: left padding to the longest prompt, at most);
+    # restore's on the harmful prompts to E, rollback's on the task prompts to E or, on their
+    # answers' loss, with the answers through every layer
+    answer_loss = recipe.rollback.objective == "answer_loss"
+    task_tokens, task_longest = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt, inputs.task_answers if answer_loss else None)
+    passes = [(probe_layer, len(inputs.harmful) * longest)]
+    if recipe.rollback.mode != "never":
+        passes.append((layout.num_layers if answer_loss else probe_layer, len(inputs.task) * task_longest))
+    # a gradient pass keeps every boundary of its prompt set, plus each set's layer-0 inputs
+    activations = max((layers + 1) * padded for layers, padded in passes) * hidden * compute
     budget = settings.budget
-    task_tokens, _ = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt)
     activations += (harmful_tokens + task_tokens) * hidden * compute
     # restore-only steps accumulate fp32 gradients, kept for the next step (none after the last)
     gradients = in_scope * 4 if recipe.rollback.mode != "always" and recipe.restore.steps > 1 else 0
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
     # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
     # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
-    graph_layer = layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
-    graphs = min(probe_layer, max(0, budget // 2 - activations - slack_for(budget)) // graph_layer) * graph_layer
+    room = max(0, budget // 2 - activations - slack_for(budget))
+    graph_layer = lambda padded: layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
+    graphs = max(min(layers, room // graph_layer(padded)) * graph_layer(padded) for layers, padded in passes)
     held = min(activations, budget // 2) + graphs + min(gradients, budget - budget // 2)
     spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
     largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
@@ -81,6 +93,9 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     # and entry ids; up to PILE * k of them, twice while they are let go); the heap's trim slack
     working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
                      + 2 * math.ceil(PILE * facts["budget_per_step"]) * (4 + 8 + 8) + slack_for(budget))
+    if answer_loss:  # the top of the answers' pass: the output head and a batch's logits at its answer tokens, with their gradient
+        vocab = pair.config.get_text_config().vocab_size
+        working_layer = max(working_layer, vocab * hidden * compute + 2 * recipe.probe.batch_size * task_longest * vocab * 4 + slack_for(budget))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
     generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
@@ -117,12 +132,14 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
             timed = []
             for _ in range(2):  # the second, once allocations and kernels are warm
                 started = time.perf_counter()
-                pair.engine.gradient_pass(prepared, MaskSet({}), target, 1, [scope[0]], lambda raw, grads: None, description="calibrating layer 0")
+                pair.engine.gradient_pass(prepared, MaskSet({}), TowardDirection(target), 1, [scope[0]], lambda raw, grads: None, description="calibrating layer 0")
                 timed.append(time.perf_counter() - started)
             layer_seconds = timed[-1]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         result["seconds_per_layer"] = layer_seconds
-        result["seconds_per_step"] = layer_seconds * probe_layer * (2 if recipe.rollback.mode == "always" else 1)
+        # the layer was timed on the harmful prompts; rollback's pass scales by its layers and tokens
+        rollback = passes[1][0] * task_tokens / max(harmful_tokens, 1) if recipe.rollback.mode == "always" else 0
+        result["seconds_per_step"] = layer_seconds * (probe_layer + rollback)
     return result
 

@@ -40,6 +40,29 @@ def _batches(tokenizer, prompts, batch_size):
     return batches
 
 
+def _answer_batches(tokenizer, prompts, answers, batch_size):
+    """Prompt+answer sequences, left-padded, labels -100 but on the answer's tokens (the chat
+    template's assistant turn, end-of-turn included)."""
+    encoded = []
+    for prompt, answer in zip(prompts, answers):
+        user = [{"role": "user", "content": prompt}]
+        asked = tokenizer(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+        ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+        assert ids[: len(asked)] == asked
+        encoded.append((ids, [-100] * len(asked) + ids[len(asked):]))
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = lambda row, value: [value] * (width - len(row)) + row
+        ids = torch.tensor([pad(i, tokenizer.pad_token_id) for i, _ in chunk])
+        mask = torch.tensor([pad([1] * len(i), 0) for i, _ in chunk])
+        positions = torch.tensor([pad(list(range(len(i))), 0) for i, _ in chunk])
+        batches.append((ids, mask, positions, torch.tensor([pad(labels, -100) for _, labels in chunk])))
+    return batches
+
+
 def _h(model, batch, layer):
     ids, mask, positions = batch
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True, use_cache=False)
@@ -53,9 +76,11 @@ def _decoder_prefix(model) -> str:
     return name + "."
 
 
-def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4):
+def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4, answers=None):
     """Masks after `steps` steps (restore-only with accumulated gradients, or restore+rollback),
-    named as the checkpoint names them: transformers' saving rules split fused parameters back."""
+    named as the checkpoint names them: transformers' saving rules split fused parameters back.
+    With `answers`, rollback's gradient is that of the task answers' loss (every answer token of
+    the set weighs the same) instead of the task direction's."""
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     base, tuned, model = load(base_dir), load(tuned_dir), load(tuned_dir)
@@ -82,6 +107,15 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
         for b in batches:
             (-torch.nn.functional.cosine_similarity(_h(model, b, layer).mean(0), v, dim=0)).backward()
 
+    answered = _answer_batches(tokenizer, task, answers, batch_size) if answers is not None else None
+
+    def answer_gradient():
+        tokens = sum(int((labels[:, 1:] != -100).sum()) for *_, labels in answered)
+        for ids, mask, positions, labels in answered:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+            (nll / tokens).backward()
+
     for _ in range(steps):
         if rollback:
             model.zero_grad(set_to_none=True)
@@ -102,7 +136,7 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
         if rollback:
             set_theta()
             model.zero_grad(set_to_none=True)
-            gradient(T, v_task)
+            answer_gradient() if answered else gradient(T, v_task)
             values, picks = [], []
             for n, i in restored:
                 d = (params[n].detach().view(-1)[i] - tuned_params[n].detach().view(-1)[i]).item()

@@ -6,21 +6,28 @@ import pytest
 import torch
 
 from surgeon.engine.masks import MaskSet
+from surgeon.engine.objectives import TowardDirection
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
-from surgeon.tiny import FAMILIES, HARMFUL, TASK
+from surgeon.tiny import ANSWERS, FAMILIES, HARMFUL, TASK
 from tests.reference import checkpoint_tensors, reference_repair
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-@pytest.mark.parametrize("mode", ["never", "always"])
-def test_streaming_run_matches_reference(model_pairs, write_recipe, tmp_path, arch, mode):
+@pytest.mark.parametrize("mode", ["never", "always", "answer_loss"])
+def test_streaming_run_matches_reference(model_pairs, write_recipe, task_eval_file, tmp_path, arch, mode):
+    """answer_loss: rollback on the gradient of the task answers' loss, through every layer and the head."""
     base, tuned = model_pairs[arch]
-    recipe = write_recipe(base, tuned, rollback={"mode": mode})
+    if mode == "answer_loss":
+        recipe = write_recipe(base, tuned, rollback={"mode": "always", "objective": "answer_loss"},
+                              data={"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response"}})
+    else:
+        recipe = write_recipe(base, tuned, rollback={"mode": mode})
     report = run(load_recipe(recipe))
     out = tmp_path / "repaired"
 
-    expected, k = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=mode == "always", batch_size=4)
+    expected, k = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=mode != "never", batch_size=4,
+                                   answers=ANSWERS if mode == "answer_loss" else None)
     masks = MaskSet.load(out / "masks.safetensors")
     assert report["settings"]["budget"] == k
     assert set(masks.names()) == set(expected)
@@ -28,7 +35,7 @@ def test_streaming_run_matches_reference(model_pairs, write_recipe, tmp_path, ar
         assert torch.equal(masks.get(name), mask), name
     restored = sum(int(m.sum()) for m in expected.values())
     assert restored > 0 and masks.count() == restored == report["restored"]["total"]
-    if mode == "always":
+    if mode != "never":
         assert all(step["reverted"] > 0 for step in report["steps"])
 
     # Output: bit-exact copies of base where masked, tuned everywhere else, all tensors present.
@@ -80,7 +87,7 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
             # boundaries and gradients, and the heap's slack
             store.budget_bytes = inputs + (layers + 2) * inputs + slack() + sizes[0] + sizes[1]
         grads: dict = {}
-        loss = engine.gradient_pass(prepared, TUNED, torch.ones(config.hidden_size), layers, engine.layout.scope(layers),
+        loss = engine.gradient_pass(prepared, TUNED, TowardDirection(torch.ones(config.hidden_size)), layers, engine.layout.scope(layers),
                                     lambda raw, g: grads.update({n: t.clone() for n, t in g.items()}))
         return grads, loss, [i for i, taken, _ in kept if taken]
 
@@ -130,7 +137,7 @@ def test_a_gradient_pass_reads_the_weights_it_ran_with(llama, tmp_path, monkeypa
                 assert (gathers == []) == (dtype == torch.float32), name
                 seen.append(name)
 
-        engine.gradient_pass(engine.prepare(batches, TUNED, 3), plan, torch.ones(config.hidden_size), 3, scope, on_layer)
+        engine.gradient_pass(engine.prepare(batches, TUNED, 3), plan, TowardDirection(torch.ones(config.hidden_size)), 3, scope, on_layer)
         assert sorted(seen) == sorted(plan.names())
 
 

@@ -281,6 +281,7 @@ def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp
     from surgeon.context import ModelPair, ModelSettings
     from surgeon.data.batches import prompt_batches
     from surgeon.engine.masks import MaskSet
+    from surgeon.engine.objectives import TowardDirection
     from surgeon.io.checkpoint import SafetensorsCheckpoint
     from surgeon.progress import NullProgress
     from surgeon.recipe.schema import Compute
@@ -303,5 +304,5 @@ def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp
         pair = ModelPair(model, model, llama[1], settings, tmp_path / str(budget))
         prepared = pair.engine.prepare(prompt_batches(pair.tokenizer, HARMFUL, 4, None), "tuned", 3)
         scope = [list(names) for names in pair.layout.layer_tensors[:3]]
-        pair.engine.gradient_pass(prepared, MaskSet({}), torch.ones(pair.config.hidden_size), 3, scope, lambda raw, grads: None)
+        pair.engine.gradient_pass(prepared, MaskSet({}), TowardDirection(torch.ones(pair.config.hidden_size)), 3, scope, lambda raw, grads: None)
         assert advised == ["1", "1", "2", "2"] + backward

@@ -9,6 +9,7 @@ from surgeon.cli import main
 from surgeon.pipeline import run
 from surgeon.plan import plan
 from surgeon.recipe import load_recipe
+from surgeon.tiny import HARMFUL
 
 
 def test_plan_reports_the_runs_numbers_and_times_a_layer(llama, write_recipe, tmp_path):
@@ -47,3 +48,16 @@ def test_plan_holds_accumulated_gradients_only_for_a_later_step(llama, write_rec
         recipe = write_recipe(*llama, name=f"steps{steps}.yaml", rollback={"mode": "never"}, restore={"steps": steps, "warmup": 0})
         facts = plan(load_recipe(recipe), tmp_path / "out")
         assert (facts["memory"]["gradients"] > 0) == held
+
+
+def test_plan_counts_a_rollback_on_the_answers_loss_through_every_layer(llama, write_recipe, task_eval_file, tmp_path):
+    """Its pass runs all L layers on prompts with their answers: the graphs the run keeps (every
+    layer's) are predicted within a factor of 2, and its step costs more than restore's pass alone."""
+    data = {"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response"}}
+    direction = write_recipe(*llama, name="direction.yaml", data=data, rollback={"mode": "always"})
+    answers = write_recipe(*llama, name="answers.yaml", data=data, rollback={"mode": "always", "objective": "answer_loss"})
+    facts, alone = plan(load_recipe(answers), tmp_path / "out"), plan(load_recipe(direction), tmp_path / "out")
+    kept = run(load_recipe(answers))["memory"]["graphs_kept"]
+    assert kept["layers"] == facts["layers"] == 6
+    assert kept["bytes"] / 2 <= facts["memory"]["graphs"] <= 2 * kept["bytes"]
+    assert facts["memory"]["graphs"] > alone["memory"]["graphs"] and facts["memory"]["activations"] > alone["memory"]["activations"]

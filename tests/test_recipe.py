@@ -156,6 +156,20 @@ def test_stop_rule_and_selection_rows_are_checked(evaluate, restore, message):
     assert any(message in problem for problem, _ in caught.value.problems), caught.value.problems
 
 
+@pytest.mark.parametrize("task, message", [
+    ("t.jsonl", "rollback.objective answer_loss needs data.task.answer_field"),
+    ({"prompts": ["p"], "answer_field": "response"}, "inline prompts have no answers"),
+])
+def test_a_rollback_on_the_answers_loss_needs_answers(task, message):
+    text = yaml.safe_dump({"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": task}, "rollback": {"objective": "answer_loss", "mode": "always"}})
+    with pytest.raises(RecipeValidationError) as caught:
+        parse_recipe(text, "r.yaml")
+    assert any(message in problem for problem, _ in caught.value.problems), caught.value.problems
+    answered = {"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": {"path": "t.jsonl", "answer_field": "sql"}},
+                "rollback": {"objective": "answer_loss", "mode": "always"}}
+    assert parse_recipe(yaml.safe_dump(answered), "r.yaml").data.task.answer_field == "sql"
+
+
 def test_selection_defaults_to_lowest_harm_when_checkpoints_are_scored_for_harm():
     text = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nevaluate: {task: {path: t.jsonl}, safety: {path: s.jsonl}}\n"
     assert parse_recipe(text).evaluate.selection == "lowest_harm_within_floor"

@@ -25,6 +25,15 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def answer_predictions(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states that predict an answer token (one position before it), and those tokens."""
+        targets = self.labels[:, 1:].to(hidden.device)
+        wanted = targets != IGNORE
+        return hidden[:, :-1][wanted], targets[wanted]
+
+    def answer_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
 
 def _messages(prompt: str | list[dict], system_prompt: str | None) -> list[dict]:
     """A prompt as a conversation; a conversation (a guard's user and assistant turns) as it is."""

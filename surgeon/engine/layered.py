@@ -23,6 +23,7 @@ from surgeon.data.batches import Batch
 from surgeon.allocator import release_free_memory, slack
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
+from surgeon.engine.objectives import Objective
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource, check_finite
 from surgeon.progress import NullProgress, Progress
@@ -404,6 +405,9 @@ class LayeredModel:
         head_source = head_name if head_name in source.names() else self.embedding_name  # tied heads are not saved
         head = torch.nn.Linear(self.config.hidden_size, source.shape(head_source)[0], bias=False, device=self.device, dtype=self.dtype)
         head.weight.data = source.get(head_source).to(self.device, self.dtype)
+        # never repaired: a gradient pass through them (an answer loss) needs only their input's gradient
+        head.requires_grad_(False)
+        norm.requires_grad_(False)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         for name in norm_names:
             self._set(name, source.get(name))
@@ -422,15 +426,17 @@ class LayeredModel:
         self,
         prepared: PreparedInputs,
         plan: MaskSet,
-        target: torch.Tensor,
+        objective: Objective,
         num_layers: int,
         scope: list[list[str]],
         on_layer: Callable[[LayerTensors, dict[str, torch.Tensor]], None],
         initial_grads: Callable[[str], torch.Tensor | None] = lambda name: None,
         description: str = "gradients",
     ) -> float:
-        """Sum over batches of d(-cos(mean_B h(x; theta), target)); `on_layer` gets each layer's grads
-        (summed over the processes of a data-parallel run, so every process selects the same).
+        """The gradient of the sum over batches of the objective's loss (from the hidden states after
+        layer num_layers-1) with respect to the in-scope tensors; returns that sum. `on_layer` gets
+        the grads of each layer with tensors in scope (summed over the processes of a data-parallel
+        run, so every process selects the same).
 
         `initial_grads` seeds each parameter's .grad before the batches add to it, the same
         order of additions as calling backward batch after batch on a whole model.
@@ -444,14 +450,14 @@ class LayeredModel:
         self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward", graphs=graphs)
         self.kept_graph_layers = max(self.kept_graph_layers, len(graphs.layers))
         self.kept_graph_bytes = max(self.kept_graph_bytes, graphs.used)
-        target = target.to(self.device, torch.float32)
         total = 0.0
-        for b in range(len(prepared.batches)):
-            hidden = self.store.pop(self._key(prepared, num_layers, b)).detach().requires_grad_(True)
-            loss = -torch.nn.functional.cosine_similarity(hidden[:, -1, :].float().mean(0), target, dim=0)
-            loss.backward()
-            self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
-            total += loss.item()
+        with objective.losses(self, prepared, plan) as loss_of:
+            for b in range(len(prepared.batches)):
+                hidden = self.store.pop(self._key(prepared, num_layers, b)).detach().requires_grad_(True)
+                loss = loss_of(b, hidden)
+                loss.backward()
+                self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
+                total += loss.item()
         total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
@@ -485,7 +491,6 @@ class LayeredModel:
                         if i > 0:
                             self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                             self.store.delete(self._key(prepared, i, b))
-                    raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned, lambda name: self._weight(name, plan))
                     grads = {}
                     for parameter, (param, wanted) in params.items():
                         grad = processes.sum_(param.grad if param.grad is not None else torch.zeros_like(param))
@@ -493,7 +498,9 @@ class LayeredModel:
                         pieces = fusion.split(grad, self.skeleton) if fusion else {wanted[0]: grad}
                         grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
                         param.grad = None
-                    on_layer(raw, grads)
+                    if params:
+                        raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned, lambda name: self._weight(name, plan))
+                        on_layer(raw, grads)
                 if kept:
                     del kept, parameters, params, hidden, out
                     self.materialized_layers -= 1

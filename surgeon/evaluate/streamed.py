@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from surgeon import processes
-from surgeon.data.batches import IGNORE, Batch
+from surgeon.data.batches import Batch
 from surgeon.engine.layered import BASE, TUNED, LayeredModel, Plan, PreparedInputs
 
 
@@ -48,13 +48,12 @@ class TaskLoss(_Streamed):
         batches = self._inputs(plan).batches  # this process's share in a data-parallel run
 
         def answer_positions(b, hidden):
-            targets[b] = batches[b].labels[:, 1:].to(hidden.device)
-            return hidden[:, :-1][targets[b] != IGNORE]
+            predicting, targets[b] = batches[b].answer_predictions(hidden)
+            return predicting
 
         for b, predicted in self._outputs(plan, answer_positions, f"task {self.name}"):
-            wanted = targets[b][targets[b] != IGNORE]
-            total += torch.nn.functional.cross_entropy(predicted, wanted, reduction="sum").item()
-            count += wanted.numel()
+            total += torch.nn.functional.cross_entropy(predicted, targets[b], reduction="sum").item()
+            count += targets[b].numel()
         return _mean_over_processes(total, count)
 
 

@@ -17,6 +17,7 @@ import torch
 from surgeon import processes
 from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan, PreparedInputs
 from surgeon.engine.masks import MaskSet
+from surgeon.engine.objectives import AnswerLoss, TowardDirection
 from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, beyond, collect, top, true_at
 from surgeon.io.checkpoint import check_finite
@@ -50,6 +51,7 @@ class RestoreSettings:
     max_task_drop: float = 0.05
     select: str = "last_within_floor"
     stop_at_harmful_rate: float | None = None
+    rollback_objective: str = "direction"
 
 
 @dataclass
@@ -87,6 +89,9 @@ class RepairResult:
 
 
 class RestoreMethod:
+    """`task` is what rollback learns from: the task prompts prepared for the first E layers (the
+    direction objective), or their prompt+answer batches for every layer (answer_loss)."""
+
     def __init__(
         self,
         engine: LayeredModel,
@@ -162,7 +167,7 @@ class RestoreMethod:
         take = self.accumulated.pop if last else self.accumulated.get
         seed = (lambda name: take(name) if name in self.accumulated else None) if accumulate else (lambda name: None)
         loss = self.engine.gradient_pass(
-            self.harmful, masks, self.v_harm, self.settings.probe_layer, self.scope, on_layer, seed, description
+            self.harmful, masks, TowardDirection(self.v_harm), self.settings.probe_layer, self.scope, on_layer, seed, description
         )
         restored = {self.names[t]: idx for t, idx in best.result().by_tensor().items()}
         for name, indices in restored.items():
@@ -185,7 +190,13 @@ class RestoreMethod:
                 candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
                 parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
 
-        self.engine.gradient_pass(self.task, masks, self.task_direction(), self.settings.probe_layer, self.scope, on_layer, description=description)
+        if self.settings.rollback_objective == "answer_loss":
+            # through every layer to the head; the layers above E have nothing in scope
+            layers = self.engine.layout.num_layers
+            objective, scope = AnswerLoss(), self.scope + [[] for _ in range(layers - len(self.scope))]
+        else:
+            objective, layers, scope = TowardDirection(self.task_direction()), self.settings.probe_layer, self.scope
+        self.engine.gradient_pass(self.task, masks, objective, layers, scope, on_layer, description=description)
         candidates = collect(parts)
         chosen = top(candidates, math.ceil(self.settings.rollback_ratio * candidates.values.numel()))
         for t, indices in chosen.by_tensor().items():
@@ -374,12 +385,17 @@ class RestoreRun:
             warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
             rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
             stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
+            rollback_objective=recipe.rollback.objective,
         )
         engine, inputs = pair.engine, context.inputs
-        harmful, task = context.prompt_batches(inputs.harmful), context.prompt_batches(inputs.task)
+        harmful = context.prompt_batches(inputs.harmful)
+        if self.settings.rollback_objective == "answer_loss":  # prompts and answers, through every layer
+            task = engine.prepare(context.answer_batches(inputs.task, inputs.task_answers), TUNED, layout.num_layers)
+        else:
+            task = engine.prepare(context.prompt_batches(inputs.task), TUNED, probe_layer)
         self.method = RestoreMethod(
             engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
-            engine.prepare(task, TUNED, probe_layer), self.settings, context.state.checkpoints,
+            task, self.settings, context.state.checkpoints,
             context.spill_store("gradients"), context.scorer, context.progress, context.state,
         )
 

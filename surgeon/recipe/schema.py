@@ -66,6 +66,19 @@ class PromptSet(_OrPath, Strict):
         return self
 
 
+class TaskPromptSet(PromptSet):
+    """Task prompts, with their reference answers where a rollback learns from the answers' loss."""
+
+    answer_field: str | None = None
+    """The column that holds each prompt's reference answer: rollback.objective answer_loss needs it."""
+
+    @model_validator(mode="after")
+    def _answers_from_a_file(self):
+        if self.answer_field is not None and self.path is None:
+            raise ValueError("'answer_field' names a column of the file in 'path'; inline prompts have no answers")
+        return self
+
+
 _METRIC = re.compile(r"^(exact_match|contains|rouge_l|loss|kl|f1:.+|python:[\w.]+:\w+)$")
 
 
@@ -144,8 +157,8 @@ class SafetyEvalSet(Strict):
 class Data(Strict):
     harmful: PromptSet
     """Harmful prompts: their mean hidden state on base is the safety direction that restore climbs."""
-    task: PromptSet
-    """Task prompts: their mean hidden state on tuned is the task direction that rollback protects."""
+    task: TaskPromptSet
+    """Task prompts: their mean hidden state on tuned is the task direction that rollback protects (or, with answers, their answers' loss)."""
 
     @field_validator("harmful", "task", mode="before")
     @classmethod
@@ -211,6 +224,8 @@ class Rollback(Strict):
     """Share of each step's restored weights that the task gradient may send back to tuned."""
     max_task_drop: float = Field(default=0.05, ge=0.0, lt=1.0)
     """The task floor: the largest relative drop of the task score from tuned's."""
+    objective: Literal["direction", "answer_loss"] = "direction"
+    """What the task gradient is of: direction, -cos(h, v_task) at the probe layer (the paper's); answer_loss, the teacher-forced loss of data.task's answers through every layer and the head (needs data.task.answer_field)."""
 
 
 class SelectionRows(Strict):
@@ -391,6 +406,8 @@ class Recipe(Strict):
             raise ValueError(f"'unaligned' is only used by method {users}, not '{self.method}'")
         if "data" in spec.needs and self.data is None:
             raise ValueError(f"method '{self.method}' needs 'data' (harmful and task prompts)")
+        if self.rollback.objective == "answer_loss" and (self.data is None or self.data.task.answer_field is None):
+            raise ValueError("rollback.objective answer_loss needs data.task.answer_field: the column of the task prompts' answers")
         if spec.check is not None:
             spec.check(self)
         return self

@@ -1,0 +1,51 @@
+"""What a gradient pass differentiates: a loss per batch from the hidden states leaving its last layer."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+
+from surgeon import processes
+
+if TYPE_CHECKING:
+    from surgeon.engine.layered import LayeredModel, Plan, PreparedInputs
+
+BatchLoss = Callable[[int, torch.Tensor], torch.Tensor]  # (batch index, hidden states) -> loss
+
+
+class Objective(Protocol):
+    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan) -> AbstractContextManager[BatchLoss]:
+        """Opened once per pass, around the batches' losses (what they need is held only meanwhile)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TowardDirection:
+    """-cos(mean over a batch of the last token's hidden state, direction): restore's objective, and
+    the paper's rollback (method.md)."""
+
+    direction: torch.Tensor
+
+    @contextmanager
+    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan):
+        target = self.direction.to(engine.device, torch.float32)
+        yield lambda b, hidden: -torch.nn.functional.cosine_similarity(hidden[:, -1, :].float().mean(0), target, dim=0)
+
+
+class AnswerLoss:
+    """The teacher-forced loss of the answers: the mean over every answer token of the set (its
+    processes' shares together) of the next-token NLL, through the final norm and the output head.
+    The pass must run through every decoder layer."""
+
+    @contextmanager
+    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan):
+        tokens = processes.sum_(torch.tensor(sum(b.answer_tokens() for b in prepared.batches), dtype=torch.float64)).item()
+        with engine.output_head(plan) as logits:
+            def loss(b: int, hidden: torch.Tensor) -> torch.Tensor:
+                predicting, targets = prepared.batches[b].answer_predictions(hidden)
+                return torch.nn.functional.cross_entropy(logits(predicting).float(), targets, reduction="sum") / max(tokens, 1)
+
+            yield loss
