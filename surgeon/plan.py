@@ -93,9 +93,14 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     # and entry ids; up to PILE * k of them, twice while they are let go); the heap's trim slack
     working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
                      + 2 * math.ceil(PILE * facts["budget_per_step"]) * (4 + 8 + 8) + slack_for(budget))
-    if answer_loss:  # the top of the answers' pass: the output head and a batch's logits at its answer tokens, with their gradient
+    if answer_loss:  # the top of the answers' pass: the output head, and a batch's fp32 logits at its answer tokens,
+        # their log-softmax and its gradient
+        from surgeon.data.batches import answer_ids
+
         vocab = pair.config.get_text_config().vocab_size
-        working_layer = max(working_layer, vocab * hidden * compute + 2 * recipe.probe.batch_size * task_longest * vocab * 4 + slack_for(budget))
+        pairs = answer_ids(pair.tokenizer, inputs.task, inputs.task_answers, recipe.probe.system_prompt)
+        answered = max(sum(len(a) for _, a in pairs[i : i + recipe.probe.batch_size]) for i in range(0, len(pairs), recipe.probe.batch_size))
+        working_layer = max(working_layer, vocab * hidden * compute + 3 * answered * vocab * 4 + slack_for(budget))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
     generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
