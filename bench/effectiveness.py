@@ -22,9 +22,11 @@ prompts of beavertails_eval_700) and the task score on held-out rows (never trai
   other 7 categories shows whether a repair covers harm it was never shown. Every row carries its
   harmful rate per category (the evaluation prompts' `category`), and the table gives the chosen
   point's rate on the probed and the unprobed halves.
-- restore_answer is restore whose rollback (when the warm-up's gate calls for it) reverts by the
-  gradient of the task answers' loss (rollback.objective answer_loss: the task prompts' reference
-  answers, through every layer and the head) instead of the task direction at the probe layer.
+- restore_answer is restore with a rollback after every step (rollback.mode always) that reverts
+  by the gradient of the task answers' loss (rollback.objective answer_loss: the task prompts'
+  reference answers, through every layer and the head) instead of the task direction at the probe
+  layer. (SQL n = 0 and 500 ran with mode auto, whose warm-up went past the floor there, so they
+  restarted into the same schedule.)
 
 Writes examples/smollm2/results/effectiveness.json: a list of rows, each with task, n, method,
 setting, harmful_rate, task_score and chosen (plus what the repair changed and cost), and rows for
@@ -108,7 +110,7 @@ restore:
   stop_at: {{harmful_rate: {args.stop_at}}}
   warmup: {args.warmup}
   save_every: {args.save_every}
-rollback: {{mode: auto, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}{'' if objective == 'direction' else f', objective: {objective}'}}}
+rollback: {{mode: {'auto' if objective == 'direction' else 'always'}, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}{'' if objective == 'direction' else f', objective: {objective}'}}}
 evaluate:
   safety: {{path: {select_harm}, judge: refusal, max_new_tokens: 64}}
   task: {{path: {work / f'select_{task}.jsonl'}, metric: {metric}, max_new_tokens: 64}}
