@@ -25,16 +25,19 @@ def _free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None, answers: list[str] | None = None) -> tuple[int, int]:
-    """(the prompts' tokens, the longest prompt's), chat-templated as the batches will hold them;
-    with `answers`, of each prompt and its answer."""
+def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None, answers: list[str] | None = None) -> list[tuple[int, int]]:
+    """Each prompt's (tokens, answer tokens), chat-templated as the batches will hold them; the
+    answer's 0 without `answers`."""
     from surgeon.data.batches import answer_ids, prompt_ids
 
     if answers is None:
-        lengths = [len(ids) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
-    else:
-        lengths = [len(asked) + len(answer) for asked, answer in answer_ids(pair.tokenizer, prompts, answers, system_prompt)]
-    return sum(lengths), max(lengths, default=0)
+        return [(len(ids), 0) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
+    return [(len(asked), len(answer)) for asked, answer in answer_ids(pair.tokenizer, prompts, answers, system_prompt)]
+
+
+def _total_and_longest(lengths: list[tuple[int, int]]) -> tuple[int, int]:
+    whole = [asked + answer for asked, answer in lengths]
+    return sum(whole), max(whole, default=0)
 
 
 def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> dict:
@@ -63,12 +66,13 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     compute = _DTYPE_BYTES[recipe.compute.dtype]
     hidden = pair.config.get_text_config().hidden_size
 
-    harmful_tokens, longest = _prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt)
+    harmful_tokens, longest = _total_and_longest(_prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt))
     # each gradient pass: (its layers, its padded tokens: left padding to the longest prompt, at most);
     # restore's on the harmful prompts to E, rollback's on the task prompts to E or, on their
     # answers' loss, with the answers through every layer
     answer_loss = recipe.rollback.objective == "answer_loss"
-    task_tokens, task_longest = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt, inputs.task_answers if answer_loss else None)
+    task_lengths = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt, inputs.task_answers if answer_loss else None)
+    task_tokens, task_longest = _total_and_longest(task_lengths)
     passes = [(probe_layer, len(inputs.harmful) * longest)]
     if recipe.rollback.mode != "never":
         passes.append((layout.num_layers if answer_loss else probe_layer, len(inputs.task) * task_longest))
@@ -95,11 +99,8 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
                      + 2 * math.ceil(PILE * facts["budget_per_step"]) * (4 + 8 + 8) + slack_for(budget))
     if answer_loss:  # the top of the answers' pass: the output head, and a batch's fp32 logits at its answer tokens,
         # their log-softmax and its gradient
-        from surgeon.data.batches import answer_ids
-
-        vocab = pair.config.get_text_config().vocab_size
-        pairs = answer_ids(pair.tokenizer, inputs.task, inputs.task_answers, recipe.probe.system_prompt)
-        answered = max(sum(len(a) for _, a in pairs[i : i + recipe.probe.batch_size]) for i in range(0, len(pairs), recipe.probe.batch_size))
+        vocab, size = pair.config.get_text_config().vocab_size, recipe.probe.batch_size
+        answered = max(sum(answer for _, answer in task_lengths[i : i + size]) for i in range(0, len(task_lengths), size))
         working_layer = max(working_layer, vocab * hidden * compute + 3 * answered * vocab * 4 + slack_for(budget))
     model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
     task = recipe.evaluate.task
