@@ -69,23 +69,21 @@ class _Current:
     """The weights a pass ran with (the plan's where(mask, base, tuned)): `current[name]` whole,
     `gather(name, indices)` a few entries. From the layer's live parameter where it holds that
     tensor alone in a dtype that keeps the stored values exactly (no file read: a selection gathers
-    millions of entries), else from base and tuned by the plan."""
+    millions of entries), else read by the plan (`whole`, `part`)."""
 
-    def __init__(self, parameters: dict[str, torch.Tensor], plan: Plan, base: TensorSource, tuned: TensorSource,
-                 weight: Callable[[str], torch.Tensor]):
-        self.parameters, self.plan, self.base, self.tuned, self.weight = parameters, plan, base, tuned, weight
+    def __init__(self, parameters: dict[str, torch.Tensor], whole: Callable[[str], torch.Tensor],
+                 part: Callable[[str, torch.Tensor], torch.Tensor]):
+        self.parameters, self.whole, self.part = parameters, whole, part
 
     def __getitem__(self, name: str) -> torch.Tensor:
         param = self.parameters.get(name)
-        return param.detach() if param is not None else self.weight(name)
+        return param.detach() if param is not None else self.whole(name)
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         param = self.parameters.get(name)
         if param is not None:
             return param.detach().reshape(-1)[indices.to(param.device)]
-        if self.plan in (BASE, TUNED) or name not in self.plan:
-            return (self.base if self.plan == BASE else self.tuned).gather(name, indices)
-        return torch.where(self.plan.at(name, indices), self.base.gather(name, indices), self.tuned.gather(name, indices))
+        return self.part(name, indices)
 
 
 def _holds_exactly(stored: torch.dtype, compute: torch.dtype) -> bool:
@@ -222,6 +220,14 @@ class LayeredModel:
         if plan == TUNED:
             return self.tuned.get(name)
         return plan.apply(name, self.tuned.get(name), lambda indices: self.base.gather(name, indices))
+
+    def _gathered(self, name: str, plan: Plan, indices: torch.Tensor) -> torch.Tensor:
+        """Entries `indices` of `_weight(name, plan)`, without reading the rest."""
+        if plan == BASE:
+            return self.base.gather(name, indices)
+        if plan == TUNED or name not in plan:
+            return self.tuned.gather(name, indices)
+        return torch.where(plan.at(name, indices), self.base.gather(name, indices), self.tuned.gather(name, indices))
 
     def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The parameter's value from its checkpoint tensors (fused when transformers fuses them)."""
@@ -499,7 +505,7 @@ class LayeredModel:
                         grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
                         param.grad = None
                     if params:
-                        raw.current = _Current(self._alone(i, parameters), plan, self.base, self.tuned, lambda name: self._weight(name, plan))
+                        raw.current = _Current(self._alone(i, parameters), lambda name: self._weight(name, plan), lambda name, at: self._gathered(name, plan, at))
                         on_layer(raw, grads)
                 if kept:
                     del kept, parameters, params, hidden, out

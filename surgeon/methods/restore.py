@@ -190,12 +190,11 @@ class RestoreMethod:
                 candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
                 parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
 
-        if self.settings.rollback_objective == "answer_loss":
-            # through every layer to the head; the layers above E have nothing in scope
-            layers = self.engine.layout.num_layers
-            objective, scope = AnswerLoss(), self.scope + [[] for _ in range(layers - len(self.scope))]
+        if self.settings.rollback_objective == "answer_loss":  # through every layer to the head
+            objective, layers = AnswerLoss(), self.engine.layout.num_layers
         else:
-            objective, layers, scope = TowardDirection(self.task_direction()), self.settings.probe_layer, self.scope
+            objective, layers = TowardDirection(self.task_direction()), self.settings.probe_layer
+        scope = self.scope + [[] for _ in range(layers - len(self.scope))]  # the layers above E have nothing in scope
         self.engine.gradient_pass(self.task, masks, objective, layers, scope, on_layer, description=description)
         candidates = collect(parts)
         chosen = top(candidates, math.ceil(self.settings.rollback_ratio * candidates.values.numel()))
