@@ -11,7 +11,7 @@ time (every per-batch activation mapped and zero-filled afresh).
 What stays in the heap is trimmed with `malloc_trim`, but trimming after every layer cost
 SmolLM2-135M 30% of its repair time, so only once RSS has grown by a slack since the last trim:
 SLACK_BYTES, or a quarter of a smaller compute.max_memory (`fit_to_budget`). The engine calls it
-after each layer, the writer after each tensor.
+after each layer, and forces it at the start of each pass; the writer calls it after each tensor.
 """
 
 import ctypes

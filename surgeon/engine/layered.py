@@ -318,6 +318,9 @@ class LayeredModel:
         """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
         `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks);
         `graphs` keeps the layers' autograd graphs for a backward while it has room."""
+        # what the last pass freed is given back first: its holes in the heap stay resident, and a
+        # pass of other shapes (other prompts, other layers) may not fit in them but come on top
+        release_free_memory(force=True)
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
                 with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _):
