@@ -318,8 +318,8 @@ class LayeredModel:
         """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
         `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks);
         `graphs` keeps the layers' autograd graphs for a backward while it has room."""
-        # what the last pass freed is given back first: its holes in the heap stay resident, and a
-        # pass of other shapes (other prompts, other layers) may not fit in them but come on top
+        # what the last pass freed is given back first: left in the heap, it stays resident through
+        # whatever runs between passes (a checkpoint's scoring, its generation model)
         release_free_memory(force=True)
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
