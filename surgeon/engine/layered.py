@@ -8,6 +8,7 @@ running the model's own forward with stand-in layers, so no architecture is re-i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -69,21 +70,20 @@ class _Current:
     """The weights a pass ran with (the plan's where(mask, base, tuned)): `current[name]` whole,
     `gather(name, indices)` a few entries. From the layer's live parameter where it holds that
     tensor alone in a dtype that keeps the stored values exactly (no file read: a selection gathers
-    millions of entries), else read by the plan (`whole`, `part`)."""
+    millions of entries), else read by the plan (`read(name)`, `read(name, indices=...)`)."""
 
-    def __init__(self, parameters: dict[str, torch.Tensor], whole: Callable[[str], torch.Tensor],
-                 part: Callable[[str, torch.Tensor], torch.Tensor]):
-        self.parameters, self.whole, self.part = parameters, whole, part
+    def __init__(self, parameters: dict[str, torch.Tensor], read: Callable[..., torch.Tensor]):
+        self.parameters, self.read = parameters, read
 
     def __getitem__(self, name: str) -> torch.Tensor:
         param = self.parameters.get(name)
-        return param.detach() if param is not None else self.whole(name)
+        return param.detach() if param is not None else self.read(name)
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         param = self.parameters.get(name)
         if param is not None:
             return param.detach().reshape(-1)[indices.to(param.device)]
-        return self.part(name, indices)
+        return self.read(name, indices=indices)
 
 
 def _holds_exactly(stored: torch.dtype, compute: torch.dtype) -> bool:
@@ -214,19 +214,14 @@ class LayeredModel:
         else:
             set_module_tensor_to_device(self.skeleton, parameter, self.device, value=value, dtype=self.dtype)
 
-    def _weight(self, name: str, plan: Plan) -> torch.Tensor:
-        if plan == BASE:
-            return self.base.get(name)
-        if plan == TUNED:
-            return self.tuned.get(name)
-        return plan.apply(name, self.tuned.get(name), lambda indices: self.base.gather(name, indices))
-
-    def _gathered(self, name: str, plan: Plan, indices: torch.Tensor) -> torch.Tensor:
-        """Entries `indices` of `_weight(name, plan)`, without reading the rest."""
-        if plan == BASE:
-            return self.base.gather(name, indices)
-        if plan == TUNED or name not in plan:
-            return self.tuned.gather(name, indices)
+    def _read(self, name: str, plan: Plan, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` as the plan has it (where(mask, base, tuned)): whole, or only its flat
+        entries `indices`, without reading the rest."""
+        if plan == BASE or plan == TUNED or name not in plan:
+            source = self.base if plan == BASE else self.tuned
+            return source.get(name) if indices is None else source.gather(name, indices)
+        if indices is None:
+            return plan.apply(name, self.tuned.get(name), lambda at: self.base.gather(name, at))
         return torch.where(plan.at(name, indices), self.base.gather(name, indices), self.tuned.gather(name, indices))
 
     def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -249,7 +244,7 @@ class LayeredModel:
         self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
         try:
             for parameter, names in parameters:
-                value = self._fused(parameter, {n: self._weight(n, plan) for n in names})
+                value = self._fused(parameter, {n: self._read(n, plan) for n in names})
                 self._set_parameter(parameter, value)
             yield self.stack.layers[index], raw
         finally:
@@ -508,7 +503,7 @@ class LayeredModel:
                         grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
                         param.grad = None
                     if params:
-                        raw.current = _Current(self._alone(i, parameters), lambda name: self._weight(name, plan), lambda name, at: self._gathered(name, plan, at))
+                        raw.current = _Current(self._alone(i, parameters), functools.partial(self._read, plan=plan))
                         on_layer(raw, grads)
                 if kept:
                     del kept, parameters, params, hidden, out
