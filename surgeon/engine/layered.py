@@ -153,7 +153,10 @@ class _Graphs:
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
             self._saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
+            # detached: an op's saved output, kept with its grad_fn, would hold its own graph in a cycle
+            # through C++ that no collector breaks, so a layer let go without a backward (its graphs
+            # did not fit) would stay resident for the rest of the run (pytorch/pytorch#189025)
+            return tensor.detach()
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield
