@@ -17,7 +17,7 @@ import torch
 from surgeon import processes
 from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan, PreparedInputs
 from surgeon.engine.masks import MaskSet
-from surgeon.engine.objectives import AnswerLoss, TowardDirection
+from surgeon.engine.objectives import AnswerLoss, Objective, TowardDirection
 from surgeon.engine.store import SpillStore
 from surgeon.engine.topk import Selection, StreamingTopK, beyond, collect, top, true_at
 from surgeon.io.checkpoint import check_finite
@@ -51,7 +51,16 @@ class RestoreSettings:
     max_task_drop: float = 0.05
     select: str = "last_within_floor"
     stop_at_harmful_rate: float | None = None
-    rollback_objective: str = "direction"
+
+
+@dataclass(frozen=True)
+class RollbackPass:
+    """What rollback's gradient pass runs on: the task inputs, how many layers deep, and toward what
+    (`objective` None: the paper's task direction, from the same inputs when a rollback first needs it)."""
+
+    task: PreparedInputs
+    layers: int
+    objective: Objective | None = None
 
 
 @dataclass
@@ -89,8 +98,9 @@ class RepairResult:
 
 
 class RestoreMethod:
-    """`task` is what rollback learns from: the task prompts prepared for the first E layers (the
-    direction objective), or their prompt+answer batches for every layer (answer_loss)."""
+    """method.md's schedule over the engine; `rollback` is what rollback learns from (the task
+    prompts for the first E layers and the task direction, or prompt+answer batches through every
+    layer and their answers' loss)."""
 
     def __init__(
         self,
@@ -98,7 +108,7 @@ class RestoreMethod:
         scope: list[list[str]],
         harmful_on_base: PreparedInputs,
         harmful: PreparedInputs,
-        task: PreparedInputs,
+        rollback: RollbackPass,
         settings: RestoreSettings,
         workdir: Path,
         gradient_store: SpillStore,
@@ -107,7 +117,7 @@ class RestoreMethod:
         state: RunState | None = None,
     ):
         self.engine, self.scope, self.settings, self.scorer, self.state = engine, scope, settings, scorer, state
-        self.harmful_on_base, self.harmful, self.task = harmful_on_base, harmful, task
+        self.harmful_on_base, self.harmful, self.rollback = harmful_on_base, harmful, rollback
         self.workdir, self.progress = Path(workdir), progress
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.names = [name for layer in scope for name in layer]
@@ -130,7 +140,7 @@ class RestoreMethod:
     def task_direction(self) -> torch.Tensor:
         if self.v_task is None:
             E = self.settings.probe_layer
-            self.v_task = check_finite("direction v_task", self.engine.last_token_states(self.task, TUNED, E, "direction v_task (tuned)").mean(0), "data.task")
+            self.v_task = check_finite("direction v_task", self.engine.last_token_states(self.rollback.task, TUNED, E, "direction v_task (tuned)").mean(0), "data.task")
         return self.v_task
 
     # -- Restore step ----------------------------------------------------------------------
@@ -190,12 +200,9 @@ class RestoreMethod:
                 candidates = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
                 parts.append(Selection(g[candidates].abs(), torch.full((int(candidates.sum()),), self.tensor_ids[name]), indices[candidates]))
 
-        if self.settings.rollback_objective == "answer_loss":  # through every layer to the head
-            objective, layers = AnswerLoss(), self.engine.layout.num_layers
-        else:
-            objective, layers = TowardDirection(self.task_direction()), self.settings.probe_layer
+        objective, layers = self.rollback.objective or TowardDirection(self.task_direction()), self.rollback.layers
         scope = self.scope + [[] for _ in range(layers - len(self.scope))]  # the layers above E have nothing in scope
-        self.engine.gradient_pass(self.task, masks, objective, layers, scope, on_layer, description=description)
+        self.engine.gradient_pass(self.rollback.task, masks, objective, layers, scope, on_layer, description=description)
         candidates = collect(parts)
         chosen = top(candidates, math.ceil(self.settings.rollback_ratio * candidates.values.numel()))
         for t, indices in chosen.by_tensor().items():
@@ -339,7 +346,7 @@ class RestoreMethod:
         # the directions are known: inputs that only served them give their memory back
         self.engine.release(self.harmful_on_base)
         if s.rollback_mode == "never":
-            self.engine.release(self.task)
+            self.engine.release(self.rollback.task)
         while segment is not None:
             stopped = self._run_steps(masks, done + 1, s.warmup if segment == "warmup" else s.steps, segment, result)
             segment, done, masks = self._after_warmup(masks, result) if segment == "warmup" and not stopped else (None, 0, masks)
@@ -384,17 +391,17 @@ class RestoreRun:
             warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
             rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
             stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
-            rollback_objective=recipe.rollback.objective,
         )
         engine, inputs = pair.engine, context.inputs
         harmful = context.prompt_batches(inputs.harmful)
-        if self.settings.rollback_objective == "answer_loss":  # prompts and answers, through every layer
-            task = engine.prepare(context.answer_batches(inputs.task, inputs.task_answers), TUNED, layout.num_layers)
+        if recipe.rollback.objective == "answer_loss":  # prompts and answers, through every layer to the head
+            L = layout.num_layers
+            rollback = RollbackPass(engine.prepare(context.answer_batches(inputs.task, inputs.task_answers), TUNED, L), L, AnswerLoss())
         else:
-            task = engine.prepare(context.prompt_batches(inputs.task), TUNED, probe_layer)
+            rollback = RollbackPass(engine.prepare(context.prompt_batches(inputs.task), TUNED, probe_layer), probe_layer)
         self.method = RestoreMethod(
             engine, layout.scope(probe_layer), engine.prepare(harmful, BASE, probe_layer), engine.prepare(harmful, TUNED, probe_layer),
-            task, self.settings, context.state.checkpoints,
+            rollback, self.settings, context.state.checkpoints,
             context.spill_store("gradients"), context.scorer, context.progress, context.state,
         )
 
@@ -419,7 +426,7 @@ class RestoreRun:
         return Repair(
             change=(f"{restored:,} weights ({restored / N:.4%} of the decoder parameters) restored from base, "
                     f"chosen by gradient in decoder layers below {self.settings.probe_layer} of {layout.num_layers}"),
-            settings={**asdict(self.settings), "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
+            settings={**asdict(self.settings), "rollback_objective": context.recipe.rollback.objective, "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
             changed={"tensors": sum(1 for n in masks.names() if masks.count(n)), "parameters": restored, "share_of_N": restored / N},
             masks=masks, masks_metadata={"step": str(chosen.step)},
             record={
