@@ -60,9 +60,8 @@ def test_memory_bound_one_decoder_layer_at_a_time(llama, write_recipe, task_eval
 
 def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(llama, tmp_path, monkeypatch):
     """A gradient pass with room for every layer's graphs, for some of them, or for none gives
-    bit-identical gradients and loss, and keeps the graphs of as many layers as the room allows. A
-    layer is not recorded when the room left is less than the last recorded one took; nothing of a
-    graph outlives the pass, the graphs of a layer recorded and then let go included."""
+    bit-identical gradients and loss, and keeps the graphs of as many layers as the room allows.
+    Nothing of a graph outlives the pass, the recorded graphs of a layer that did not fit included."""
     import gc
 
     from transformers import AutoConfig, AutoTokenizer
@@ -81,28 +80,26 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
     keep = layered._Graphs.keep
     monkeypatch.setattr(layered._Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
 
-    def gradients(room: int | None, layers: int = 3) -> tuple[dict, float, list]:
-        """`room` bytes for graphs beside the inputs, each layer's boundaries and gradients and the
-        heap's slack; None: room for everything; negative: a store of one byte (everything spilled)."""
+    def gradients(budget: int | None, layers: int = 3) -> tuple[dict, float, int]:
         kept.clear()
-        store = SpillStore(1 if room is not None and room < 0 else 10**9, tmp_path / str(room))
+        store = SpillStore(budget or 10**9, tmp_path / str(budget))
         engine = LayeredModel(config, base.tensors, tuned.tensors, store)
         prepared = engine.prepare(batches, TUNED, layers)
         inputs = store.used_bytes
-        if room is not None and room >= 0:
-            store.budget_bytes = inputs + (layers + 2) * inputs + slack() + room
+        if budget is None:  # room for the graphs of layers 0 and 1 and half of 2's (recorded, then let go),
+            # beside the inputs, each layer's boundaries and gradients, and the heap's slack
+            store.budget_bytes = inputs + (layers + 2) * inputs + slack() + sizes[0] + sizes[1] + sizes[2] // 2
         grads: dict = {}
         loss = engine.gradient_pass(prepared, TUNED, TowardDirection(torch.ones(config.hidden_size)), layers, engine.layout.scope(layers),
                                     lambda raw, g: grads.update({n: t.clone() for n, t in g.items()}))
-        return grads, loss, [(i, taken) for i, taken, _ in kept]
+        return grads, loss, [i for i, taken, _ in kept if taken]
 
-    whole, loss, recorded = gradients(None)
+    whole, loss, taken = gradients(10**9)
     sizes = [size for _, _, size in kept]
-    assert recorded == [(0, True), (1, True), (2, True)] and all(size > 0 for size in sizes)
-    # layers 0 and 1 kept and 2 not recorded (half its room); layer 0 recorded and let go; nothing recorded
-    for room, expected in ((sizes[0] + sizes[1] + sizes[2] // 2, [(0, True), (1, True)]), (sizes[0] // 2, [(0, False)]), (-1, [])):
-        grads, other_loss, recorded = gradients(room)
-        assert recorded == expected and other_loss == loss
+    assert taken == [0, 1, 2] and all(size > 0 for size in sizes)
+    for budget, expected in ((None, [0, 1]), (1, [])):
+        grads, other_loss, taken = gradients(budget)
+        assert taken == expected and other_loss == loss
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
         assert grads.keys() == whole.keys() and all(torch.equal(grads[n], whole[n]) for n in whole)

@@ -139,14 +139,11 @@ class _Graphs:
         self.room, self.scope = room, scope
         self.layers: dict[int, _KeptLayer] = {}
         self.used = 0
-        self._last = 0  # the bytes of the last layer recorded
         self._saved: dict[int, int] = {}
 
     def open(self) -> bool:
-        """Whether the next layer's forward records its graphs: while the room left holds as much as
-        the last layer recorded (the layers of a stack save alike), so a layer that would not fit
-        is not recorded only to be let go, above the room, and not once one did not fit."""
-        return self.room > self.used and self.room - self.used >= self._last
+        """Whether the next layer's forward records its graphs (not once one did not fit)."""
+        return self.room > self.used
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -165,7 +162,7 @@ class _Graphs:
             yield
 
     def keep(self, index: int, layer: _KeptLayer) -> bool:
-        layer.nbytes = self._last = sum(self._saved.values())
+        layer.nbytes = sum(self._saved.values())
         if self.used + layer.nbytes > self.room:
             self.room = self.used  # layers above are recomputed too: no room is left for them
             return False
