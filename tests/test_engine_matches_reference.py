@@ -94,14 +94,20 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
                                     lambda raw, g: grads.update({n: t.clone() for n, t in g.items()}))
         return grads, loss, [i for i, taken, _ in kept if taken]
 
+    def graphs() -> dict[int, torch.Tensor]:
+        """The tensors alive that carry a grad_fn (other tests may leave theirs: held, so that no
+        id is reused)."""
+        gc.collect()
+        return {id(o): o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None}
+
+    earlier = graphs()
     whole, loss, taken = gradients(10**9)
     sizes = [size for _, _, size in kept]
     assert taken == [0, 1, 2] and all(size > 0 for size in sizes)
     for budget, expected in ((None, [0, 1]), (1, [])):
         grads, other_loss, taken = gradients(budget)
         assert taken == expected and other_loss == loss
-        gc.collect()
-        assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+        assert not graphs().keys() - earlier.keys()
         assert grads.keys() == whole.keys() and all(torch.equal(grads[n], whole[n]) for n in whole)
 
 
