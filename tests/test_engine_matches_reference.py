@@ -61,7 +61,8 @@ def test_memory_bound_one_decoder_layer_at_a_time(llama, write_recipe, task_eval
 def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(llama, tmp_path, monkeypatch):
     """A gradient pass with room for every layer's graphs, for some of them, or for none gives
     bit-identical gradients and loss, and keeps the graphs of as many layers as the room allows.
-    Nothing of a graph outlives the pass, the recorded graphs of a layer that did not fit included."""
+    Nothing of a graph outlives the pass: the recorded graphs of a layer that did not fit, and every
+    kept graph of a pass that fails before its backward."""
     import gc
 
     from transformers import AutoConfig, AutoTokenizer
@@ -80,7 +81,7 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
     keep = layered._Graphs.keep
     monkeypatch.setattr(layered._Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
 
-    def gradients(budget: int | None, layers: int = 3) -> tuple[dict, float, int]:
+    def gradients(budget: int | None, layers: int = 3, objective=None) -> tuple[dict, float, int]:
         kept.clear()
         store = SpillStore(budget or 10**9, tmp_path / str(budget))
         engine = LayeredModel(config, base.tensors, tuned.tensors, store)
@@ -90,7 +91,8 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
             # beside the inputs, each layer's boundaries and gradients, and the heap's slack
             store.budget_bytes = inputs + (layers + 2) * inputs + slack() + sizes[0] + sizes[1] + sizes[2] // 2
         grads: dict = {}
-        loss = engine.gradient_pass(prepared, TUNED, TowardDirection(torch.ones(config.hidden_size)), layers, engine.layout.scope(layers),
+        objective = objective or TowardDirection(torch.ones(config.hidden_size))
+        loss = engine.gradient_pass(prepared, TUNED, objective, layers, engine.layout.scope(layers),
                                     lambda raw, g: grads.update({n: t.clone() for n, t in g.items()}))
         return grads, loss, [i for i, taken, _ in kept if taken]
 
@@ -109,6 +111,16 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
         assert taken == expected and other_loss == loss
         assert not graphs().keys() - earlier.keys()
         assert grads.keys() == whole.keys() and all(torch.equal(grads[n], whole[n]) for n in whole)
+
+    class Failing:  # a pass that fails after its forward kept every layer's graphs
+        def losses(self, *args):
+            raise RuntimeError("the objective failed")
+
+    try:
+        gradients(10**9, objective=Failing())
+    except RuntimeError:
+        pass
+    assert not graphs().keys() - earlier.keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -147,15 +147,18 @@ class _Graphs:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Autograd on, and the bytes of every tensor it saves counted (each storage once)."""
-        self._saved = {}
+        """Autograd on, and the bytes of every tensor it saves counted (each storage once).
+
+        The graphs hold this hook, and what it holds must not lead back to them: a cycle through C++
+        that no collector breaks, so graphs let go without a backward (a layer that did not fit, a
+        pass that failed) would stay resident for the rest of the process (pytorch/pytorch#189025).
+        So it returns each tensor detached (an op's saved output keeps no grad_fn) and holds only
+        the counts, not this object and the layers it keeps."""
+        saved = self._saved = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
-            self._saved[storage.data_ptr()] = storage.nbytes()
-            # detached: an op's saved output, kept with its grad_fn, would hold its own graph in a cycle
-            # through C++ that no collector breaks, so a layer let go without a backward (its graphs
-            # did not fit) would stay resident for the rest of the run (pytorch/pytorch#189025)
+            saved[storage.data_ptr()] = storage.nbytes()
             return tensor.detach()
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
