@@ -82,7 +82,7 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
     With `answers`, rollback's gradient is that of the task answers' loss (every answer token of
     the set weighs the same) instead of the task direction's."""
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
-    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     base, tuned, model = load(base_dir), load(tuned_dir), load(tuned_dir)
     base_params, tuned_params = dict(base.named_parameters()), dict(tuned.named_parameters())
     params = dict(model.named_parameters())

@@ -43,7 +43,7 @@ def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama, w
     """Input norms from the whole tuned model's own forward (hooks on its linear layers, padding left out)."""
     report, out = _run(write_recipe, *llama, tmp_path, "antidote", antidote={"ratio": 0.25})
     base, tuned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1])
-    model = AutoModelForCausalLM.from_pretrained(llama[1], dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(llama[1], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(llama[1])
     names = _linear_weights(model)
     squares = {n: torch.zeros(tuned[n].shape[1]) for n in names}

@@ -12,12 +12,14 @@ import torch
 from surgeon.errors import IncompatibleModelsError, RecipeError
 
 def build_skeleton(config) -> torch.nn.Module:
-    """The model with every parameter on `meta`: structure without memory."""
+    """The model with every parameter on `meta`: structure without memory. Attention is the one
+    transformers picks for the family (sdpa where it has it), not eager: eager keeps every
+    batch x heads x tokens x tokens probability in a gradient pass's graphs."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
