@@ -81,7 +81,7 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
     keep = layered._Graphs.keep
     monkeypatch.setattr(layered._Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
 
-    def gradients(budget: int | None, layers: int = 3, objective=None) -> tuple[dict, float, int]:
+    def gradients(budget: int | None, layers: int = 3, objective=None) -> tuple[dict, float, list[int]]:
         kept.clear()
         store = SpillStore(budget or 10**9, tmp_path / str(budget))
         engine = LayeredModel(config, base.tensors, tuned.tensors, store)
