@@ -129,7 +129,7 @@ class ModelPair:
             prompts, references = task_rows
             streamed = None
             if spec.task.metric == "loss":
-                streamed = TaskLoss(self.engine, answer_batches(self.tokenizer, prompts, references, spec.batch_size, s.system_prompt))
+                streamed = TaskLoss(self.engine, answer_batches(self.tokenizer, prompts, references, spec.batch_size, s.system_prompt, spec.task.balance))
             elif spec.task.metric == "kl":
                 streamed = TaskDivergence(self.engine, prompt_batches(self.tokenizer, prompts, spec.batch_size, s.system_prompt))
             task = task_set(spec.task, prompts, references, streamed)
@@ -204,9 +204,11 @@ class RunContext:
         return prompt_batches(self.pair.tokenizer, prompts, self.recipe.probe.batch_size, self.recipe.probe.system_prompt)
 
     def answer_batches(self, prompts: list[str], answers: list[str]):
+        """Batches of data.task's prompts and answers, weighted as data.task.balance says."""
         from surgeon.data.batches import answer_batches
 
-        return answer_batches(self.pair.tokenizer, prompts, answers, self.recipe.probe.batch_size, self.recipe.probe.system_prompt)
+        return answer_batches(self.pair.tokenizer, prompts, answers, self.recipe.probe.batch_size, self.recipe.probe.system_prompt,
+                              self.recipe.data.task.balance)
 
     @property
     def probe_layer(self) -> int:

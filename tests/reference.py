@@ -76,11 +76,13 @@ def _decoder_prefix(model) -> str:
     return name + "."
 
 
-def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4, answers=None):
+def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps, rollback, ratio=0.2, batch_size=4, answers=None,
+                     balance="tokens"):
     """Masks after `steps` steps (restore-only with accumulated gradients, or restore+rollback),
     named as the checkpoint names them: transformers' saving rules split fused parameters back.
-    With `answers`, rollback's gradient is that of the task answers' loss (every answer token of
-    the set weighs the same) instead of the task direction's."""
+    With `answers`, rollback's gradient is that of the task answers' loss instead of the task
+    direction's: every answer token of the set weighs the same, or with balance "answers" every
+    distinct answer does (the mean over distinct answers of their tokens' mean NLL)."""
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     base, tuned, model = load(base_dir), load(tuned_dir), load(tuned_dir)
@@ -110,11 +112,19 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
     answered = _answer_batches(tokenizer, task, answers, batch_size) if answers is not None else None
 
     def answer_gradient():
-        tokens = sum(int((labels[:, 1:] != -100).sum()) for *_, labels in answered)
+        counts = [int((row[1:] != -100).sum()) for *_, labels in answered for row in labels]
+        if balance == "answers":  # row weight 1 / (tokens of every row with its answer), over the number of distinct answers
+            group = {a: sum(c for b, c in zip(answers, counts) if b == a) for a in answers}
+            weights, norm = [1 / group[a] for a in answers], len(group)
+        else:
+            weights, norm = [1.0] * len(answers), sum(counts)
+        row = 0
         for ids, mask, positions, labels in answered:
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-            (nll / tokens).backward()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100, reduction="none").sum(1)
+            w = torch.tensor(weights[row : row + len(ids)])
+            row += len(ids)
+            ((nll * w).sum() / norm).backward()
 
     for _ in range(steps):
         if rollback:

@@ -172,9 +172,27 @@ def test_spilling_to_disk_gives_the_same_masks(llama, write_recipe, tmp_path):
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
 
 
+def test_balanced_answer_loss_rollback_matches_reference(llama, write_recipe, task_eval_file, tmp_path):
+    """data.task.balance answers: every distinct answer weighs the same in rollback's loss (the
+    tiny task repeats some answers, so the reverted entries differ from the token-weighted ones)."""
+    base, tuned = llama
+    recipe = write_recipe(base, tuned, rollback={"mode": "always", "objective": "answer_loss"},
+                          data={"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response", "balance": "answers"}})
+    run(load_recipe(recipe))
+    masks = MaskSet.load(tmp_path / "repaired" / "masks.safetensors")
+    common = dict(layer=4, sparsity=0.01, steps=3, rollback=True, batch_size=4, answers=ANSWERS)
+    expected, _ = reference_repair(base, tuned, HARMFUL, TASK, balance="answers", **common)
+    by_tokens, _ = reference_repair(base, tuned, HARMFUL, TASK, **common)
+    assert all(torch.equal(masks.get(name), mask) for name, mask in expected.items())
+    assert any(not torch.equal(by_tokens[name], mask) for name, mask in expected.items())
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_neox"])
-def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, arch):
-    """Teacher-forced answer NLL through the layered engine vs the model's own full forward."""
+@pytest.mark.parametrize("balance", ["tokens", "answers"])
+def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, arch, balance):
+    """Teacher-forced answer NLL through the layered engine vs the model's own full forward: the
+    mean over every answer token, or (balance answers) the mean over distinct answers of the mean
+    over their tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from surgeon.data.batches import answer_batches
@@ -186,21 +204,28 @@ def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, a
 
     base_dir, tuned_dir = model_pairs[arch]
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)
-    batches = answer_batches(tokenizer, TASK, ANSWERS, batch_size=5)
+    batches = answer_batches(tokenizer, TASK, ANSWERS, batch_size=5, balance=balance)
     base, tuned = resolve_model(str(base_dir)), resolve_model(str(tuned_dir))
     engine = LayeredModel(AutoConfig.from_pretrained(tuned_dir), base.tensors, tuned.tensors, SpillStore(10**9, tmp_path))
     streamed = TaskLoss(engine, batches)(TUNED)
 
     model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32).eval()
-    total, count = 0.0, 0
+    rows = []  # per row: (answer, NLL summed over its answer tokens, their count)
     with torch.no_grad():
         for batch in batches:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-            labels = batch.labels[:, 1:]
-            keep = labels != -100
-            total += torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum").item()
-            count += int(keep.sum())
-    assert count > len(TASK) and streamed == pytest.approx(total / count, rel=1e-5)
+            for row_logits, labels in zip(logits[:, :-1], batch.labels[:, 1:]):
+                keep = labels != -100
+                rows.append((torch.nn.functional.cross_entropy(row_logits[keep], labels[keep], reduction="sum").item(), int(keep.sum())))
+    rows = [(answer, *row) for answer, row in zip(ANSWERS, rows)]
+    if balance == "tokens":
+        expected = sum(nll for _, nll, _ in rows) / sum(count for *_, count in rows)
+    else:
+        groups = {answer: [r for r in rows if r[0] == answer] for answer in ANSWERS}
+        means = [sum(nll for _, nll, _ in g) / sum(count for *_, count in g) for g in groups.values()]
+        expected = sum(means) / len(means)
+        assert len(groups) < len(ANSWERS)
+    assert sum(count for *_, count in rows) > len(TASK) and streamed == pytest.approx(expected, rel=1e-5)
 
 
 def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, write_recipe):

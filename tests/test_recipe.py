@@ -147,6 +147,9 @@ def test_control_characters_in_an_unknown_key_are_escaped():
     ({"task": {"path": "t.jsonl"}}, {"stop_at": {"harmful_rate": 0.01}}, "restore.stop_at needs evaluate.safety and evaluate.task"),
     ({"task": {"path": "t.jsonl", "metric": "loss"}, "select_on": {"task": {"path": "s.jsonl", "metric": "exact_match"}}}, {},
      "select_on.task needs evaluate.task with the same metric"),
+    ({"task": {"path": "t.jsonl", "balance": "answers"}, "select_on": {"task": {"path": "s.jsonl"}}}, {},
+     "select_on.task needs evaluate.task with the same metric and balance"),
+    ({"task": {"path": "t.jsonl", "metric": "f1:1", "balance": "answers"}}, {}, "'balance' weighs metric loss's tokens; metric 'f1:1' has none"),
     ({"task": {"path": "t.jsonl"}, "select_on": {}}, {}, "give 'task' and/or 'safety' rows"),
 ])
 def test_stop_rule_and_selection_rows_are_checked(evaluate, restore, message):
@@ -159,6 +162,7 @@ def test_stop_rule_and_selection_rows_are_checked(evaluate, restore, message):
 @pytest.mark.parametrize("task, message", [
     ("t.jsonl", "rollback.objective answer_loss needs data.task.answer_field"),
     ({"prompts": ["p"], "answer_field": "response"}, "inline prompts have no answers"),
+    ({"path": "t.jsonl", "balance": "answers"}, "'balance' weighs the answers' loss: it needs 'answer_field'"),
 ])
 def test_a_rollback_on_the_answers_loss_needs_answers(task, message):
     text = yaml.safe_dump({"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": task}, "rollback": {"objective": "answer_loss", "mode": "always"}})

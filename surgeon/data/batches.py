@@ -16,6 +16,7 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # each label token's weight in an answer loss (1 where unset)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -31,8 +32,10 @@ class Batch:
         wanted = targets != IGNORE
         return hidden[:, :-1][wanted], targets[wanted]
 
-    def answer_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
+    def answer_weights(self) -> torch.Tensor:
+        """The weight of each token `answer_predictions` returns: a loss is the weighted mean of their NLL."""
+        wanted = self.labels[:, 1:] != IGNORE
+        return torch.ones(int(wanted.sum())) if self.weights is None else self.weights[:, 1:][wanted]
 
 
 def _messages(prompt: str | list[dict], system_prompt: str | None) -> list[dict]:
@@ -75,17 +78,21 @@ def _pad_id(tokenizer) -> int:
             return candidate
 
 
-def left_padded(sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None) -> Batch:
+def left_padded(sequences: list[list[int]], pad_id: int, labels: list[list[int]] | None = None, weights: list[float] | None = None) -> Batch:
+    """`weights`: one per sequence, given to each of its label tokens."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     label_tensor = torch.full((len(sequences), width), IGNORE, dtype=torch.long) if labels is not None else None
+    weight_tensor = torch.zeros((len(sequences), width)) if weights is not None else None
     for row, sequence in enumerate(sequences):
         ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
         mask[row, width - len(sequence):] = 1
         if labels is not None:
             label_tensor[row, width - len(sequence):] = torch.tensor(labels[row], dtype=torch.long)
-    return Batch(ids, mask, label_tensor)
+        if weight_tensor is not None:
+            weight_tensor[row, width - len(sequence):] = weights[row]
+    return Batch(ids, mask, label_tensor, weight_tensor)
 
 
 def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
@@ -94,14 +101,27 @@ def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size:
     return [left_padded(ids[i : i + batch_size], pad) for i in range(0, len(ids), batch_size)]
 
 
-def answer_batches(tokenizer, prompts: list[str], answers: list[str], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
-    """Prompt+answer sequences whose labels are the answer tokens only (teacher forcing)."""
+def answer_weights(answers: list[str], answer_tokens: list[int]) -> list[float]:
+    """Per answer, the weight of each of its tokens when every distinct answer weighs the same in
+    a loss: 1 / the token count of all the answers equal to it. On a classification task whose
+    labels are imbalanced, the minority label's answers then count as much as the majority's."""
+    totals: dict[str, int] = {}
+    for answer, count in zip(answers, answer_tokens):
+        totals[answer.strip()] = totals.get(answer.strip(), 0) + count
+    return [1.0 / totals[answer.strip()] for answer in answers]
+
+
+def answer_batches(tokenizer, prompts: list[str], answers: list[str], batch_size: int, system_prompt: str | None = None,
+                   balance: str = "tokens") -> list[Batch]:
+    """Prompt+answer sequences whose labels are the answer tokens only (teacher forcing). `balance`:
+    "tokens" (every answer token weighs the same in a loss) or "answers" (every distinct answer does)."""
     pairs = answer_ids(tokenizer, prompts, answers, system_prompt)
+    weights = answer_weights(answers, [len(a) for _, a in pairs]) if balance == "answers" else None
     pad = _pad_id(tokenizer)
     batches = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         sequences = [p + a for p, a in chunk]
         labels = [[IGNORE] * len(p) + a for p, a in chunk]
-        batches.append(left_padded(sequences, pad, labels))
+        batches.append(left_padded(sequences, pad, labels, weights[i : i + batch_size] if weights else None))
     return batches

@@ -35,17 +35,23 @@ class TowardDirection:
         yield lambda b, hidden: -torch.nn.functional.cosine_similarity(hidden[:, -1, :].float().mean(0), target, dim=0)
 
 
+def answer_nll(predicted: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of the answer tokens' next-token NLL (`Batch.answer_weights`)."""
+    return (torch.nn.functional.cross_entropy(predicted.float(), targets, reduction="none") * weights.to(predicted.device)).sum()
+
+
 class AnswerLoss:
-    """The teacher-forced loss of the answers: the mean over every answer token of the set (its
-    processes' shares together) of the next-token NLL, through the final norm and the output head.
-    The pass must run through every decoder layer."""
+    """The teacher-forced loss of the answers: the weighted mean over every answer token of the set
+    (its processes' shares together; `Batch.answer_weights`) of the next-token NLL, through the final
+    norm and the output head. The pass must run through every decoder layer."""
 
     @contextmanager
     def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan):
-        tokens = processes.sum_(torch.tensor(sum(b.answer_tokens() for b in prepared.batches), dtype=torch.float64)).item()
+        total = processes.sum_(torch.tensor(sum(b.answer_weights().sum().item() for b in prepared.batches), dtype=torch.float64)).item()
         with engine.output_head(plan) as logits:
             def loss(b: int, hidden: torch.Tensor) -> torch.Tensor:
-                predicting, targets = prepared.batches[b].answer_predictions(hidden)
-                return torch.nn.functional.cross_entropy(logits(predicting).float(), targets, reduction="sum") / max(tokens, 1)
+                batch = prepared.batches[b]
+                predicting, targets = batch.answer_predictions(hidden)
+                return answer_nll(logits(predicting), targets, batch.answer_weights()) / (total or 1)
 
             yield loss

@@ -7,9 +7,10 @@ import torch
 from surgeon import processes
 from surgeon.data.batches import Batch
 from surgeon.engine.layered import BASE, TUNED, LayeredModel, Plan, PreparedInputs
+from surgeon.engine.objectives import answer_nll
 
 
-def _mean_over_processes(total: float, count: int) -> float:
+def _mean_over_processes(total: float, count: float) -> float:
     """total / count over every process's share of the batches (a data-parallel run)."""
     summed = processes.sum_(torch.tensor([total, count], dtype=torch.float64))
     return summed[0].item() / max(summed[1].item(), 1)
@@ -36,13 +37,14 @@ class _Streamed:
 
 
 class TaskLoss(_Streamed):
-    """Mean teacher-forced NLL over every answer token of the set (token-weighted); lower is better."""
+    """Teacher-forced NLL of the answers, the weighted mean over every answer token of the set (each
+    token the same, or each distinct answer: `answer_batches`' balance); lower is better."""
 
     name = "loss"
     higher_is_better = False
 
     def __call__(self, plan: Plan) -> float:
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         targets = {}
 
         batches = self._inputs(plan).batches  # this process's share in a data-parallel run
@@ -52,8 +54,9 @@ class TaskLoss(_Streamed):
             return predicting
 
         for b, predicted in self._outputs(plan, answer_positions, f"task {self.name}"):
-            total += torch.nn.functional.cross_entropy(predicted, targets[b], reduction="sum").item()
-            count += targets[b].numel()
+            weights = batches[b].answer_weights()
+            total += answer_nll(predicted, targets[b], weights).item()
+            count += weights.sum().item()
         return _mean_over_processes(total, count)
 
 

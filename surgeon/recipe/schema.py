@@ -13,6 +13,7 @@ from surgeon.recipe.hub_ids import split_hub_reference
 from surgeon.recipe.sizes import parse_size
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+Balance = Literal["tokens", "answers"]
 # a byte count, written as 5GB, 512MiB or a number; parsed once, here
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]})]
 MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
@@ -71,11 +72,15 @@ class TaskPromptSet(PromptSet):
 
     answer_field: str | None = None
     """The column that holds each prompt's reference answer: rollback.objective answer_loss needs it."""
+    balance: Balance = "tokens"
+    """What weighs the same in the answers' loss: every answer token (tokens), or every distinct answer (answers: a classification task's minority label counts as much as its majority)."""
 
     @model_validator(mode="after")
     def _answers_from_a_file(self):
         if self.answer_field is not None and self.path is None:
             raise ValueError("'answer_field' names a column of the file in 'path'; inline prompts have no answers")
+        if self.balance != "tokens" and self.answer_field is None:
+            raise ValueError("'balance' weighs the answers' loss: it needs 'answer_field'")
         return self
 
 
@@ -97,6 +102,8 @@ class TaskEvalSet(Strict):
     """Use only the first N rows."""
     max_new_tokens: int = Field(default=128, gt=0, le=MAX_COUNT)
     """Tokens generated per answer (generated metrics only)."""
+    balance: Balance = "tokens"
+    """With metric loss, what weighs the same: every answer token (tokens), or every distinct answer (answers)."""
 
     @field_validator("metric")
     @classmethod
@@ -106,6 +113,12 @@ class TaskEvalSet(Strict):
                 f"unknown metric '{value}': use exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function"
             )
         return value
+
+    @model_validator(mode="after")
+    def _balance_weighs_a_loss(self):
+        if self.balance != "tokens" and self.metric != "loss":
+            raise ValueError(f"'balance' weighs metric loss's tokens; metric '{self.metric}' has none")
+        return self
 
 
 class SafetyEvalSet(Strict):
@@ -269,8 +282,8 @@ class Evaluate(Strict):
     def _selection_rows_match(self):
         if self.select_on is None:
             return self
-        if self.select_on.task is not None and (self.task is None or self.select_on.task.metric != self.task.metric):
-            raise ValueError("select_on.task needs evaluate.task with the same metric")
+        if self.select_on.task is not None and (self.task is None or (self.select_on.task.metric, self.select_on.task.balance) != (self.task.metric, self.task.balance)):
+            raise ValueError("select_on.task needs evaluate.task with the same metric and balance")
         if self.select_on.safety is not None and (self.safety is None or self.select_on.safety.judge != self.safety.judge):
             raise ValueError("select_on.safety needs evaluate.safety with the same judge")
         return self
