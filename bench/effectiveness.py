@@ -27,6 +27,10 @@ prompts of beavertails_eval_700) and the task score on held-out rows (never trai
   reference answers, through every layer and the head) instead of the task direction at the probe
   layer. (SQL n = 0 and 500 ran with mode auto, whose warm-up went past the floor there, so they
   restarted into the same schedule.)
+- restore_balanced is restore_answer with every distinct answer weighing the same in the answers'
+  loss, both the rollback's and the floor's (data.task.balance and evaluate.task.balance: answers):
+  on ToxicChat the token-weighted loss is mostly label 0's, and barely moves when label 1's answers
+  flip, which F1 counts.
 
 Writes examples/smollm2/results/effectiveness.json: a list of rows, each with task, n, method,
 setting, harmful_rate, task_score and chosen (plus what the repair changed and cost), and rows for
@@ -73,6 +77,7 @@ POINTS = {
     "restore_cross": (None, [None], None),
     "restore_metric": (None, [None], None),
     "restore_answer": (None, [None], None),
+    "restore_balanced": (None, [None], None),
     "linear": ("alpha", [0.25, 0.5, 0.75], 0.5),
     "resta": ("scale", [0.5, 1.0], 1.0),
     "antidote": ("ratio", [0.05, 0.1, 0.2], 0.1),
@@ -97,9 +102,11 @@ def cross_category_sets(data: Path, work: Path) -> tuple[Path, Path]:
     return write_jsonl(work / "probe_cross.jsonl", pool[:64]), write_jsonl(work / "select_harm_cross.jsonl", pool[64:164])
 
 
-def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path, metric: str = "loss", objective: str = "direction") -> str:
+def restore_section(args, work: Path, task: str, probe: Path, select_harm: Path, metric: str = "loss", objective: str = "direction",
+                    balance: str = "tokens") -> str:
     spec = TASKS[task]
-    answers = ", answer_field: response" if objective == "answer_loss" else ""
+    weighed = f", balance: {balance}" if balance != "tokens" else ""
+    answers = f", answer_field: response{weighed}" if objective == "answer_loss" else ""
     return f"""data:
   harmful: {{path: {probe}}}
   task: {{path: {args.data / spec['train']}, limit: {args.task_prompts}{answers}}}
@@ -113,7 +120,7 @@ restore:
 rollback: {{mode: {'auto' if objective == 'direction' else 'always'}, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}{'' if objective == 'direction' else f', objective: {objective}'}}}
 evaluate:
   safety: {{path: {select_harm}, judge: refusal, max_new_tokens: 64}}
-  task: {{path: {work / f'select_{task}.jsonl'}, metric: {metric}, max_new_tokens: 64}}
+  task: {{path: {work / f'select_{task}.jsonl'}, metric: {metric}, max_new_tokens: 64{weighed}}}
   select: lowest_harm_within_floor
   models: []
 """
@@ -128,8 +135,9 @@ def recipe_text(method: str, setting, models: dict, out: Path, args, work: Path,
                                          work / "select_harm.jsonl")}.get(
             method, lambda: (args.data / "beavertails_recovery_64.jsonl", work / "select_harm.jsonl"))()
         metric = TASKS[task]["metric"] if method == "restore_metric" else "loss"
-        objective = "answer_loss" if method == "restore_answer" else "direction"
-        return text + restore_section(args, work, task, *sets, metric, objective) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
+        objective = "answer_loss" if method in ("restore_answer", "restore_balanced") else "direction"
+        balance = "answers" if method == "restore_balanced" else "tokens"
+        return text + restore_section(args, work, task, *sets, metric, objective, balance) + f"output: {{path: {out}, max_shard_size: 200MB, write_below_floor: true}}\n"
     if method == "resta":
         text += f"unaligned: {models['harmful']}\n"
     if method == "safe_lora":
