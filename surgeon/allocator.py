@@ -12,6 +12,14 @@ What stays in the heap is trimmed with `malloc_trim`, but trimming after every l
 SmolLM2-135M 30% of its repair time, so only once RSS has grown by a slack since the last trim:
 SLACK_BYTES, or a quarter of a smaller compute.max_memory (`fit_to_budget`). The engine calls it
 after each layer, and forces it at the start of each pass; the writer calls it after each tensor.
+
+A mapped block comes back zero-filled from the kernel, a page fault at a time, each time it is
+allocated: a layer's weights and weight gradients, every layer of every pass. So the threshold
+holds only where compute.max_memory is set, a bound the run must keep; without one (half the free
+memory) blocks up to HEAP_THRESHOLD come from the heap, reused where they were freed, and only the
+slack's trims return them. One restore step (bench/scale.py's pairs, default budget): 0.37B fp32
+2.9-3.3 -> 2.6-2.7 s, 1.1B bf16 14.0 -> 11.1 s, 3.0B bf16 40.7 -> 33.1 s; peak RSS 1.53 -> 1.54,
+3.56 -> 3.62, 6.99 -> 7.78 GiB.
 """
 
 import ctypes
@@ -21,7 +29,10 @@ import sys
 
 SLACK_BYTES = 256 * 2**20
 MMAP_THRESHOLD = 8 * 2**20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+HEAP_THRESHOLD = 2**30
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_TRIM_DEFAULT = 128 * 1024  # glibc's, which holds once a threshold is set
 
 _libc = None
 if sys.platform.startswith("linux"):
@@ -42,9 +53,14 @@ def slack_for(budget_bytes: int) -> int:
     return min(SLACK_BYTES, budget_bytes // 4)
 
 
-def fit_to_budget(budget_bytes: int) -> None:
-    """Trim after `slack_for(budget_bytes)` of growth."""
+def fit_to_budget(budget_bytes: int, bounded: bool = True) -> None:
+    """Trim after `slack_for(budget_bytes)` of growth; `bounded`: the budget was set (blocks above
+    MMAP_THRESHOLD are mapped), not the default (they come from the heap, below HEAP_THRESHOLD)."""
     _slack[0] = slack_for(budget_bytes)
+    if _libc is not None:
+        _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD if bounded else HEAP_THRESHOLD)
+        # free memory at the heap's top is given back past this (glibc's own trim): the slack's, not 128 KiB
+        _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT if bounded else _slack[0])
 
 
 def slack() -> int:

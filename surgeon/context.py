@@ -68,7 +68,7 @@ class ModelPair:
 
     def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_files: Path, settings: ModelSettings, workspace: Path):
         self.base, self.tuned, self.tokenizer_files, self.settings, self.workspace = base, tuned, tokenizer_files, settings, Path(workspace)
-        fit_to_budget(settings.budget)
+        fit_to_budget(settings.budget, bounded=settings.generation_budget is not None)
 
     @cached_property
     def config(self):
