@@ -6,8 +6,8 @@ with the default memory budget and with `compute.max_memory` set small. One rest
 prompts, fp32 arithmetic, no evaluation. The in-memory run (tests/reference.py: whole models in
 RAM, the model's own forward through the first E layers, autograd, one top-k: bench/in_memory_step.py)
 does the same step where it fits in memory.
-Runs go one after another (never two at once); each configuration runs --repeats times (the
-in-memory run alternating with surgeon's), and the row gives the median wall and step time, every
+Runs go one after another (never two at once), each with the pair's files read into the page
+cache first; each configuration runs --repeats times (the in-memory run alternating with surgeon's), and the row gives the median wall and step time, every
 run's step time, and the largest peak RSS: on this 2-core VM one run's step time varies by +-10%.
 Results are kept in bench/results/scale.json and a configuration measured before is skipped unless
 --again.
@@ -49,6 +49,18 @@ def recipe(base: Path, tuned: Path, out: Path, budget: str) -> dict:
             "output": {"path": str(out), "max_shard_size": "2GB"}}
 
 
+def warm(*folders: Path) -> None:
+    """Read the pair's files once, so that every run starts with them in the page cache: the step
+    then measures the arithmetic, not what an earlier run (the in-memory one holds 8 GiB, or a
+    larger pair) left of the cache on this VM's disk (a cold first read took a 0.37B step from
+    2.6 to 4.6 s)."""
+    for folder in folders:
+        for file in sorted(folder.glob("*.safetensors")):
+            with open(file, "rb") as stream:
+                while stream.read(64 * 2**20):
+                    pass
+
+
 def in_memory(base: Path, tuned: Path, probe_layer: int) -> dict:
     """The same step done the plain way (bench/in_memory_step.py), under /usr/bin/time."""
     out = tuned.parent / f"in-memory-{tuned.name}"
@@ -85,9 +97,11 @@ def main() -> None:
             path.write_text(yaml.safe_dump(recipe(base, tuned, out, budget)))
             runs, reports, plain = [], [], []
             for _ in range(args.repeats):
+                warm(base, tuned)
                 runs.append(surgeon_run(path, "--fresh"))  # a saved state would be resumed, not measured
                 reports.append(json.loads((out / "surgeon.json").read_text()))
                 if pair in args.in_memory and budget == args.budgets[0]:  # alternating with surgeon's: back to back
+                    warm(base, tuned)
                     plain.append(in_memory(base, tuned, reports[-1]["settings"]["probe_layer"]))
             steps = [report["steps"][0]["seconds"] for report in reports]
             step = statistics.median(steps)
