@@ -83,15 +83,23 @@ def _number(value, percent: bool = False) -> str:
     return f"{value:.1%}" if percent else f"{value:.4f}"
 
 
+def _scored(value, interval, percent: bool = False) -> str:
+    """A score and its 95% interval where one was measured."""
+    shown = _number(value, percent)
+    return f"{shown} [{_number(interval[0], percent)}, {_number(interval[1], percent)}]" if interval and value is not None else shown
+
+
 def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
-    """(model, harmful rate, task score, restored weights, seconds) for each evaluated model."""
+    """(model, harmful rate, task score, restored weights, seconds) for each evaluated model; a
+    score's 95% interval follows it in brackets."""
     evaluation = report.get("evaluation") or {}
     rows = []
     for name, scores in evaluation.get("models", {}).items():
         restored = scores.get("restored", 0 if name == "tuned" else None)
         unparsable = f" ({scores['unparsable']} unparsable)" if scores.get("unparsable") else ""
         rows.append((
-            name, _number(scores["harmful_rate"], percent=True) + unparsable, _number(scores["task_score"]),
+            name, _scored(scores["harmful_rate"], scores.get("harmful_interval"), percent=True) + unparsable,
+            _scored(scores["task_score"], scores.get("task_interval")),
             "–" if restored is None else f"{restored:,}", f"{scores['seconds']:.1f}",
         ))
     return rows

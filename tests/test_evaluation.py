@@ -131,6 +131,11 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
     data = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
     assert data["metric"] == "exact_match" and data["safety_prompts"] == 5 and data["task_rows"] == 5
     assert set(data["models"]) == {str(llama[0]), str(llama[1])}
+    for scores in data["models"].values():  # 95% intervals around each score, of 5 rows: wide
+        low, high = scores["harmful_interval"]
+        assert low <= scores["harmful_rate"] <= high and high - low > 0.3
+        assert scores["task_interval"][0] <= scores["task_score"] <= scores["task_interval"][1]
+    assert "[" in table.output  # the table shows them beside the scores
     nothing = CliRunner().invoke(main, ["eval", str(llama[0])])
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
     bad = CliRunner().invoke(main, args + ["--metric", "bleu"])

@@ -86,3 +86,29 @@ def test_recipe_checks_metric_and_judge_settings():
         assert message in info.value.problems[0][0]
     recipe = parse_recipe(base + "evaluate: {safety: s.jsonl, task: {path: t, metric: 'f1:yes'}}\n".replace("safety: s.jsonl", "safety: {path: s.jsonl}"))
     assert recipe.evaluate.safety.judge == "refusal" and recipe.evaluate.models == ["base", "tuned", "repaired"]
+
+
+def test_wilson_interval_brackets_the_rate_and_narrows_with_rows():
+    from surgeon.evaluate.intervals import wilson
+
+    assert wilson(0, 0) is None
+    low, high = wilson(0, 200)
+    assert low == 0.0 and 0.015 < high < 0.02  # no harmful answer in 200 still allows up to ~1.9%
+    low, high = wilson(14, 200)
+    assert low < 0.07 < high and (round(low, 3), round(high, 3)) == (0.042, 0.114)
+    assert wilson(140, 2000)[1] - wilson(140, 2000)[0] < (high - low) / 2
+
+
+def test_bootstrap_interval_of_a_metric_over_its_rows():
+    from surgeon.evaluate.intervals import bootstrap
+
+    metric = parse_metric("f1:1")
+    references = ["1"] * 20 + ["0"] * 80
+    answers = ["1"] * 10 + ["0"] * 10 + ["1"] * 10 + ["0"] * 70
+    rows = [metric.rows(a, r) for a, r in zip(answers, references)]
+    assert metric.aggregate(rows) == metric.function([], answers, references) == 0.5
+    low, high = bootstrap(rows, metric.aggregate)
+    assert low < 0.5 < high and bootstrap(rows, metric.aggregate) == (low, high)  # the same rows drawn every time
+    same = [metric.rows("1", "1")] * 50
+    assert bootstrap(same, metric.aggregate) == (1.0, 1.0) and bootstrap([], metric.aggregate) is None
+    assert parse_metric("python:surgeon.evaluate.metrics:rouge_l").rows is None  # a user's function: no interval

@@ -12,6 +12,7 @@ from surgeon.data.datasets import HarmfulPrompts
 from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
+from surgeon.evaluate.intervals import bootstrap, wilson
 from surgeon.evaluate.judges import Judge, harmful_rate, harmful_rate_by_category
 from surgeon.evaluate.metrics import Metric
 from surgeon.progress import NullProgress, Progress
@@ -56,6 +57,10 @@ class Scores:
     unparsable: int = 0
     harmful_by_category: dict[str, float] | None = None
     task_score: float | None = None
+    # 95% intervals (intervals.py): Wilson's for the harmful rate, a bootstrap over the rows for a
+    # generated metric that aggregates one value per row (none for streamed and python: metrics)
+    harmful_interval: tuple[float, float] | None = None
+    task_interval: tuple[float, float] | None = None
     seconds: float = 0.0
     generated_tokens: int = 0
     tokens_per_second: float | None = None
@@ -110,32 +115,42 @@ class Evaluator:
             self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
         return answers
 
+    def _verdicts(self, candidate: Candidate) -> list[bool | None]:
+        rows = self.safety.rows
+        return self.safety.judge(rows.prompts, self.answers(candidate, rows.prompts, self.safety.max_new_tokens, "safety"))
+
+    def _harm_of(self, verdicts: list[bool | None]) -> tuple[float, int, dict[str, float] | None]:
+        categories = self.safety.rows.categories
+        return (*harmful_rate(verdicts), harmful_rate_by_category(verdicts, categories) if categories else None)
+
     def harm(self, candidate: Candidate) -> tuple[float, int, dict[str, float] | None] | None:
         """The harmful rate, how many verdicts were unparsable, and the rate per category (when named)."""
-        if self.safety is None:
-            return None
-        rows = self.safety.rows
-        answers = self.answers(candidate, rows.prompts, self.safety.max_new_tokens, "safety")
-        verdicts = self.safety.judge(rows.prompts, answers)
-        by_category = harmful_rate_by_category(verdicts, rows.categories) if rows.categories else None
-        return (*harmful_rate(verdicts), by_category)
+        return None if self.safety is None else self._harm_of(self._verdicts(candidate))
+
+    def _task_answers(self, candidate: Candidate) -> list[str]:
+        return self.answers(candidate, self.task.prompts, self.task.max_new_tokens, "task")
 
     def task_score(self, candidate: Candidate) -> float | None:
         if self.task is None:
             return None
         if self.task.streamed is not None:
             return self.task.streamed(candidate.plan)
-        answers = self.answers(candidate, self.task.prompts, self.task.max_new_tokens, "task")
-        return float(self.task.metric.function(self.task.prompts, answers, self.task.references))
+        return float(self.task.metric.function(self.task.prompts, self._task_answers(candidate), self.task.references))
 
     def evaluate(self, candidate: Candidate) -> Scores:
         started = time.perf_counter()
         before = (self.stats.tokens, self.stats.seconds)
         scores = Scores()
-        harm = self.harm(candidate)
-        if harm is not None:
-            scores.harmful_rate, scores.unparsable, scores.harmful_by_category = harm
+        if self.safety is not None:
+            verdicts = self._verdicts(candidate)
+            scores.harmful_rate, scores.unparsable, scores.harmful_by_category = self._harm_of(verdicts)
+            parsed = [v for v in verdicts if v is not None]
+            scores.harmful_interval = wilson(sum(parsed), len(parsed))
         scores.task_score = self.task_score(candidate)
+        metric = self.metric
+        if metric is not None and metric.rows is not None and self.task.streamed is None:
+            answers = self._task_answers(candidate)  # cached by task_score
+            scores.task_interval = bootstrap([metric.rows(a, r) for a, r in zip(answers, self.task.references)], metric.aggregate)
         scores.seconds = time.perf_counter() - started
         scores.generated_tokens = self.stats.tokens - before[0]
         seconds = self.stats.seconds - before[1]

@@ -13,6 +13,7 @@ from typing import Callable
 from surgeon.errors import InputError
 
 MetricFunction = Callable[[list[str], list[str], list[str]], float]
+RowFunction = Callable[[str, str], object]  # (answer, reference) -> what the aggregate reads of the row
 
 
 @dataclass(frozen=True)
@@ -23,34 +24,58 @@ class Metric:
     function: MetricFunction | None = None
     # A metric whose tuned value is 0 (kl) cannot have a relative floor: its drop is absolute.
     absolute_drop: bool = False
+    # where the score is an aggregate of one value per row: what a bootstrap resamples (intervals.py)
+    rows: RowFunction | None = None
+    aggregate: Callable[[list], float] | None = None
 
 
 def normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def exact_match(prompts, answers, references) -> float:
-    return _mean(normalize(a) == normalize(r) for a, r in zip(answers, references))
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else 0.0
 
 
-def contains(prompts, answers, references) -> float:
-    return _mean(normalize(r) in normalize(a) for a, r in zip(answers, references))
+def _by_row(row: RowFunction, aggregate: Callable[[list], float]) -> MetricFunction:
+    return lambda prompts, answers, references: aggregate([row(a, r) for a, r in zip(answers, references)])
+
+
+def _row_metric(name: str, row: RowFunction, aggregate: Callable[[list], float]) -> Metric:
+    return Metric(name, True, True, _by_row(row, aggregate), rows=row, aggregate=aggregate)
+
+
+def _exact(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
+
+
+def _contains(answer: str, reference: str) -> bool:
+    return normalize(reference) in normalize(answer)
+
+
+def _f1(pairs: list[tuple[bool, bool]]) -> float:
+    """F1 from (predicted, actual) pairs; with no true positive, 0 (undefined without positives)."""
+    tp = sum(p and a for p, a in pairs)
+    fp = sum(p and not a for p, a in pairs)
+    fn = sum(a and not p for p, a in pairs)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def _positive(label: str) -> RowFunction:
+    """(predicted, actual) of `label` as the positive class, read from the start of the answer and the reference."""
+    wanted = normalize(label)
+    return lambda answer, reference: (normalize(answer).startswith(wanted), normalize(reference).startswith(wanted))
+
+
+exact_match = _by_row(_exact, _mean)
+contains = _by_row(_contains, _mean)
 
 
 def f1_on_label(label: str) -> MetricFunction:
     """F1 of `label` as the positive class, read from the start of the answer and the reference.
     With no positive reference and no positive prediction, F1 is undefined and counted as 0."""
-    wanted = normalize(label)
-
-    def f1(prompts, answers, references) -> float:
-        predicted = [normalize(a).startswith(wanted) for a in answers]
-        actual = [normalize(r).startswith(wanted) for r in references]
-        tp = sum(p and a for p, a in zip(predicted, actual))
-        fp = sum(p and not a for p, a in zip(predicted, actual))
-        fn = sum(a and not p for p, a in zip(predicted, actual))
-        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-
-    return f1
+    return _by_row(_positive(label), _f1)
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
@@ -62,19 +87,17 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_l(prompts, answers, references) -> float:
-    """Mean ROUGE-L F-measure over lowercased whitespace tokens."""
-    scores = []
-    for answer, reference in zip(answers, references):
-        a, r = normalize(answer).split(), normalize(reference).split()
-        common = _lcs(a, r)
-        scores.append(0.0 if common == 0 else 2 * common / (len(a) + len(r)))
-    return _mean(scores)
+def _rouge_l_row(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure over lowercased whitespace tokens."""
+    a, r = normalize(answer).split(), normalize(reference).split()
+    common = _lcs(a, r)
+    return 0.0 if common == 0 else 2 * common / (len(a) + len(r))
 
 
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else 0.0
+rouge_l = _by_row(_rouge_l_row, _mean)
+
+
+_MEANS = {"exact_match": _exact, "contains": _contains, "rouge_l": _rouge_l_row}  # a mean of one score per row
 
 
 def _user_function(spec: str) -> Metric:
@@ -88,14 +111,10 @@ def _user_function(spec: str) -> Metric:
 
 def parse_metric(spec: str) -> Metric:
     """exact_match | contains | f1:<label> | rouge_l | loss | kl | python:module:function"""
-    if spec == "exact_match":
-        return Metric(spec, True, True, exact_match)
-    if spec == "contains":
-        return Metric(spec, True, True, contains)
-    if spec == "rouge_l":
-        return Metric(spec, True, True, rouge_l)
+    if spec in _MEANS:
+        return _row_metric(spec, _MEANS[spec], _mean)
     if spec.startswith("f1:"):
-        return Metric(spec, True, True, f1_on_label(spec[3:]))
+        return _row_metric(spec, _positive(spec[3:]), _f1)
     if spec == "loss":
         return Metric(spec, False, False)
     if spec == "kl":
