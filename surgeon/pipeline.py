@@ -441,8 +441,13 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
                              settings, Path(scratch) / f"m{index}")
             candidate = replace(pair.candidates.base() if kl else pair.candidates.tuned(), name=reference)
             evaluator = pair.evaluator(spec, safety_prompts, task_rows)
-            scores = evaluator.evaluate(candidate).to_dict()
+            measured = evaluator.evaluate(candidate)
+            scores = measured.to_dict()
             scores["seconds"] = time.perf_counter() - started
+            if index == 0:
+                first = measured
+            else:  # paired on the same rows: what the rows say of the difference from the first model
+                scores["change_from_first"] = measured.change_from(first, evaluator.metric.aggregate if evaluator.metric else None)
             results[reference] = scores
             totals["tokens"] += evaluator.stats.tokens
             totals["seconds"] += evaluator.stats.seconds

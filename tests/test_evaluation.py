@@ -136,6 +136,11 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
         assert low <= scores["harmful_rate"] <= high and high - low > 0.3
         assert scores["task_interval"][0] <= scores["task_score"] <= scores["task_interval"][1]
     assert "[" in table.output  # the table shows them beside the scores
+    first, second = (data["models"][str(m)] for m in llama)
+    change = second["change_from_first"]  # paired on the same rows
+    assert "change_from_first" not in first
+    assert change["harmful_rate"][0] <= second["harmful_rate"] - first["harmful_rate"] <= change["harmful_rate"][1]
+    assert change["task_score"][0] <= second["task_score"] - first["task_score"] <= change["task_score"][1]
     nothing = CliRunner().invoke(main, ["eval", str(llama[0])])
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
     bad = CliRunner().invoke(main, args + ["--metric", "bleu"])

@@ -112,3 +112,17 @@ def test_bootstrap_interval_of_a_metric_over_its_rows():
     same = [metric.rows("1", "1")] * 50
     assert bootstrap(same, metric.aggregate) == (1.0, 1.0) and bootstrap([], metric.aggregate) is None
     assert parse_metric("python:surgeon.evaluate.metrics:rouge_l").rows is None  # a user's function: no interval
+
+
+def test_a_paired_change_is_narrower_than_two_separate_intervals():
+    """Two models that agree on most rows: the change between them, drawn on the same rows, is
+    resolved where their own intervals overlap."""
+    from surgeon.evaluate.intervals import bootstrap, paired_change
+
+    mean = lambda values: sum(values) / len(values)
+    before = [1.0] * 40 + [0.0] * 60
+    after = [1.0] * 30 + [0.0] * 70  # the same answers but 10 of the right ones
+    low, high = paired_change(before, after, mean)
+    assert low <= -0.1 <= high < 0
+    assert bootstrap(after, mean)[1] > bootstrap(before, mean)[0]  # separately, the intervals overlap
+    assert paired_change(before, before, mean) == (0.0, 0.0) and paired_change(before, after[:5], mean) is None

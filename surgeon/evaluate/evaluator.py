@@ -12,7 +12,7 @@ from surgeon.data.datasets import HarmfulPrompts
 from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
-from surgeon.evaluate.intervals import bootstrap, wilson
+from surgeon.evaluate.intervals import bootstrap, paired_change, wilson
 from surgeon.evaluate.judges import Judge, harmful_rate, harmful_rate_by_category
 from surgeon.evaluate.metrics import Metric
 from surgeon.progress import NullProgress, Progress
@@ -61,12 +61,25 @@ class Scores:
     # generated metric that aggregates one value per row (none for streamed and python: metrics)
     harmful_interval: tuple[float, float] | None = None
     task_interval: tuple[float, float] | None = None
+    # what the scores were aggregated from, per row (verdicts; the metric's values), for paired
+    # comparisons of two models (`change_from`); not written out
+    rows: dict = field(default_factory=dict, repr=False)
     seconds: float = 0.0
     generated_tokens: int = 0
     tokens_per_second: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: value for name, value in asdict(self).items() if name != "rows"}
+
+    def change_from(self, before: "Scores", aggregate: Callable[[list], float] | None) -> dict:
+        """95% intervals of this model's scores minus `before`'s, paired on the same rows (the
+        task's where its metric aggregates per-row values with `aggregate`)."""
+        change = {}
+        if "harm" in self.rows and "harm" in before.rows:
+            change["harmful_rate"] = paired_change(before.rows["harm"], self.rows["harm"], lambda v: harmful_rate(v)[0])
+        if aggregate is not None and "task" in self.rows and "task" in before.rows:
+            change["task_score"] = paired_change(before.rows["task"], self.rows["task"], aggregate)
+        return change
 
 
 class Evaluator:
@@ -146,11 +159,13 @@ class Evaluator:
             scores.harmful_rate, scores.unparsable, scores.harmful_by_category = self._harm_of(verdicts)
             parsed = [v for v in verdicts if v is not None]
             scores.harmful_interval = wilson(sum(parsed), len(parsed))
+            scores.rows["harm"] = verdicts
         scores.task_score = self.task_score(candidate)
         metric = self.metric
         if metric is not None and metric.rows is not None and self.task.streamed is None:
             answers = self._task_answers(candidate)  # cached by task_score
-            scores.task_interval = bootstrap([metric.rows(a, r) for a, r in zip(answers, self.task.references)], metric.aggregate)
+            scores.rows["task"] = [metric.rows(a, r) for a, r in zip(answers, self.task.references)]
+            scores.task_interval = bootstrap(scores.rows["task"], metric.aggregate)
         scores.seconds = time.perf_counter() - started
         scores.generated_tokens = self.stats.tokens - before[0]
         seconds = self.stats.seconds - before[1]

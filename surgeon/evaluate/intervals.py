@@ -22,11 +22,32 @@ def wilson(hits: int, total: int) -> tuple[float, float] | None:
     return (0.0 if hits == 0 else centre - half), (1.0 if hits == total else centre + half)
 
 
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return values[round(0.025 * (len(values) - 1))], values[round(0.975 * (len(values) - 1))]
+
+
+def _draws(rows: int, resamples: int, seed: int):
+    """Row positions drawn with replacement, `resamples` times; the seed is fixed, so every model
+    of a table is resampled at the same positions."""
+    draw = random.Random(seed)
+    for _ in range(resamples):
+        yield [draw.randrange(rows) for _ in range(rows)]
+
+
 def bootstrap(rows: Sequence, aggregate: Callable[[list], float], resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float] | None:
-    """The percentile interval of aggregate(rows) over rows drawn with replacement. The seed is
-    fixed: every model of a table is resampled at the same row positions."""
+    """The percentile interval of aggregate(rows) over rows drawn with replacement."""
     if not rows:
         return None
-    draw = random.Random(seed)
-    values = sorted(aggregate([rows[draw.randrange(len(rows))] for _ in rows]) for _ in range(resamples))
-    return values[round(0.025 * (resamples - 1))], values[round(0.975 * (resamples - 1))]
+    return _percentiles([aggregate([rows[i] for i in positions]) for positions in _draws(len(rows), resamples, seed)])
+
+
+def paired_change(before: Sequence, after: Sequence, aggregate: Callable[[list], float], resamples: int = RESAMPLES,
+                  seed: int = 0) -> tuple[float, float] | None:
+    """The percentile interval of aggregate(after) - aggregate(before), two models' values on the
+    same rows drawn together: their rows' shared difficulty cancels, so it is narrower than the
+    two models' own intervals suggest."""
+    if not before or len(before) != len(after):
+        return None
+    return _percentiles([aggregate([after[i] for i in positions]) - aggregate([before[i] for i in positions])
+                         for positions in _draws(len(before), resamples, seed)])
