@@ -145,7 +145,9 @@ def models_table(report: dict) -> Table | None:
     if not rows:
         return None
     evaluation = report["evaluation"]
-    table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}")
+    bracketed = any("[" in cell for row in rows for cell in row[1:3])
+    table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}"
+                  + (" · [95% intervals]" if bracketed else ""))
     show_restored = any(row[3] != "–" for row in rows)
     table.add_column("model", overflow="fold")
     for column in ("harmful rate", "task score", "restored weights", "seconds"):

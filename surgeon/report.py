@@ -83,6 +83,9 @@ def _number(value, percent: bool = False) -> str:
     return f"{value:.1%}" if percent else f"{value:.4f}"
 
 
+INTERVALS = "In brackets: 95% intervals (Wilson's for a harmful rate; a bootstrap over the rows for a task score)."
+
+
 def _scored(value, interval, percent: bool = False) -> str:
     """A score and its 95% interval where one was measured."""
     shown = _number(value, percent)
@@ -215,6 +218,7 @@ def render_markdown(report: dict) -> str:
             "|---|---|---|---|---|",
             *[f"| {' | '.join(row)} |" for row in model_rows(report)],
             "",
+            *([INTERVALS, ""] if any("[" in cell for row in model_rows(report) for cell in row[1:3]) else []),
         ]
     if category_lines(report):
         lines += ["## Harmful rate per category", "", *category_lines(report), ""]

@@ -1,6 +1,7 @@
 """Evaluation end to end on tiny fixture models: generation, cache, judges, gate, report, eval."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,6 +48,7 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
     assert first == 2 * (1 + 2 + 1)
     markdown = (tmp_path / "repaired" / "report.md").read_text()
     assert "| base |" in markdown and "| repaired |" in markdown and "harmful rate" in markdown
+    assert re.search(r"\| repaired \| \d+\.\d% \[\d", markdown) and "In brackets: 95% intervals" in markdown
     run(load_recipe(recipe), RunOptions(overwrite=True))
     assert len(calls) == first  # everything came from the cache
 
@@ -135,7 +137,7 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
         low, high = scores["harmful_interval"]
         assert low <= scores["harmful_rate"] <= high and high - low > 0.3
         assert scores["task_interval"][0] <= scores["task_score"] <= scores["task_interval"][1]
-    assert "[" in table.output  # the table shows them beside the scores
+    assert re.search(r"\d% \[\d", table.output) and "[95% intervals]" in table.output  # the table shows them beside the scores
     first, second = (data["models"][str(m)] for m in llama)
     change = second["change_from_first"]  # paired on the same rows
     assert "change_from_first" not in first
