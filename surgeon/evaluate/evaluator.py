@@ -160,12 +160,15 @@ class Evaluator:
             parsed = [v for v in verdicts if v is not None]
             scores.harmful_interval = wilson(sum(parsed), len(parsed))
             scores.rows["harm"] = verdicts
-        scores.task_score = self.task_score(candidate)
         metric = self.metric
         if metric is not None and metric.rows is not None and self.task.streamed is None:
-            answers = self._task_answers(candidate)  # cached by task_score
+            # the answers read and each row scored once, for the score and its interval
+            answers = self._task_answers(candidate)
             scores.rows["task"] = [metric.rows(a, r) for a, r in zip(answers, self.task.references)]
+            scores.task_score = float(metric.aggregate(scores.rows["task"]))
             scores.task_interval = bootstrap(scores.rows["task"], metric.aggregate)
+        else:
+            scores.task_score = self.task_score(candidate)
         scores.seconds = time.perf_counter() - started
         scores.generated_tokens = self.stats.tokens - before[0]
         seconds = self.stats.seconds - before[1]
