@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -275,8 +276,14 @@ def plot(rows: list[dict], task: str, n: int, path: Path) -> None:
     plt.close(figure)
 
 
+def load(results: Path) -> list[dict]:
+    return rows_from_earlier(json.loads(results.read_text())) if results.exists() else []
+
+
 def save(rows: list[dict], results: Path) -> None:
-    results.write_text(json.dumps(rows, indent=1) + "\n")
+    temporary = results.with_name(f".{results.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(temporary, results)  # another run reading the rows never sees half of them
     results.with_suffix(".md").write_text(render(rows) + "\n\n" + wall_time(rows) + "\n")
     for task, n in {(r["task"], r["n"]) for r in rows}:
         plot(rows, task, n, results.parent / f"{results.stem}-{task}-n{n}.png")
@@ -307,13 +314,15 @@ def main() -> None:
     adapters = EXAMPLE / "adapters"
     aligned = f"{base}+{adapters / 'aligned'}"
     write_jsonl(work / "select_harm.jsonl", jsonl(args.data / "beavertails_recovery_500.jsonl")[SELECT_HARM])
-    rows = rows_from_earlier(json.loads(args.results.read_text())) if args.results.exists() else []
+    rows = load(args.results)
     # a row counts as measured only on as many held-out rows as this run judges
     have = lambda task, n, method, setting: any((r["task"], r["n"], r["method"], r["setting"], r["eval_rows"]) == (task, n, method, setting, args.eval)
                                                 for r in rows)
 
     def add(row: dict) -> None:
-        rows[:] = [r for r in rows if (r["task"], r["n"], r["method"], r["setting"]) != (row["task"], row["n"], row["method"], row["setting"])]
+        # the rows on disk, not those read at the start: a run started meanwhile (another task or
+        # method, on the other core or queued after this one) has added its own
+        rows[:] = [r for r in load(args.results) if (r["task"], r["n"], r["method"], r["setting"]) != (row["task"], row["n"], row["method"], row["setting"])]
         rows.append(row)
         save(rows, args.results)
 
