@@ -61,6 +61,11 @@ class ModelSettings:
         return cls(device, compute.dtype, memory_budget(compute.max_memory, device),
                    compute.max_memory, system_prompt, resolve, progress)
 
+    @property
+    def bounded(self) -> bool:
+        """`compute.max_memory` was set: the budget is the user's limit, not a share of what is free."""
+        return self.generation_budget is not None
+
 
 class ModelPair:
     """The engine, candidates and evaluators over base (the values a mask restores) and tuned.
@@ -68,7 +73,7 @@ class ModelPair:
 
     def __init__(self, base: ResolvedModel, tuned: ResolvedModel, tokenizer_files: Path, settings: ModelSettings, workspace: Path):
         self.base, self.tuned, self.tokenizer_files, self.settings, self.workspace = base, tuned, tokenizer_files, settings, Path(workspace)
-        fit_to_budget(settings.budget, bounded=settings.generation_budget is not None)
+        fit_to_budget(settings.budget, bounded=settings.bounded)
 
     @cached_property
     def config(self):
