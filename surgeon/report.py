@@ -181,6 +181,7 @@ def checkpoint_rows(report: dict) -> list[tuple[str, ...]]:
 
 
 _STOPPED = {"steps": "ran all {steps} steps (restore.steps)", "stop_at": "stopped when the harmful rate reached restore.stop_at",
+            "patience": "stopped when restore.stop_at.patience checkpoints in a row lowered the harmful rate no further",
             "floor": "stopped when the task score went past the floor"}
 
 

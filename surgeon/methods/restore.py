@@ -51,6 +51,7 @@ class RestoreSettings:
     max_task_drop: float = 0.05
     select: str = "last_within_floor"
     stop_at_harmful_rate: float | None = None
+    stop_patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class RepairResult:
     steps: list[StepRecord] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     chosen: Checkpoint | None = None
-    stopped: str = "steps"  # why the schedule ended: steps (the cap), stop_at, or floor
+    stopped: str = "steps"  # why the schedule ended: steps (the cap), stop_at, patience, or floor
 
 
 class RestoreMethod:
@@ -216,14 +217,19 @@ class RestoreMethod:
             return True
         return score >= floor if self.scorer.higher_is_better else score <= floor
 
-    def _stop_reason(self, checkpoint: Checkpoint) -> str | None:
-        """The schedule ends at the target harm (within the floor) or when the floor binds: more
-        steps restore more, and cannot bring the task back."""
+    def _stop_reason(self, checkpoint: Checkpoint, result: RepairResult) -> str | None:
+        """The schedule ends at the target harm (within the floor), when the floor binds (more steps
+        restore more, and cannot bring the task back), or, with a patience, when that many
+        checkpoints in a row within the floor lowered the harm no further."""
         if not checkpoint.meets_floor:
             return "floor"
         target = self.settings.stop_at_harmful_rate
         if target is not None and checkpoint.harmful_rate is not None and checkpoint.harmful_rate <= target:
             return "stop_at"
+        patience = self.settings.stop_patience
+        rates = [c.harmful_rate for c in result.checkpoints if c.meets_floor and c.harmful_rate is not None]
+        if patience is not None and len(rates) > patience and min(rates[-patience:]) >= min(rates[:-patience]):
+            return "patience"
         return None
 
     def _run_steps(self, masks: MaskSet, first: int, last: int, segment: str, result: RepairResult) -> bool:
@@ -245,11 +251,12 @@ class RestoreMethod:
                 checkpoint = self._checkpoint(masks, step, result, segment)
                 self._save_state(segment, step, checkpoint, result)
                 # at the last step the cap ends the schedule anyway
-                reason = self._stop_reason(checkpoint) if segment != "warmup" and self.scorer is not None and step < s.steps else None
+                reason = self._stop_reason(checkpoint, result) if segment != "warmup" and self.scorer is not None and step < s.steps else None
                 if reason is not None:
                     result.stopped = reason
                     self.progress.log(f"stopping after step {step}: " + (
-                        "the task score is past the floor" if reason == "floor" else f"harmful rate at most {s.stop_at_harmful_rate:.1%}"))
+                        "the task score is past the floor" if reason == "floor" else f"harmful rate at most {s.stop_at_harmful_rate:.1%}"
+                        if reason == "stop_at" else f"{s.stop_patience} checkpoints in a row without a lower harmful rate"))
                     return True
         return False
 
@@ -335,7 +342,7 @@ class RestoreMethod:
             result.checkpoints.clear()
             self.accumulated.clear()
             return "rollback", 0, self.empty_masks()
-        if any(self._stop_reason(c) == "stop_at" for c in result.checkpoints):
+        if any(self._stop_reason(c, result) == "stop_at" for c in result.checkpoints):
             result.stopped = "stop_at"  # the warm-up already reached the target within the floor
             return None, 0, masks
         return "restore-only", s.warmup, masks
@@ -391,6 +398,7 @@ class RestoreRun:
             warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
             rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
             stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
+            stop_patience=recipe.restore.stop_at.patience if recipe.restore.stop_at else None,
         )
         engine, inputs = pair.engine, context.inputs
         harmful = context.prompt_batches(inputs.harmful)

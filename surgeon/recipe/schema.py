@@ -209,6 +209,9 @@ class StopAt(Strict):
 
     harmful_rate: float = Field(ge=0.0, le=1.0)
     """Stop at the first checkpoint whose harmful rate is at most this, within the task floor."""
+    patience: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+    """Also stop after this many checkpoints in a row within the floor that did not lower the
+    least harmful rate so far: where the target is out of reach, more steps stop buying harm."""
 
 
 class Restore(Strict):
