@@ -7,7 +7,8 @@ aligned base and tuned on the same held-out sets: harmful rate (refusal judge, t
 prompts of beavertails_eval_700) and the task score on held-out rows (never trained on).
 
 - restore picks its own point: its schedule stops when a checkpoint's harmful rate reaches
-  --stop-at (restore.stop_at), when the task floor binds, or at the --steps cap, and keeps the least
+  --stop-at (restore.stop_at), after --patience checkpoints without a lower harmful rate (none by
+  default: the rows so far ran without), when the task floor binds, or at the --steps cap, and keeps the least
   harmful checkpoint within the floor, choosing on rows the table never reports (100 BeaverTails
   recovery-pool prompts, and task training rows' streamed loss).
 - the other methods run at a few settings each (POINTS); the one marked chosen is the setting their
@@ -115,7 +116,7 @@ probe: {{batch_size: 16}}
 restore:
   sparsity: {args.sparsity}
   steps: {args.steps}
-  stop_at: {{harmful_rate: {args.stop_at}}}
+  stop_at: {{harmful_rate: {args.stop_at}{f', patience: {args.patience}' if args.patience else ''}}}
   warmup: {args.warmup}
   save_every: {args.save_every}
 rollback: {{mode: {'auto' if objective == 'direction' else 'always'}, ratio: 0.2, max_task_drop: {MAX_TASK_LOSS}{'' if objective == 'direction' else f', objective: {objective}'}}}
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--task-prompts", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.001)
     parser.add_argument("--steps", type=int, default=40, help="the cap on restore steps; stop_at or the floor usually end earlier")
+    parser.add_argument("--patience", type=int, help="restore.stop_at.patience: also end after this many checkpoints without a lower harmful rate")
     parser.add_argument("--stop-at", type=float, default=0.01, help="harmful rate on the selection rows that ends restore's schedule")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--save-every", type=int, default=2)
