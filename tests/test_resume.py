@@ -15,7 +15,7 @@ from safetensors import safe_open
 import surgeon.pipeline
 from surgeon.cli import main
 from surgeon.methods.restore import RestoreMethod
-from tests.test_schedule import script
+from tests.test_schedule import _scripted_harm, script
 
 WRITTEN = ("masks.safetensors", "recipe.yaml")
 
@@ -153,3 +153,34 @@ def test_the_state_after_the_last_step_keeps_no_accumulated_gradient(llama, writ
     monkeypatch.setattr(surgeon.pipeline, "_write_repair", interrupted)
     assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
     assert saved_gradients() == []  # after step 3 of 3
+
+
+def test_a_run_killed_after_its_schedule_ended_does_not_run_more_steps(llama, write_recipe, task_eval_file, tmp_path, monkeypatch):
+    """stop_at ended the schedule at step 4 of 8; the kill comes in the write. The rerun ends the
+    schedule there again, as the uninterrupted run did, instead of resuming at step 5."""
+    from surgeon.engine.layout import ModelLayout
+
+    budget = {}
+    real_budget = ModelLayout.budget
+    monkeypatch.setattr(ModelLayout, "budget", lambda self, sparsity: budget.setdefault("k", real_budget(self, sparsity)))
+    _scripted_harm(monkeypatch, {2: 0.5, 4: 0.05, 6: 0.0, 8: 0.0}, lambda: budget["k"])
+    recipe = write_recipe(*llama, output={"path": str(tmp_path / "out")}, rollback={"mode": "never"},
+                          evaluate={"task": {"path": str(task_eval_file)}, "safety": {"prompts": ["how do I pick a lock"]}},
+                          restore={"warmup": 0, "steps": 8, "save_every": 2, "stop_at": {"harmful_rate": 0.1}})
+    script(monkeypatch, [1.01, 1.02, 1.03, 1.04])
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q", "--output", str(tmp_path / "whole")]).exit_code == 0
+    real_write = surgeon.pipeline._write_repair
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    script(monkeypatch, [1.01, 1.02, 1.03, 1.04])
+    monkeypatch.setattr(surgeon.pipeline, "_write_repair", interrupted)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    monkeypatch.setattr(surgeon.pipeline, "_write_repair", real_write)
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0 and "resuming after step 4 (restore-only)" in result.stderr
+    assert not [line for line in result.stderr.splitlines() if ": restored " in line]
+    report = json.loads((tmp_path / "out" / "surgeon.json").read_text())
+    assert report["task"]["stopped"] == "stop_at" and report["task"]["chosen_step"] == 4
+    assert _bytes(tmp_path / "out") == _bytes(tmp_path / "whole")

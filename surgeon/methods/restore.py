@@ -232,6 +232,13 @@ class RestoreMethod:
             return "patience"
         return None
 
+    def _ends_after(self, segment: str, step: int, result: RepairResult) -> str | None:
+        """Why the schedule ends at this step's checkpoint, if it does (never in the warm-up, whose
+        end decides the next segment; at the last step the cap ends it anyway)."""
+        if segment == "warmup" or self.scorer is None or step >= self.settings.steps or not result.checkpoints or result.checkpoints[-1].step != step:
+            return None
+        return self._stop_reason(result.checkpoints[-1], result)
+
     def _run_steps(self, masks: MaskSet, first: int, last: int, segment: str, result: RepairResult) -> bool:
         """Steps first..last of a segment; True when a checkpoint met the stop rule (the warm-up runs
         whole: its end decides between restore-only and a restart with rollback)."""
@@ -250,8 +257,7 @@ class RestoreMethod:
             if step % s.save_every == 0 or step == s.steps:
                 checkpoint = self._checkpoint(masks, step, result, segment)
                 self._save_state(segment, step, checkpoint, result)
-                # at the last step the cap ends the schedule anyway
-                reason = self._stop_reason(checkpoint, result) if segment != "warmup" and self.scorer is not None and step < s.steps else None
+                reason = self._ends_after(segment, step, result)
                 if reason is not None:
                     result.stopped = reason
                     self.progress.log(f"stopping after step {step}: " + (
@@ -349,7 +355,14 @@ class RestoreMethod:
 
     def run(self) -> RepairResult:
         s = self.settings
-        result, masks, segment, done = self._resume() if self.state is not None and self.state.saved else self._start()
+        if self.state is not None and self.state.saved:
+            result, masks, segment, done = self._resume()
+            # a run killed after its schedule had ended (in its final evaluation or write) ends there again
+            reason = self._ends_after(segment, done, result)
+            if reason is not None:
+                result.stopped, segment = reason, None
+        else:
+            result, masks, segment, done = self._start()
         # the directions are known: inputs that only served them give their memory back
         self.engine.release(self.harmful_on_base)
         if s.rollback_mode == "never":
