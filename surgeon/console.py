@@ -139,15 +139,14 @@ def summary_table(report: dict) -> Table:
 
 
 def models_table(report: dict) -> Table | None:
-    from surgeon.report import model_rows
+    from surgeon.report import bracketed, model_rows
 
     rows = model_rows(report)
     if not rows:
         return None
     evaluation = report["evaluation"]
-    bracketed = any("[" in cell for row in rows for cell in row[1:3])
     table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}"
-                  + (" · [95% intervals]" if bracketed else ""))
+                  + (" · [95% intervals]" if bracketed(rows) else ""))
     show_restored = any(row[3] != "–" for row in rows)
     table.add_column("model", overflow="fold")
     for column in ("harmful rate", "task score", "restored weights", "seconds"):

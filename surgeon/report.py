@@ -86,6 +86,11 @@ def _number(value, percent: bool = False) -> str:
 INTERVALS = "In brackets: 95% intervals (Wilson's for a harmful rate; a bootstrap over the rows for a task score)."
 
 
+def bracketed(rows: list[tuple[str, ...]]) -> bool:
+    """Whether any harmful rate or task score of `model_rows` shows an interval."""
+    return any("[" in cell for row in rows for cell in row[1:3])
+
+
 def _scored(value, interval, percent: bool = False) -> str:
     """A score and its 95% interval where one was measured."""
     shown = _number(value, percent)
@@ -210,6 +215,7 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     if evaluation.get("models"):
+        rows = model_rows(report)
         metric = evaluation["metric"] or "–"
         direction = "" if evaluation["higher_is_better"] is None else (" (higher is better)" if evaluation["higher_is_better"] else " (lower is better)")
         lines += [
@@ -217,9 +223,9 @@ def render_markdown(report: dict) -> str:
             "",
             "| model | harmful rate | task score | restored weights | seconds |",
             "|---|---|---|---|---|",
-            *[f"| {' | '.join(row)} |" for row in model_rows(report)],
+            *[f"| {' | '.join(row)} |" for row in rows],
             "",
-            *([INTERVALS, ""] if any("[" in cell for row in model_rows(report) for cell in row[1:3]) else []),
+            *([INTERVALS, ""] if bracketed(rows) else []),
         ]
     if category_lines(report):
         lines += ["## Harmful rate per category", "", *category_lines(report), ""]

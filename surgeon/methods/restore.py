@@ -98,6 +98,11 @@ class RepairResult:
     stopped: str = "steps"  # why the schedule ended: steps (the cap), stop_at, patience, or floor
 
 
+# why a schedule ended, as the log says it (formatted with the settings)
+_STOP_LOG = {"floor": "the task score is past the floor", "stop_at": "harmful rate at most {s.stop_at_harmful_rate:.1%}",
+             "patience": "{s.stop_patience} checkpoints in a row without a lower harmful rate"}
+
+
 class RestoreMethod:
     """method.md's schedule over the engine; `rollback` is what rollback learns from (the task
     prompts for the first E layers and the task direction, or prompt+answer batches through every
@@ -233,9 +238,10 @@ class RestoreMethod:
         return None
 
     def _ends_after(self, segment: str, step: int, result: RepairResult) -> str | None:
-        """Why the schedule ends at this step's checkpoint, if it does (never in the warm-up, whose
-        end decides the next segment; at the last step the cap ends it anyway)."""
-        if segment == "warmup" or self.scorer is None or step >= self.settings.steps or not result.checkpoints or result.checkpoints[-1].step != step:
+        """Why the schedule ends at this step's checkpoint (the latest: a step that saved state made
+        one), if it does (never in the warm-up, whose end decides the next segment; at the last
+        step the cap ends it anyway)."""
+        if segment == "warmup" or self.scorer is None or step >= self.settings.steps:
             return None
         return self._stop_reason(result.checkpoints[-1], result)
 
@@ -260,9 +266,7 @@ class RestoreMethod:
                 reason = self._ends_after(segment, step, result)
                 if reason is not None:
                     result.stopped = reason
-                    self.progress.log(f"stopping after step {step}: " + (
-                        "the task score is past the floor" if reason == "floor" else f"harmful rate at most {s.stop_at_harmful_rate:.1%}"
-                        if reason == "stop_at" else f"{s.stop_patience} checkpoints in a row without a lower harmful rate"))
+                    self.progress.log(f"stopping after step {step}: " + _STOP_LOG[reason].format(s=s))
                     return True
         return False
 
