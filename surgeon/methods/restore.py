@@ -228,14 +228,17 @@ class RestoreMethod:
         checkpoints in a row within the floor lowered the harm no further."""
         if not checkpoint.meets_floor:
             return "floor"
-        target = self.settings.stop_at_harmful_rate
-        if target is not None and checkpoint.harmful_rate is not None and checkpoint.harmful_rate <= target:
+        if self._at_target(checkpoint):
             return "stop_at"
         patience = self.settings.stop_patience
         rates = [c.harmful_rate for c in result.checkpoints if c.meets_floor and c.harmful_rate is not None]
         if patience is not None and len(rates) > patience and min(rates[-patience:]) >= min(rates[:-patience]):
             return "patience"
         return None
+
+    def _at_target(self, checkpoint: Checkpoint) -> bool:
+        target = self.settings.stop_at_harmful_rate
+        return target is not None and checkpoint.harmful_rate is not None and checkpoint.harmful_rate <= target
 
     def _ends_after(self, segment: str, step: int, result: RepairResult) -> str | None:
         """Why the schedule ends at this step's checkpoint (the latest: a step that saved state made
@@ -352,7 +355,7 @@ class RestoreMethod:
             result.checkpoints.clear()
             self.accumulated.clear()
             return "rollback", 0, self.empty_masks()
-        if any(self._stop_reason(c, result) == "stop_at" for c in result.checkpoints):
+        if any(c.meets_floor and self._at_target(c) for c in result.checkpoints):
             result.stopped = "stop_at"  # the warm-up already reached the target within the floor
             return None, 0, masks
         return "restore-only", s.warmup, masks
