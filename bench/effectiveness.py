@@ -253,6 +253,36 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+OTHERS = [m for m in POINTS if not m.startswith("restore")]
+
+
+def point(row: dict) -> str:
+    setting = f"{POINTS[row['method']][0]} {row['setting']}: " if row["setting"] is not None else ""
+    return f"{row['method']} ({setting}{row['harmful_rate']:.1%}, {row['task_score']:.3f})"
+
+
+def render_targets(rows: list[dict]) -> str:
+    """Each restore variant's chosen point against the issue's targets: within 1 point of the aligned
+    base's harmful rate at <= 5% task loss, and better than every other method on one axis at equal
+    other (no point of theirs at least as harmless and at least as good at the task)."""
+    lines = ["| task | n | restore variant | harmful rate (aligned) | task change from tuned | within 1 point at <= 5% loss "
+             "| other methods' points at least as good on both axes | other methods not yet run |", "|---|---|---|---|---|---|---|---|"]
+    for (task, n) in sorted({(r["task"], r["n"]) for r in rows}):
+        mine = [r for r in rows if (r["task"], r["n"]) == (task, n)]
+        tuned = next((r for r in mine if r["method"] == "tuned"), None)
+        aligned = next((r for r in mine if r["method"] == "aligned"), None)
+        if tuned is None or aligned is None:
+            continue
+        missing = ", ".join(m for m in OTHERS if not any(r["method"] == m for r in mine)) or "none"
+        for ours in (r for r in mine if r["method"].startswith("restore") and r["chosen"]):
+            change = ours["task_score"] / tuned["task_score"] - 1
+            met = ours["harmful_rate"] <= aligned["harmful_rate"] + 0.01 and change >= -MAX_TASK_LOSS
+            better = [r for r in mine if r["method"] in OTHERS and r["harmful_rate"] <= ours["harmful_rate"] and r["task_score"] >= ours["task_score"]]
+            lines.append(f"| {task} | {n} | {ours['method']} | {ours['harmful_rate']:.1%} ({aligned['harmful_rate']:.1%}) | {change:+.1%} "
+                         f"| {'met' if met else 'missed'} | {', '.join(map(point, better)) or ('none: met' if missing == 'none' else 'none so far')} | {missing} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], task: str, n: int, path: Path) -> None:
     import matplotlib
 
@@ -285,7 +315,7 @@ def save(rows: list[dict], results: Path) -> None:
     temporary = results.with_name(f".{results.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(rows, indent=1) + "\n")
     os.replace(temporary, results)  # another run reading the rows never sees half of them
-    results.with_suffix(".md").write_text(render(rows) + "\n\n" + wall_time(rows) + "\n")
+    results.with_suffix(".md").write_text(render(rows) + "\n\n" + render_targets(rows) + "\n\n" + wall_time(rows) + "\n")
     for task, n in {(r["task"], r["n"]) for r in rows}:
         plot(rows, task, n, results.parent / f"{results.stem}-{task}-n{n}.png")
 
