@@ -181,11 +181,13 @@ def judge(model: str, data: Path, task_eval: Path, metric: str, limit: int) -> d
 
 
 def wall_time(rows: list[dict]) -> str:
-    """The bench's recorded wall time: each repair's, and each judgement's where it was recorded."""
+    """The bench's recorded wall time: each repair's, and each judgement's where it was timed (its
+    generation time before judge_seconds was recorded; answers read from the cache take ~0)."""
     repairs = [r["repair"]["wall_seconds"] for r in rows if r.get("repair")]
-    judged = [r["judge_seconds"] for r in rows if "judge_seconds" in r]
+    judged = [t for t in (r.get("judge_seconds", r.get("seconds") or 0) for r in rows) if t > 5]
     return (f"Recorded wall time: {sum(repairs) / 3600:.1f} h of repairs ({len(repairs)} rows) and {sum(judged) / 3600:.1f} h of "
-            f"judging ({len(judged)} of {len(rows)} rows; judgements before judge_seconds was recorded are not counted).")
+            f"judging ({len(judged)} of {len(rows)} rows; the others' answers came from the cache of an earlier judgement, "
+            "whose time was not kept).")
 
 
 def rows_from_earlier(figures) -> list[dict]:
