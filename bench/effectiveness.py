@@ -228,6 +228,11 @@ def best_at_harm(rows: list[dict], harmful_rate: float) -> dict | None:
     return max(within, key=lambda r: (r["task_score"], -r["harmful_rate"])) if within else None
 
 
+def setting_text(row: dict) -> str:
+    """A point's setting as "key value" (alpha 0.5)."""
+    return f"{POINTS[row['method']][0]} {row['setting']}"
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| task | n | method | chosen point: harmful rate, task score | its harmful rate on restore_cross's probed / unprobed categories "
              "| lowest harmful rate within 5% of tuned's task score | best task score at restore's harmful rate or less (+1 point) |",
@@ -241,15 +246,15 @@ def render(rows: list[dict]) -> str:
             if not points:
                 continue
             chosen = next((r for r in points if r["chosen"]), points[0])
-            label = method if chosen["setting"] is None else f"{method} ({POINTS[method][0]} {chosen['setting']})"
+            label = method if chosen["setting"] is None else f"{method} ({setting_text(chosen)})"
             best = best_within(points, tuned["task_score"]) if tuned and method not in ("aligned", "tuned") else None
             best_text = "" if tuned is None or method in ("aligned", "tuned") else (
                 "none" if best is None else f"{best['harmful_rate']:.1%} ({best['task_score']:.3f}" + (
-                    f", {POINTS[method][0]} {best['setting']})" if best["setting"] is not None else ")"))
+                    f", {setting_text(best)})" if best["setting"] is not None else ")"))
             at_harm = best_at_harm(points, restore["harmful_rate"]) if restore and method not in ("aligned", "tuned") else None
             at_harm_text = "" if restore is None or method in ("aligned", "tuned") else (
                 "none" if at_harm is None else f"{at_harm['task_score']:.3f} ({at_harm['harmful_rate']:.1%}" + (
-                    f", {POINTS[method][0]} {at_harm['setting']})" if at_harm["setting"] is not None else ")"))
+                    f", {setting_text(at_harm)})" if at_harm["setting"] is not None else ")"))
             lines.append(f"| {task} | {n} | {label} | {chosen['harmful_rate']:.1%}, {chosen['task_score']:.3f} | {halves(chosen)} | {best_text} "
                          f"| {at_harm_text} |")
     return "\n".join(lines)
@@ -259,7 +264,7 @@ OTHERS = [m for m in POINTS if not m.startswith("restore")]
 
 
 def point(row: dict) -> str:
-    setting = f"{POINTS[row['method']][0]} {row['setting']}: " if row["setting"] is not None else ""
+    setting = f"{setting_text(row)}: " if row["setting"] is not None else ""
     return f"{row['method']} ({setting}{row['harmful_rate']:.1%}, {row['task_score']:.3f})"
 
 
