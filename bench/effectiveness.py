@@ -181,10 +181,11 @@ def judge(model: str, data: Path, task_eval: Path, metric: str, limit: int) -> d
 
 
 def wall_time(rows: list[dict]) -> str:
-    """The bench's recorded wall time: each repair's, and each judgement's where it was timed (its
-    generation time before judge_seconds was recorded; answers read from the cache take ~0)."""
+    """The bench's recorded wall time: each repair's, and each judgement that generated its answers
+    (its generation time before judge_seconds was recorded); one that read them all from the cache
+    generated no token."""
     repairs = [r["repair"]["wall_seconds"] for r in rows if r.get("repair")]
-    judged = [t for t in (r.get("judge_seconds", r.get("seconds") or 0) for r in rows) if t > 5]
+    judged = [r.get("judge_seconds", r.get("seconds")) for r in rows if r.get("generated_tokens")]
     return (f"Recorded wall time: {sum(repairs) / 3600:.1f} h of repairs ({len(repairs)} rows) and {sum(judged) / 3600:.1f} h of "
             f"judging ({len(judged)} of {len(rows)} rows; the others' answers came from the cache of an earlier judgement, "
             "whose time was not kept).")
