@@ -234,14 +234,23 @@ def setting_text(row: dict) -> str:
     return f"{POINTS[row['method']][0]} {row['setting']}"
 
 
+def fine_tunes(rows: list[dict]):
+    """Each fine-tune's task, n and rows, in order."""
+    for task, n in sorted({(r["task"], r["n"]) for r in rows}):
+        yield task, n, [r for r in rows if (r["task"], r["n"]) == (task, n)]
+
+
+def named(rows: list[dict], method: str) -> dict | None:
+    """The row of a method judged at one point only (aligned, tuned, restore's chosen one)."""
+    return next((r for r in rows if r["method"] == method), None)
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| task | n | method | chosen point: harmful rate, task score | its harmful rate on restore_cross's probed / unprobed categories "
              "| lowest harmful rate within 5% of tuned's task score | best task score at restore's harmful rate or less (+1 point) |",
              "|---|---|---|---|---|---|---|"]
-    for (task, n) in sorted({(r["task"], r["n"]) for r in rows}):
-        mine = [r for r in rows if (r["task"], r["n"]) == (task, n)]
-        tuned = next((r for r in mine if r["method"] == "tuned"), None)
-        restore = next((r for r in mine if r["method"] == "restore"), None)
+    for task, n, mine in fine_tunes(rows):
+        tuned, restore = named(mine, "tuned"), named(mine, "restore")
         for method in ["aligned", "tuned", *POINTS]:
             points = [r for r in mine if r["method"] == method]
             if not points:
@@ -275,10 +284,8 @@ def render_targets(rows: list[dict]) -> str:
     other (no point of theirs at least as harmless and at least as good at the task)."""
     lines = ["| task | n | restore variant | harmful rate (aligned) | task change from tuned | within 1 point at <= 5% loss "
              "| other methods' points at least as good on both axes | other methods not yet run |", "|---|---|---|---|---|---|---|---|"]
-    for (task, n) in sorted({(r["task"], r["n"]) for r in rows}):
-        mine = [r for r in rows if (r["task"], r["n"]) == (task, n)]
-        tuned = next((r for r in mine if r["method"] == "tuned"), None)
-        aligned = next((r for r in mine if r["method"] == "aligned"), None)
+    for task, n, mine in fine_tunes(rows):
+        tuned, aligned = named(mine, "tuned"), named(mine, "aligned")
         if tuned is None or aligned is None:
             continue
         missing = ", ".join(m for m in OTHERS if not any(r["method"] == m for r in mine)) or "none"
@@ -291,14 +298,14 @@ def render_targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], task: str, n: int, path: Path) -> None:
+def plot(mine: list[dict], task: str, n: int, path: Path) -> None:
+    """The harm-vs-task plot of one fine-tune's rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4.5))
-    mine = [r for r in rows if (r["task"], r["n"]) == (task, n)]
     for method in ["aligned", "tuned", *POINTS]:
         points = sorted((r for r in mine if r["method"] == method), key=lambda r: r["task_score"])
         if points:
@@ -324,8 +331,8 @@ def save(rows: list[dict], results: Path) -> None:
     temporary.write_text(json.dumps(rows, indent=1) + "\n")
     os.replace(temporary, results)  # another run reading the rows never sees half of them
     results.with_suffix(".md").write_text(render(rows) + "\n\n" + render_targets(rows) + "\n\n" + wall_time(rows) + "\n")
-    for task, n in {(r["task"], r["n"]) for r in rows}:
-        plot(rows, task, n, results.parent / f"{results.stem}-{task}-n{n}.png")
+    for task, n, mine in fine_tunes(rows):
+        plot(mine, task, n, results.parent / f"{results.stem}-{task}-n{n}.png")
 
 
 def main() -> None:
