@@ -234,6 +234,11 @@ def setting_text(row: dict) -> str:
     return f"{POINTS[row['method']][0]} {row['setting']}"
 
 
+def and_setting(row: dict) -> str:
+    """", key value" after a point's figures, where the method has a setting."""
+    return f", {setting_text(row)}" if row["setting"] is not None else ""
+
+
 def fine_tunes(rows: list[dict]):
     """Each fine-tune's task, n and rows, in order."""
     for task, n in sorted({(r["task"], r["n"]) for r in rows}):
@@ -257,14 +262,13 @@ def render(rows: list[dict]) -> str:
                 continue
             chosen = next((r for r in points if r["chosen"]), points[0])
             label = method if chosen["setting"] is None else f"{method} ({setting_text(chosen)})"
-            best = best_within(points, tuned["task_score"]) if tuned and method not in ("aligned", "tuned") else None
-            best_text = "" if tuned is None or method in ("aligned", "tuned") else (
-                "none" if best is None else f"{best['harmful_rate']:.1%} ({best['task_score']:.3f}" + (
-                    f", {setting_text(best)})" if best["setting"] is not None else ")"))
-            at_harm = best_at_harm(points, restore["harmful_rate"]) if restore and method not in ("aligned", "tuned") else None
-            at_harm_text = "" if restore is None or method in ("aligned", "tuned") else (
-                "none" if at_harm is None else f"{at_harm['task_score']:.3f} ({at_harm['harmful_rate']:.1%}" + (
-                    f", {setting_text(at_harm)})" if at_harm["setting"] is not None else ")"))
+            repair = method not in ("aligned", "tuned")
+            best = best_within(points, tuned["task_score"]) if tuned and repair else None
+            best_text = "" if tuned is None or not repair else (
+                "none" if best is None else f"{best['harmful_rate']:.1%} ({best['task_score']:.3f}{and_setting(best)})")
+            at_harm = best_at_harm(points, restore["harmful_rate"]) if restore and repair else None
+            at_harm_text = "" if restore is None or not repair else (
+                "none" if at_harm is None else f"{at_harm['task_score']:.3f} ({at_harm['harmful_rate']:.1%}{and_setting(at_harm)})")
             lines.append(f"| {task} | {n} | {label} | {chosen['harmful_rate']:.1%}, {chosen['task_score']:.3f} | {halves(chosen)} | {best_text} "
                          f"| {at_harm_text} |")
     return "\n".join(lines)
