@@ -93,10 +93,10 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
     stored = max(tensors.dtype(n).itemsize for n in tensors.names())
     # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
-    # stored, the merged value and the selection's fp32 scores; the top-k's candidates (value, tensor
-    # and entry ids; up to PILE * k of them, twice while they are let go); the heap's trim slack
+    # stored, the merged value and the selection's fp32 scores; the top-k's candidates (up to PILE * k
+    # of them: value and entry id, and at the end their concatenation with tensor ids); the heap's trim slack
     working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
-                     + 2 * math.ceil(PILE * facts["budget_per_step"]) * (4 + 8 + 8) + slack_for(budget))
+                     + math.ceil(PILE * facts["budget_per_step"]) * ((4 + 8) + (4 + 8 + 8)) + slack_for(budget))
     if answer_loss:  # the top of the answers' pass: the output head, and a batch's fp32 logits at its answer tokens,
         # their log-softmax and its gradient
         vocab, size = pair.config.get_text_config().vocab_size, recipe.probe.batch_size
