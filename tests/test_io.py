@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,53 @@ def test_entries_are_gathered_from_the_file_without_reading_the_tensor(tmp_path,
         save_file({"b": broken.to(dtype)}, tmp_path / "broken.safetensors")
         with pytest.raises(NonFiniteError, match="'b'"):
             SafetensorsCheckpoint([tmp_path / "broken.safetensors"]).gather("b", torch.tensor([10 * 33 + 3]))
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file a process address is mapped from (Linux's /proc/self/maps), or None."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, stop = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < stop:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_read_is_the_files_bytes_and_a_write_to_it_stays_the_callers(tmp_path, dtype):
+    """A tensor read whole lies in a mapping of its file (the page cache's pages, nothing copied
+    until written), equal to what safetensors reads; a write to it changes the caller's copy, never
+    the file; a NaN is refused; a file cut short afterwards is an input error naming the tensor."""
+    from safetensors import safe_open
+
+    from surgeon.io.checkpoint import SafetensorsCheckpoint
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(64, 33), "scalar": torch.randn(()), "empty": torch.randn(0, 4)}
+    path = tmp_path / "model.safetensors"
+    save_file({n: t.to(dtype) for n, t in tensors.items()}, path)
+    before = path.read_bytes()
+    source = SafetensorsCheckpoint([path])
+    with safe_open(str(path), framework="pt") as handle:
+        for name in tensors:
+            read, expected = source.get(name), handle.get_tensor(name)
+            assert read.shape == expected.shape and read.dtype == dtype and torch.equal(read.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+            if read.numel():
+                assert _mapping_of(read.data_ptr()) == str(path)
+                read.reshape(-1).view(torch.uint8).fill_(0)
+                assert torch.equal(source.get(name).reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+    assert path.read_bytes() == before
+    broken = tensors["b"].clone()
+    broken[10, 3] = float("nan")
+    save_file({"b": broken.to(dtype)}, tmp_path / "broken.safetensors")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        SafetensorsCheckpoint([tmp_path / "broken.safetensors"]).get("b")
+    start, length = source.extent("b")
+    with open(path, "r+b") as handle:
+        handle.truncate(start + length // 2)
+    with pytest.raises(InputError, match="'b'"):
+        source.get("b")
 
 
 def test_unknown_reference_is_a_clear_error(tmp_path):

@@ -82,7 +82,7 @@ class _Current:
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         param = self.parameters.get(name)
         if param is not None:
-            return param.detach().reshape(-1)[indices.to(param.device)]
+            return param.detach().reshape(-1).index_select(0, indices.to(param.device))
         return self.read(name, indices=indices)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -132,9 +131,9 @@ def _data_extents(file: Path) -> dict[str, tuple[int, int]]:
 class SafetensorsCheckpoint(_FiniteOnce):
     """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
 
-    Headers are read once. Each read opens its shard only for that read: a handle kept open
-    keeps every page read through it resident, so a long run would show the whole model in
-    its RSS; a closed one leaves only the tensors still in use.
+    Headers are read once. Each read maps only its tensor's bytes, for as long as the tensor
+    lives: a mapping kept open keeps every page read through it resident, so a long run would
+    show the whole model in its RSS; closed, it leaves only the tensors still in use.
     """
 
     def __init__(self, files: list[Path]):
@@ -194,6 +193,13 @@ class SafetensorsCheckpoint(_FiniteOnce):
         return self._where[name]
 
     def get(self, name: str) -> torch.Tensor:
+        """A copy-on-write mapping of the tensor's bytes, as safetensors' own reads give, without
+        parsing the shard's header and mapping the whole shard again for each tensor (a 0.37B
+        step's reads took as long that way as their first NaN check): pages are copied only
+        where the caller writes."""
+        stored = self._mapped(name)
+        if stored is not None:
+            return self._finite(name, stored.view(self.shape(name)), str(self._where[name]))
         try:
             with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(name)
@@ -239,24 +245,35 @@ class SafetensorsCheckpoint(_FiniteOnce):
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Read through a mapping of the tensor's bytes: only the pages holding the entries are
-        touched, and the mapping is closed again (see the class note on open handles)."""
-        extent = self.extent(name)
-        dtype = self.dtype(name)
+        touched, and the mapping is closed again (see the class note on mappings)."""
         if not indices.numel():
-            return torch.empty(0, dtype=dtype)
-        if extent is None:
+            return torch.empty(0, dtype=self.dtype(name))
+        stored = self._mapped(name)
+        if stored is None:
             return self.get(name).flatten()[indices]
+        entries = stored.index_select(0, indices.to(torch.long))
+        del stored  # the mapping closes with the last tensor over it
+        return self._finite_part(name, entries, str(self._where[name]))
+
+    def _mapped(self, name: str) -> torch.Tensor | None:
+        """The tensor's bytes, flat, through a copy-on-write mapping of that part of its file (a
+        write changes the caller's pages, never the file), which closes when the last tensor over it
+        is freed (None when the header gives no extent)."""
+        extent = self.extent(name)
+        if extent is None:
+            return None
+        start, length = extent
+        dtype = self.dtype(name)
+        if not length:
+            return torch.empty(0, dtype=dtype)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
         try:
-            with open(self._where[name], "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # read-only: nothing writes through it
-                    stored = torch.frombuffer(mapped, dtype=dtype, count=extent[1] // dtype.itemsize, offset=extent[0])
-                # safetensors stores little-endian, as every platform torch runs on
-                entries = stored[indices.to(torch.long)]
-                del stored  # the mapping closes next, with nothing left pointing into it
+            with open(self._where[name], "rb") as handle:  # the mapping keeps its own handle
+                mapped = mmap.mmap(handle.fileno(), start + length - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+            # safetensors stores little-endian, as every platform torch runs on
+            return torch.frombuffer(mapped, dtype=dtype, count=length // dtype.itemsize, offset=start - aligned)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
-        return self._finite_part(name, entries, str(self._where[name]))
 
 
 class PickleCheckpoint(_FiniteOnce):

