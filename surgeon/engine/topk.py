@@ -147,20 +147,17 @@ class StreamingTopK:
 
     def offer(self, tensor_id: int, values: torch.Tensor, indices: torch.Tensor) -> None:
         """values[i] is the score of flat entry indices[i] of tensor `tensor_id`; indices ascending."""
-        values = values.detach().float().cpu()
-        indices = indices.cpu()
-        if self.k <= 0 or values.numel() == 0:
+        part = _Part(tensor_id, values.detach().float().cpu(), indices.cpu())
+        if self.k <= 0 or part.values.numel() == 0:
             return
         if self._threshold is not None:
-            keep = values > self._threshold
-            if not keep.all():  # a caller that tested against the threshold already offers none below it
-                values, indices = values[keep], indices[keep]
-                if values.numel() == 0:
-                    return
-        self._parts.append(_Part(tensor_id, values, indices))
-        self._size += values.numel()
-        self._counts += torch.bincount(_bucket(_keys(values)), minlength=BUCKETS)
-        self._counted += values.numel()
+            part = part.above(self._threshold)
+            if part is None:
+                return
+        self._parts.append(part)
+        self._size += part.values.numel()
+        self._counts += torch.bincount(_bucket(_keys(part.values)), minlength=BUCKETS)
+        self._counted += part.values.numel()
         self._raise(self._below(_from_top(self._counts, self.k)[0]) if self._counted >= self.k else None)
         if self._size > PILE * self.k:
             if self._threshold is not None:  # None while the k-th value is in -inf's bucket
@@ -203,11 +200,12 @@ class _Part:
         return torch.full_like(self.indices, self.tensor_id)
 
     def above(self, threshold: float) -> _Part | None:
-        """The part without its entries at or below the threshold (None when none is left)."""
-        keep = self.values.numpy() > np.float32(threshold)
+        """The part without its entries at or below the threshold (None when none is left; itself
+        when it has none: a caller that tested against the threshold offers none below it)."""
+        keep = self.values > threshold
         if keep.all():
             return self
-        at = torch.from_numpy(np.flatnonzero(keep))
+        at = true_at(keep)
         return _Part(self.tensor_id, self.values.index_select(0, at), self.indices.index_select(0, at)) if at.numel() else None
 
     @staticmethod
