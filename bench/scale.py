@@ -9,9 +9,11 @@ does the same step where it fits in memory.
 Runs go one after another (never two at once), each with the pair's files read into the page
 cache first; each configuration runs --repeats times (the in-memory run alternating with surgeon's), and the row gives the median wall and step time, every
 run's step time, and the largest peak RSS: on this 2-core VM one run's step time varies by +-10%.
-The matmul ceiling (a 2048^3 fp32 product) is measured just before every run, and each run's share
-is its arithmetic over its step time over that run's ceiling: the VMs this runs on differ by 2x in
-their matmul rate from one day to the next, so a ceiling measured on another day is not a ratio.
+The matmul ceiling (a 2048^3 fp32 product) is measured just before and just after every run, and
+each run's share is its arithmetic over its step time over the mean of the two: the VMs this runs on
+differ by 2x in their matmul rate from one day to the next, so a ceiling measured on another day is
+not a ratio, and within minutes by up to a third, so one measurement 10 s before the step is a noisy
+one (`matmul_flops_around` keeps each run's pair).
 Results are kept in bench/results/scale.json and a configuration measured before is skipped unless
 --again.
 
@@ -39,7 +41,7 @@ from timed_run import surgeon_run, timed  # noqa: E402
 from surgeon.tiny import HARMFUL, TASK  # noqa: E402
 
 RESULTS = HERE / "results" / "scale.json"
-SUMMARY = ("wall_seconds", "peak_rss_gib", "step_seconds", "steps_seconds", "matmul_flops", "matmul_share", "wall_ratio")
+SUMMARY = ("wall_seconds", "peak_rss_gib", "step_seconds", "steps_seconds", "matmul_flops", "matmul_flops_around", "matmul_share", "wall_ratio")
 PROMPTS = (HARMFUL * 2)[:16]
 SPARSITY = 0.002
 
@@ -62,6 +64,10 @@ def warm(*folders: Path) -> None:
             with open(file, "rb") as stream:
                 while stream.read(64 * 2**20):
                     pass
+
+
+def ceiling() -> float:
+    return matmul_flops("cpu", torch.float32, 2048)
 
 
 def in_memory(base: Path, tuned: Path, probe_layer: int) -> dict:
@@ -95,22 +101,25 @@ def main() -> None:
             out = args.work / f"out-{shape}-{dtype}-{budget}"
             path = args.work / f"{shape}-{dtype}-{budget}.yaml"
             path.write_text(yaml.safe_dump(recipe(base, tuned, out, budget)))
-            runs, reports, plain, ceilings = [], [], [], []
+            runs, reports, plain, around = [], [], [], []
             for _ in range(args.repeats):
                 warm(base, tuned)
-                ceilings.append(matmul_flops("cpu", torch.float32, 2048))
+                before = ceiling()
                 runs.append(surgeon_run(path, "--fresh"))  # a saved state would be resumed, not measured
                 reports.append(json.loads((out / "surgeon.json").read_text()))
+                around.append((before, ceiling()))
                 if pair in args.in_memory and budget == args.budgets[0]:  # alternating with surgeon's: back to back
                     warm(base, tuned)
-                    plain.append({**in_memory(base, tuned, reports[-1]["settings"]["probe_layer"]), "matmul_flops": ceilings[-1]})
+                    measured = in_memory(base, tuned, reports[-1]["settings"]["probe_layer"])
+                    plain.append({**measured, "matmul_flops_around": (around[-1][1], ceiling())})
+            ceilings = [statistics.mean(pair) for pair in around]
             steps = [report["steps"][0]["seconds"] for report in reports]
             step = statistics.median(steps)
             report = reports[steps.index(min(steps, key=lambda s: abs(s - step)))]
             tokens, flops = gradient_pass_work(report, PROMPTS)
             row = {"checkpoint_bytes": checkpoint_bytes, "repeats": args.repeats, "wall_seconds": statistics.median(r.wall_seconds for r in runs),
                    "peak_rss_gib": max(r.peak_rss_gib for r in runs), "step_seconds": step, "steps_seconds": steps,
-                   "matmul_flops": ceilings, "matmul_share": statistics.median(flops / s / c for s, c in zip(steps, ceilings)),
+                   "matmul_flops": ceilings, "matmul_flops_around": around, "matmul_share": statistics.median(flops / s / c for s, c in zip(steps, ceilings)),
                    "probe_layer": report["settings"]["probe_layer"],
                    "memory": report["memory"], "phases": report["seconds"]}
             if plain:
@@ -119,7 +128,7 @@ def main() -> None:
                 _, plain_flops = gradient_pass_work(report, PROMPTS, recompute=False)
                 row["in_memory"] = {"wall_seconds": statistics.median(r["wall_seconds"] for r in plain), "peak_rss_gib": max(r["peak_rss_gib"] for r in plain),
                                     "step_seconds": plain_step, "steps_seconds": [r["step_seconds"] for r in plain],
-                                    "matmul_share": statistics.median(plain_flops / r["step_seconds"] / r["matmul_flops"] for r in plain)}
+                                    "matmul_share": statistics.median(plain_flops / r["step_seconds"] / statistics.mean(r["matmul_flops_around"]) for r in plain)}
                 row["wall_ratio"] = row["wall_seconds"] / row["in_memory"]["wall_seconds"]
             earlier = results.get("runs", {}).get(key)
             if earlier:  # a set measured again keeps the earlier sets' figures beside it
@@ -133,7 +142,7 @@ def main() -> None:
                     f"{row['in_memory']['matmul_share']:.1%} of the matmul)" if "wall_ratio" in row else ""
             print(f"{key}: {row['wall_seconds']:.1f} s wall, peak RSS {row['peak_rss_gib']:.2f} GiB "
                   f"({row['peak_rss_gib'] * 2**30 / checkpoint_bytes:.0%} of one checkpoint), step {step:.1f} s ({', '.join(f'{s:.1f}' for s in steps)}), "
-                  f"{row['matmul_share']:.1%} of the matmul measured before each run ({', '.join(f'{c / 1e9:.0f}' for c in ceilings)} GFLOP/s){ratio}", flush=True)
+                  f"{row['matmul_share']:.1%} of the matmul measured around each run ({', '.join(f'{a / 1e9:.0f}/{b / 1e9:.0f}' for a, b in around)} GFLOP/s before/after){ratio}", flush=True)
 
 
 if __name__ == "__main__":
