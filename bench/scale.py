@@ -8,7 +8,7 @@ RAM, the model's own forward through the first E layers, autograd, one top-k: be
 does the same step where it fits in memory.
 Runs go one after another (never two at once), each with the pair's files read into the page
 cache first; each configuration runs --repeats times (the in-memory run alternating with surgeon's), and the row gives the median wall and step time, every
-run's step time, and the largest peak RSS: on this 2-core VM one run's step time varies by +-10%.
+run's step time, and the largest peak RSS: on this 2-core VM one run's step time varies by +-10-20%.
 The matmul ceiling (a 2048^3 fp32 product) is measured just before and just after every run, and
 each run's share is its arithmetic over its step time over the mean of the two: the VMs this runs on
 differ by 2x in their matmul rate from one day to the next, so a ceiling measured on another day is
@@ -112,7 +112,7 @@ def main() -> None:
                     warm(base, tuned)
                     measured = in_memory(base, tuned, reports[-1]["settings"]["probe_layer"])
                     plain.append({**measured, "matmul_flops_around": (around[-1][1], ceiling())})
-            ceilings = [statistics.mean(pair) for pair in around]
+            ceilings = [statistics.mean(probes) for probes in around]
             steps = [report["steps"][0]["seconds"] for report in reports]
             step = statistics.median(steps)
             report = reports[steps.index(min(steps, key=lambda s: abs(s - step)))]
