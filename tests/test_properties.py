@@ -1,12 +1,14 @@
 """Property tests for the selection and mask code the method's correctness rests on."""
 
 import math
+from unittest.mock import patch
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from surgeon.engine import topk
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.topk import StreamingTopK, beyond, collect, kth_largest, top, true_at, Selection
 from surgeon.io.writer import TensorEntry, plan_shards
@@ -120,12 +122,14 @@ def test_by_tensor_groups_each_tensors_indices_ascending(entries, data):
 
 @settings(max_examples=200, deadline=None)
 @given(numbers=st.lists(st.floats(allow_nan=False, width=32) | specials, max_size=50), threshold=st.floats(0, 4, width=32),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
-def test_beyond_finds_the_entries_past_the_threshold(numbers, threshold, dtype):
-    """numpy's path (float32/64/16) and torch's (bfloat16) both give |value| > threshold's indices,
-    ascending, compared exactly (the threshold is not rounded to a half-precision gradient's dtype)."""
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), chunk=st.sampled_from([1, 7, topk.CHUNK]))
+def test_beyond_finds_the_entries_past_the_threshold(numbers, threshold, dtype, chunk):
+    """numpy's path (float32/64/16, a chunk at a time) and torch's (bfloat16) both give |value| >
+    threshold's indices, ascending, compared exactly (the threshold is not rounded to a
+    half-precision gradient's dtype)."""
     values = torch.tensor(numbers, dtype=torch.float32).to(dtype)
     values = values.reshape(-1, 5) if len(numbers) % 5 == 0 else values
     expected = (values.double().abs() > threshold).flatten().nonzero().squeeze(1)
-    assert torch.equal(beyond(values, threshold), expected)
+    with patch.object(topk, "CHUNK", chunk):
+        assert torch.equal(beyond(values, threshold), expected)
     assert torch.equal(true_at(values.double().abs() > threshold), expected)

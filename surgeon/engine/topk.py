@@ -52,14 +52,26 @@ def true_at(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten().nonzero().squeeze(1)
 
 
+CHUNK = 1 << 18  # entries `beyond` tests at a time: its |value| and mask stay in the cache
+
+
 def beyond(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """Flat indices of the entries with |value| > threshold (threshold >= 0), ascending: one of a
     selection's passes over every gradient. numpy where it has the dtype (on two cores 1.7 ms for
-    a 1024 x 2816 fp32 gradient against 4.1 ms for torch's comparisons and nonzero)."""
+    a 1024 x 2816 fp32 gradient against 4.1 ms for torch's comparisons and nonzero), CHUNK entries
+    at a time, so the gradient is the only thing read from memory (3.5 ms against 5.3 ms whole,
+    for such a gradient read from memory)."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64, torch.float16):
         array = values.detach().reshape(-1).numpy()
         # compared in at least float32, where the threshold (a float32 score) is exact
-        return torch.from_numpy(np.flatnonzero(np.abs(array) > np.asarray(threshold, np.result_type(array.dtype, np.float32))))
+        limit = np.asarray(threshold, np.result_type(array.dtype, np.float32))
+        magnitude, above = np.empty(min(CHUNK, array.size), array.dtype), np.empty(min(CHUNK, array.size), bool)
+        found = [np.empty(0, np.intp)]
+        for start in range(0, array.size, CHUNK):
+            part = array[start : start + CHUNK]
+            np.greater(np.abs(part, out=magnitude[: part.size]), limit, out=above[: part.size])
+            found.append(np.flatnonzero(above[: part.size]) + start)
+        return torch.from_numpy(np.concatenate(found))
     if values.element_size() < 4:
         values = values.float()
     return true_at((values > threshold) | (values < -threshold))
