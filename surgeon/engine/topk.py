@@ -65,8 +65,9 @@ def beyond(values: torch.Tensor, threshold: float) -> torch.Tensor:
         array = values.detach().reshape(-1).numpy()
         # compared in at least float32, where the threshold (a float32 score) is exact
         limit = np.asarray(threshold, np.result_type(array.dtype, np.float32))
-        magnitude, above = np.empty(min(CHUNK, array.size), array.dtype), np.empty(min(CHUNK, array.size), bool)
-        found = [np.empty(0, np.intp)]
+        width = min(CHUNK, array.size)
+        magnitude, above = np.empty(width, array.dtype), np.empty(width, bool)
+        found = [np.empty(0, np.intp)]  # so that an empty gradient concatenates too
         for start in range(0, array.size, CHUNK):
             part = array[start : start + CHUNK]
             np.greater(np.abs(part, out=magnitude[: part.size]), limit, out=above[: part.size])
