@@ -124,7 +124,7 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_gradient_pass_reads_the_weights_it_ran_with(llama, tmp_path, monkeypatch, dtype):
+def test_a_gradient_pass_reads_the_weights_it_ran_with(tmp_path, monkeypatch, dtype):
     """`current` gives where(mask, base, tuned) as stored, kept graphs or recomputed layers: from the
     live parameters when the compute dtype holds the stored values (fp32), from the files when it
     does not (bf16 compute of an fp32 checkpoint)."""
@@ -135,7 +135,9 @@ def test_a_gradient_pass_reads_the_weights_it_ran_with(llama, tmp_path, monkeypa
     from surgeon.engine.store import SpillStore
     from surgeon.io.checkpoint import SafetensorsCheckpoint
     from surgeon.io.references import resolve_model
+    from surgeon.tiny import make_pair
 
+    llama = make_pair(tmp_path / "fp32", "llama", dtype=torch.float32)
     base, tuned = resolve_model(str(llama[0])).tensors, resolve_model(str(llama[1])).tensors
     config = AutoConfig.from_pretrained(llama[1])
     batches = prompt_batches(AutoTokenizer.from_pretrained(llama[1]), HARMFUL, 4)
@@ -273,3 +275,32 @@ def test_experts_are_restored_in_checkpoint_names_and_a_missing_expert_is_one_li
     result = CliRunner().invoke(main, ["run", str(write_recipe(base, wrong, name="wrong.yaml", output={"path": str(tmp_path / "out")})), "-q"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "give shape (4, 96, 32), the model that config.json describes has (5, 96, 32)" in result.output, result.output
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_embedding_over_used_rows_equals_the_whole_embedding(model_pairs, tmp_path, arch):
+    """A batch is embedded from the vocabulary rows it uses alone. qwen2's padding index (its pad
+    token after the words, as Qwen's <|endoftext|> at 151643) lies past those rows, gemma3's (0,
+    scaled embedding) within them: both give what the model's whole embedding gives, in the
+    arithmetic's dtype (fp32) from bf16-stored rows, the scale included."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from surgeon.data.batches import prompt_batches
+    from surgeon.engine.layered import TUNED, LayeredModel
+    from surgeon.engine.store import SpillStore
+    from surgeon.io.references import resolve_model
+
+    base, tuned = model_pairs[arch]
+    config = AutoConfig.from_pretrained(tuned)
+    batches = prompt_batches(AutoTokenizer.from_pretrained(tuned), HARMFUL, 4)
+    used = torch.unique(torch.cat([b.input_ids.flatten() for b in batches]))
+    padding = config.pad_token_id
+    assert padding in used.tolist() and (padding >= len(used)) == (arch == "qwen2")
+    store = SpillStore(10**9, tmp_path / "store")
+    engine = LayeredModel(config, resolve_model(str(base)).tensors, resolve_model(str(tuned)).tensors, store)
+    prepared = engine.prepare(batches, TUNED, 2)
+    whole = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32).get_input_embeddings()
+    assert whole.padding_idx == padding
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            assert torch.equal(store.get(prepared.input_key(i)), whole(batch.input_ids))

@@ -8,6 +8,7 @@ running the model's own forward with stand-in layers, so no architecture is re-i
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -50,6 +51,18 @@ class _RecordingLayer(torch.nn.Module):
         if self.index == self.last:
             raise _StopForward
         return hidden_states
+
+
+def _over_rows(embedding: torch.nn.Module) -> torch.nn.Module:
+    """The model's embedding module, to be run over a few gathered vocabulary rows. Its padding
+    index names a row of the whole vocabulary (Qwen's is 151643), which the gathered rows need not
+    hold, and torch refuses one past the rows it is given; the index only keeps that row's gradient
+    at zero, and no gradient flows here, so a shallow copy runs without it: same outputs."""
+    if getattr(embedding, "padding_idx", None) is None:
+        return embedding
+    view = copy.copy(embedding)
+    view.padding_idx = None
+    return view
 
 
 class _Reads:
@@ -193,7 +206,7 @@ class LayeredModel:
     ):
         self.config, self.base, self.tuned = config, base, tuned
         self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
-        self.skeleton = build_skeleton(config)
+        self.skeleton = build_skeleton(config, dtype)
         self.layout = ModelLayout.from_checkpoint(tuned.names(), {n: tuned.shape(n) for n in tuned.names()}, self.skeleton)
         self.stack = self.layout.stack
         for name, buffer in list(self.skeleton.named_buffers()):
@@ -274,7 +287,7 @@ class LayeredModel:
         # runs on them (with its scaling, as Gemma's), through ids renumbered into those rows
         used = torch.unique(torch.cat([batch.input_ids.flatten() for batch in batches])) if batches else torch.zeros(0, dtype=torch.long)
         rows = {"weight": source.rows(self.embedding_name, used).to(self.device, self.dtype)}
-        embedding = self.skeleton.get_input_embeddings()
+        embedding = _over_rows(self.skeleton.get_input_embeddings())
         try:
             for index, batch in enumerate(batches):
                 records: list = []

@@ -11,15 +11,18 @@ import torch
 
 from surgeon.errors import IncompatibleModelsError, RecipeError
 
-def build_skeleton(config) -> torch.nn.Module:
+def build_skeleton(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model with every parameter on `meta`: structure without memory. Attention is the one
     transformers picks for the family (sdpa where it has it), not eager: eager keeps every
-    batch x heads x tokens x tokens probability in a gradient pass's graphs."""
+    batch x heads x tokens x tokens probability in a gradient pass's graphs. The buffers a model
+    computes when built (Gemma's embedding scale) take `dtype`, the arithmetic's: in config.json's
+    stored dtype a bf16 checkpoint computed in fp32 would scale by sqrt(hidden) rounded to bf16,
+    where the model loaded in fp32 scales by the fp32 value."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
