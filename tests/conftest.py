@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from surgeon.tiny import ANSWERS, HARMFUL, TASK, make_pair
@@ -29,6 +30,13 @@ def model_pairs(tmp_path_factory):
 @pytest.fixture
 def llama(model_pairs):
     return model_pairs["llama"]
+
+
+@pytest.fixture(scope="session")
+def llama_fp32(tmp_path_factory):
+    """A llama pair stored in fp32 (the profile stores bf16): for checks that compute a method's
+    formula in fp32 and compare it with the output exactly."""
+    return make_pair(tmp_path_factory.mktemp("fp32"), "llama", dtype=torch.float32)
 
 
 def recipe_dict(base, tuned, **sections) -> dict:

@@ -179,10 +179,10 @@ def test_unknown_reference_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_adapter_merges_exactly_like_peft(llama, tmp_path, dtype):
+def test_lora_adapter_merges_exactly_like_peft(llama_fp32, tmp_path, dtype):
     from peft import LoraConfig, get_peft_model
 
-    base_model = AutoModelForCausalLM.from_pretrained(llama[0], dtype=dtype)
+    base_model = AutoModelForCausalLM.from_pretrained(llama_fp32[0], dtype=dtype)
     peft_model = get_peft_model(base_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}))
     torch.manual_seed(1)
     with torch.no_grad():
@@ -191,12 +191,12 @@ def test_lora_adapter_merges_exactly_like_peft(llama, tmp_path, dtype):
                 param.normal_(0, 0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = peft_model.merge_and_unload().state_dict()
-    base = resolve_model(str(llama[0]))
+    base = resolve_model(str(llama_fp32[0]))
     (tmp_path / "bf").mkdir()
     if dtype == torch.bfloat16:
         bf16 = {n: base.tensors.get(n).to(dtype) for n in base.tensors.names()}
         save_file(bf16, tmp_path / "bf" / "model.safetensors", metadata={"format": "pt"})
-        shutil.copy(llama[0] / "config.json", tmp_path / "bf")
+        shutil.copy(llama_fp32[0] / "config.json", tmp_path / "bf")
         base = resolve_model(str(tmp_path / "bf"))
     tuned = resolve_model(str(tmp_path / "adapter"), base=base)
     assert tuned.adapter_of == base.reference

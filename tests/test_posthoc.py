@@ -26,9 +26,9 @@ def _linear_weights(model) -> list[str]:
     return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and ".layers." in name]
 
 
-def test_linear_is_tuned_plus_alpha_times_the_way_back_to_base(llama, write_recipe, tmp_path):
-    report, out = _run(write_recipe, *llama, tmp_path, "linear", linear={"alpha": 0.3})
-    base, tuned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1])
+def test_linear_is_tuned_plus_alpha_times_the_way_back_to_base(llama_fp32, write_recipe, tmp_path):
+    report, out = _run(write_recipe, *llama_fp32, tmp_path, "linear", linear={"alpha": 0.3})
+    base, tuned = checkpoint_tensors(llama_fp32[0]), checkpoint_tensors(llama_fp32[1])
     for name, value in out.items():
         want = tuned[name] if torch.equal(base[name], tuned[name]) else tuned[name] + 0.3 * (base[name] - tuned[name])
         assert torch.equal(value, want), name
@@ -39,12 +39,12 @@ def test_linear_is_tuned_plus_alpha_times_the_way_back_to_base(llama, write_reci
     assert "Pre- and Post-Tuning Model Merging" in card
 
 
-def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama, write_recipe, tmp_path):
+def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama_fp32, write_recipe, tmp_path):
     """Input norms from the whole tuned model's own forward (hooks on its linear layers, padding left out)."""
-    report, out = _run(write_recipe, *llama, tmp_path, "antidote", antidote={"ratio": 0.25})
-    base, tuned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1])
-    model = AutoModelForCausalLM.from_pretrained(llama[1], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llama[1])
+    report, out = _run(write_recipe, *llama_fp32, tmp_path, "antidote", antidote={"ratio": 0.25})
+    base, tuned = checkpoint_tensors(llama_fp32[0]), checkpoint_tensors(llama_fp32[1])
+    model = AutoModelForCausalLM.from_pretrained(llama_fp32[1], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama_fp32[1])
     names = _linear_weights(model)
     squares = {n: torch.zeros(tuned[n].shape[1]) for n in names}
     real = {}
@@ -81,11 +81,11 @@ def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama, w
 
 
 @pytest.mark.parametrize("select", [{"select": "number", "number": 5}, {"select": "threshold", "threshold": 0.9}])
-def test_safe_lora_projects_the_updates_least_like_their_projection(llama, write_recipe, tmp_path, select):
-    unaligned_dir = make_pair(tmp_path / "unaligned", "llama", seed=7)[0]
-    report, out = _run(write_recipe, *llama, tmp_path, "safe_lora", unaligned=str(unaligned_dir), safe_lora=select)
-    base, tuned, unaligned = checkpoint_tensors(llama[0]), checkpoint_tensors(llama[1]), checkpoint_tensors(unaligned_dir)
-    model = AutoModelForCausalLM.from_pretrained(llama[1])
+def test_safe_lora_projects_the_updates_least_like_their_projection(llama_fp32, write_recipe, tmp_path, select):
+    unaligned_dir = make_pair(tmp_path / "unaligned", "llama", seed=7, dtype=torch.float32)[0]
+    report, out = _run(write_recipe, *llama_fp32, tmp_path, "safe_lora", unaligned=str(unaligned_dir), safe_lora=select)
+    base, tuned, unaligned = checkpoint_tensors(llama_fp32[0]), checkpoint_tensors(llama_fp32[1]), checkpoint_tensors(unaligned_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_fp32[1])
     cosines, projections = {}, {}
     for name in _linear_weights(model):
         v = base[name] - unaligned[name]
@@ -123,7 +123,7 @@ def test_dg_hard_keeps_a_low_rank_update_and_drops_its_noise(tmp_path, write_rec
     """tuned = base + a rank-2 update + small noise on one matrix: the output keeps the rank-2 part."""
     from safetensors.torch import save_file
 
-    base_dir, tuned_dir = make_pair(tmp_path / "pair", "llama", noise=0.0)
+    base_dir, tuned_dir = make_pair(tmp_path / "pair", "llama", noise=0.0, dtype=torch.float32)
     target = "model.layers.1.mlp.down_proj.weight"
     shard = next(f for f in sorted(tuned_dir.glob("*.safetensors")) if target in load_file(f))
     tensors = load_file(shard)

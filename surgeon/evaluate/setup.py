@@ -36,6 +36,12 @@ def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) ->
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
     labels = model.config.id2label
+    # a batch is padded, and the model finds each row's last token by the pad id, which config.json
+    # need not name (Llama 3's does not): the tokenizer's, else end-of-sequence
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     if harmful_label not in labels.values():
         raise InputError(f"harmful_label '{harmful_label}' is not a label of the classifier (labels: {', '.join(map(str, labels.values()))})", str(folder))
 
