@@ -131,32 +131,32 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
             model.zero_grad(set_to_none=True)
         set_theta()
         gradient(H, v_harm)
-        scores, where = [], []
-        for n in scope:
+        scores, owners, entries = [], [], []  # every candidate's |g|, its tensor's place in scope, its flat index
+        for t, n in enumerate(scope):
             g = params[n].grad
             diff = params[n].detach() - base_params[n].detach()
             cand = ((torch.sign(diff) == torch.sign(g)) & (diff != 0)).flatten()
             idx = cand.nonzero().squeeze(1)
             scores.append(g.flatten()[idx].abs())
-            where += [(n, int(i)) for i in idx]
+            owners.append(torch.full_like(idx, t))
+            entries.append(idx)
         chosen = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:k]
-        restored = [where[i] for i in chosen.tolist()]
-        for n, i in restored:
-            masks[n].view(-1)[i] = True
+        owner, entry = torch.cat(owners)[chosen], torch.cat(entries)[chosen]  # in the order chosen
+        for t, n in enumerate(scope):
+            masks[n].view(-1)[entry[owner == t]] = True
         if rollback:
             set_theta()
             model.zero_grad(set_to_none=True)
             answer_gradient() if answered else gradient(T, v_task)
-            values, picks = [], []
-            for n, i in restored:
-                d = (params[n].detach().view(-1)[i] - tuned_params[n].detach().view(-1)[i]).item()
-                g = params[n].grad.view(-1)[i].item()
-                if d != 0 and math.copysign(1, d) == math.copysign(1, g) and g != 0:
-                    values.append(abs(g))
-                    picks.append((n, i))
-            count = math.ceil(ratio * len(values))
-            for j in torch.sort(torch.tensor(values), descending=True, stable=True).indices[:count].tolist():
-                n, i = picks[j]
-                masks[n].view(-1)[i] = False
+            d, g = torch.empty(len(entry)), torch.empty(len(entry))
+            for t, n in enumerate(scope):
+                at = owner == t
+                d[at] = params[n].detach().view(-1)[entry[at]] - tuned_params[n].detach().view(-1)[entry[at]]
+                g[at] = params[n].grad.view(-1)[entry[at]]
+            picks = ((d != 0) & (g != 0) & (torch.sign(d) == torch.sign(g))).nonzero().squeeze(1)
+            count = math.ceil(ratio * len(picks))
+            undo = picks[torch.sort(g[picks].abs(), descending=True, stable=True).indices[:count]]
+            for t, n in enumerate(scope):
+                masks[n].view(-1)[entry[undo][owner[undo] == t]] = False
             model.zero_grad(set_to_none=True)
     return revert_weight_conversion(model, masks), k
