@@ -149,7 +149,9 @@ def write_recipe(work: Path, name: str, base: Path, tuned: Path, data: Path, lay
         "rollback": {"mode": "always", "ratio": 0.2},
         "evaluate": {"safety": {"path": f"{name}-harmful.jsonl", "max_new_tokens": 16},
                      "task": {"path": f"{name}-task.jsonl", "answer_field": "response", "metric": "loss"}},
-        "output": {"path": f"{name}-repaired", "max_shard_size": "300MB"},
+        # the bench checks the engine on a real checkpoint, not the repair's quality: a step past the
+        # task floor is still written
+        "output": {"path": f"{name}-repaired", "max_shard_size": "300MB", "write_below_floor": True},
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -240,7 +242,9 @@ def bench(name: str, model: RealModel, work: Path, data: Path) -> dict:
         row.update(task_loss_matches(recipe, base, tuned))
         row["passed"] = bool(row["masks_equal"] and row["relative_difference"] < 1e-4)
     except (Exception, SystemExit) as error:  # recorded: the next model still runs
-        row.update(passed=False, failed_at=step, error=str(error).strip().splitlines()[-1][:500] if str(error).strip() else type(error).__name__)
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        said = [line for line in lines if line.startswith("error:")]  # surgeon's one-line error, else the last line
+        row.update(passed=False, failed_at=step, error=(said or lines)[-1][:500])
     return row
 
 
