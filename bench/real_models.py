@@ -91,6 +91,14 @@ def assemble(name: str, model: RealModel, work: Path) -> Path:
     return target
 
 
+# Gemma 3's turn format, which its published tokenizer carries and this GGUF file does not
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 def convert(gguf: Path, folder: Path, licence: str) -> Path:
     """A safetensors checkpoint in bfloat16, with its tokenizer and chat template (once)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -100,7 +108,10 @@ def convert(gguf: Path, folder: Path, licence: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
     model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="300MB")
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not tokenizer.chat_template and model.config.model_type.startswith("gemma"):
+        tokenizer.chat_template = GEMMA_TURNS
+    tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text(f"---\nlicense: {licence}\n---\nConverted from {gguf.name} by bench/real_models.py.\n")
     return folder
 
@@ -260,9 +271,12 @@ def main() -> None:
         row = bench(name, MODELS[name], args.work, args.data.resolve())
         print(json.dumps(row), flush=True)
         results.append(row)
+    # rows of models not run this time stay as they were, each with the command that measured it
     out = HERE / "results" / "real_models.json"
-    out.write_text(json.dumps({"command": "python bench/real_models.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-                               "models": results}, indent=1) + "\n")
+    kept = json.loads(out.read_text())["models"] if out.exists() else []
+    command = "python bench/real_models.py " + " ".join(sys.argv[1:])
+    rows = {row["model"]: row for row in kept} | {row["model"]: {**row, "command": command, "torch": torch.__version__} for row in results}
+    out.write_text(json.dumps({"models": [rows[name] for name in MODELS if name in rows]}, indent=1) + "\n")
     sys.exit(0 if all(r["passed"] for r in results) else 1)
 
 
