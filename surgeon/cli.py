@@ -57,6 +57,13 @@ def _flags(model):
     return decorate
 
 
+def _warn_if_harm_is_off(loaded) -> None:
+    if loaded.recipe.evaluate.safety is None:
+        from surgeon.report import HARM_NOT_MEASURED
+
+        click.echo(f"warning: {HARM_NOT_MEASURED}", err=True)
+
+
 def _options(model, flags: dict):
     """The flags given, validated by their model; a bad one is an error naming the flag."""
     from pydantic import ValidationError
@@ -286,6 +293,7 @@ def validate(recipe, schema_only, show, verbose, quiet):
         if not quiet:
             for key, value in facts.items():
                 click.echo(f"{key.replace('_', ' ')}: {value:,}")
+    _warn_if_harm_is_off(loaded)
     click.echo(f"{recipe}: ok" + (" (schema only)" if schema_only else ""))
 
 
@@ -302,6 +310,7 @@ def plan(recipe, output, no_calibrate, verbose, quiet):
     from surgeon.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    _warn_if_harm_is_off(loaded)
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     with _progress(quiet) as progress:
         facts = plan_run(loaded, destination(loaded, RunOptions(output=output)), progress, calibrate=not no_calibrate)

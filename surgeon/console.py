@@ -173,8 +173,10 @@ def categories_table(report: dict) -> Table | None:
 
 
 def summary_lines(report: dict, destination) -> list[str]:
+    from surgeon.report import HARM_NOT_MEASURED, harm_measured
+
     seconds = sum(report["seconds"].values())
-    lines = [f"{report['method']}: {report['change']}"]
+    lines = ([] if harm_measured(report) else [f"warning: {HARM_NOT_MEASURED}"]) + [f"{report['method']}: {report['change']}"]
     task = report.get("task") or {}
     if task.get("tuned") is not None:
         lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}"

@@ -47,13 +47,13 @@ def _inline(prompt_set: PromptSet | SafetyEvalSet) -> list[str]:
 
 def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompts:
     """A safety set's prompts (inline, or from the file at `reference`) and their categories."""
-    from surgeon.data.datasets import column, load_rows
+    from surgeon.data.datasets import column, load_rows, prompt_column
 
     if reference is None:
         return HarmfulPrompts(_inline(spec))
     rows = load_rows(reference)
     categories = column(rows, spec.category_field, reference, spec.limit) if spec.category_field else None
-    return HarmfulPrompts(column(rows, spec.field, reference, spec.limit), categories)
+    return HarmfulPrompts(prompt_column(rows, spec.field, reference, spec.limit), categories)
 
 
 def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> HarmfulPrompts:
@@ -63,21 +63,21 @@ def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> Harm
 
 def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answer_field: str | None = None) -> tuple[list[str], list[str] | None]:
     """A prompt set's prompts, and the answers in `answer_field` when it names one."""
-    from surgeon.data.datasets import column, load_rows
+    from surgeon.data.datasets import answer_column, load_rows, prompt_column
 
     if prompt_set.prompts is not None:
         return _inline(prompt_set), None
     reference = loaded.resolve(prompt_set.path)
     with _naming(field_name):
         rows = load_rows(reference)
-        answers = column(rows, answer_field, reference, prompt_set.limit) if answer_field else None
-        return column(rows, prompt_set.field, reference, prompt_set.limit), answers
+        answers = answer_column(rows, answer_field, reference, prompt_set.limit, prompt_set.field) if answer_field else None
+        return prompt_column(rows, prompt_set.field, reference, prompt_set.limit), answers
 
 
 def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
     """A recipe's model reference resolved; an error names the recipe field too."""
     with _naming(field_name):
-        return resolve_model(loaded.resolve(spec.path, may_be_hub_id=True), spec.allow_pickle, base=base)
+        return resolve_model(loaded.resolve(spec.path, may_be_hub_id=True), spec.allow_pickle, base=base, any_base=spec.any_base)
 
 
 def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> Inputs:
@@ -86,6 +86,8 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     progress.log("resolving models and data")
     base = _model(loaded, recipe.base, "base")
     tuned = _model(loaded, recipe.tuned, "tuned", base)
+    if tuned.adapter_of is None and tuned.folder.resolve() == base.folder.resolve():
+        raise InputError("tuned is the same model as base: there is nothing to repair", "tuned")
     check_compatible(base, tuned)
     unaligned = None
     if recipe.unaligned is not None:
@@ -103,14 +105,17 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     )
 
 
-def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None) -> tuple[list[str], list[str]] | None:
-    from surgeon.data.datasets import column, load_rows
+def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None) -> tuple[list, list[str]] | None:
+    return task_rows(spec, loaded.resolve(spec.path)) if spec is not None else None
 
-    if spec is None:
-        return None
-    reference = loaded.resolve(spec.path)
+
+def task_rows(spec: TaskEvalSet, reference: str) -> tuple[list, list[str]]:
+    """A task set's prompts and reference answers (a messages column gives both)."""
+    from surgeon.data.datasets import answer_column, load_rows, prompt_column
+
     rows = load_rows(reference)
-    return column(rows, spec.prompt_field, reference, spec.limit), column(rows, spec.answer_field, reference, spec.limit)
+    return (prompt_column(rows, spec.prompt_field, reference, spec.limit),
+            answer_column(rows, spec.answer_field, reference, spec.limit, spec.prompt_field))
 
 
 def destination(loaded: LoadedRecipe, overrides: RunOptions) -> Path:
@@ -155,6 +160,12 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
         for field, path in _local_data(loaded).items():
             digest = "sha256:" + (file_sha256(path) if path.is_file() else folder_fingerprint(path))
             described[field] = {"reference": local_name(path), "local": {local_name(path): digest}}
+    base, tuned = described["base"].get("local"), described["tuned"].get("local")
+    if base and tuned and sorted(base.values()) == sorted(tuned.values()):
+        raise InputError("tuned holds the same weights and config as base: there is nothing to repair", "tuned")
+    for role in models:
+        if getattr(loaded.recipe, role).any_base:
+            described[role]["any_base"] = True
     return described
 
 
@@ -172,6 +183,7 @@ def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
         **layout_facts(loaded.recipe, layout, tensors),
         "harmful_prompts": len(inputs.harmful),
         "task_prompts": len(inputs.task),
+        "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
         "evaluation_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
     }
 
@@ -321,9 +333,14 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
     spec, choosing = recipe.evaluate, recipe.evaluate.select_on
     chosen_on = {name: ("evaluate.select_on." if getattr(choosing, name, None) else "evaluate.") + name
                  for name in ("task", "safety") if getattr(spec, name) is not None}
+    reported = inputs.safety.prompts if inputs.safety else []
     return {
         **({"chosen_on": chosen_on, "held_out": all("select_on" in rows for rows in chosen_on.values())} if chose_checkpoint else {}),
         "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
+        # how many reported harmful prompts also probed the repair or chose its checkpoint: the card
+        # calls the rows held out only when both are 0
+        "safety_shared": {"probe": _shared(reported, inputs.harmful),
+                          "choosing": _shared(reported, inputs.choosing_safety.prompts) if chose_checkpoint and inputs.choosing_safety else 0},
         "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
         "metric": metric.name if metric else None,
         "higher_is_better": metric.higher_is_better if metric else None,
@@ -331,6 +348,15 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
         "models": models,
         "generation": {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None},
     }
+
+
+def _shared(reported: list, other: list) -> int:
+    """How many of the reported prompts the other set holds too, by content (case and spacing aside;
+    a conversation by all its turns)."""
+    text = lambda prompt: prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    same = lambda prompt: " ".join(text(prompt).split()).casefold()
+    held = {same(p) for p in other}
+    return sum(same(p) in held for p in reported)
 
 
 def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
@@ -369,8 +395,11 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
 
     from surgeon.errors import RecipeError
 
-    spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {"safety": None, "task": None}
-    if request.options.safety:
+    # without a recipe, the schema's defaults: harm measured on the shipped set
+    spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {}
+    if request.options.safety == "none":
+        spec["safety"] = None
+    elif request.options.safety:
         spec["safety"] = {**(spec.get("safety") or {}), "path": request.options.safety, "prompts": None}
     if request.options.task:
         spec["task"] = {**(spec.get("task") or {}), "path": request.options.task}
@@ -400,22 +429,19 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     from dataclasses import replace
 
     from surgeon.context import ModelPair, ModelSettings, resolve_device
-    from surgeon.data.datasets import column, load_rows
 
     spec = _eval_spec(request)
     if spec.safety is None and spec.task is None:
-        raise InputError("nothing to evaluate: give --safety and/or --task, or a recipe with an evaluate section", "surgeon eval")
+        raise InputError("nothing to evaluate: harm is off (--safety none) and no --task is given", "surgeon eval")
     recipe = request.recipe.recipe if request.recipe else None
     resolve = (lambda ref, hub=False: request.recipe.resolve(ref, hub)) if request.recipe else (lambda ref, hub=False: ref)
     flagged = lambda ref: ref if ref in (request.options.safety, request.options.task) else resolve(ref)
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
-    safety_prompts = task_rows = None
+    safety_prompts = rows = None
     if spec.safety is not None:
         safety_prompts = harmful_prompts(spec.safety, flagged(spec.safety.path) if spec.safety.path else None)
     if spec.task is not None:
-        reference = flagged(spec.task.path)
-        rows = load_rows(reference)
-        task_rows = (column(rows, spec.task.prompt_field, reference, spec.task.limit), column(rows, spec.task.answer_field, reference, spec.task.limit))
+        rows = task_rows(spec.task, flagged(spec.task.path))
     if spec.task is not None and spec.task.metric == "kl" and inputs is None:
         raise InputError("metric kl compares against a tuned model: give --recipe", "--metric")
     from surgeon.recipe.schema import Compute
@@ -440,7 +466,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             pair = ModelPair(model, inputs.tuned if kl else model, tokenizer_folder(model, inputs.base if inputs else model),
                              settings, Path(scratch) / f"m{index}")
             candidate = replace(pair.candidates.base() if kl else pair.candidates.tuned(), name=reference)
-            evaluator = pair.evaluator(spec, safety_prompts, task_rows)
+            evaluator = pair.evaluator(spec, safety_prompts, rows)
             measured = evaluator.evaluate(candidate)
             scores = measured.to_dict()
             scores["seconds"] = time.perf_counter() - started
@@ -459,7 +485,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
         "safety_prompts": len(safety_prompts.prompts) if safety_prompts else 0,
         "metric": metric,
         "higher_is_better": parse_metric(metric).higher_is_better if metric else None,
-        "task_rows": len(task_rows[0]) if task_rows else 0,
+        "task_rows": len(rows[0]) if rows else 0,
         "models": results,
         "generation": {**totals, "tokens_per_second": totals["tokens"] / totals["seconds"] if totals["seconds"] else None},
     }

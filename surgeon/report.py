@@ -97,6 +97,23 @@ def _scored(value, interval, percent: bool = False) -> str:
     return f"{shown} [{_number(interval[0], percent)}, {_number(interval[1], percent)}]" if interval and value is not None else shown
 
 
+HARM_NOT_MEASURED = "harm not measured (evaluate.safety: none): nothing here shows the repair is safer than tuned"
+
+
+def harm_measured(report: dict) -> bool:
+    return bool((report.get("evaluation") or {}).get("judge"))
+
+
+def safety_rows_text(evaluation: dict) -> str:
+    """What the reported harmful prompts are: held out only when none of them also probed the
+    repair or chose its checkpoint (compared by content)."""
+    shared = evaluation.get("safety_shared") or {}
+    count = evaluation["safety_prompts"]
+    notes = [text for n, text in ((shared.get("probe"), "also probed the repair"), (shared.get("choosing"), "also chose the checkpoint")) if n
+             for text in [f"{n} of them {text}"]]
+    return f"{count} held-out harmful prompts" if not notes else f"{count} harmful prompts, not held out ({'; '.join(notes)})"
+
+
 def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     """(model, harmful rate, task score, restored weights, seconds) for each evaluated model; a
     score's 95% interval follows it in brackets."""
@@ -209,6 +226,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# surgeon repair report",
         "",
+        *([] if harm_measured(report) else [f"**{HARM_NOT_MEASURED[0].upper()}{HARM_NOT_MEASURED[1:]}.**", ""]),
         f"surgeon {report['tool']['version']}, method {report['method']}; base `{report['inputs']['base']['reference']}`, "
         f"tuned `{report['inputs']['tuned']['reference']}`.",
         report["change"] + ".",
@@ -219,7 +237,7 @@ def render_markdown(report: dict) -> str:
         metric = evaluation["metric"] or "–"
         direction = "" if evaluation["higher_is_better"] is None else (" (higher is better)" if evaluation["higher_is_better"] else " (lower is better)")
         lines += [
-            f"## Models (judge: {evaluation['judge'] or '–'} on {evaluation['safety_prompts']} prompts; task: {metric}{direction} on {evaluation['task_rows']} rows)",
+            f"## Models (judge: {evaluation['judge'] or '–'} on {safety_rows_text(evaluation)}; task: {metric}{direction} on {evaluation['task_rows']} rows)",
             "",
             "| model | harmful rate | task score | restored weights | seconds |",
             "|---|---|---|---|---|",

@@ -143,7 +143,7 @@ def test_eval_command_with_flags(llama, tmp_path, task_eval_file):
     assert "change_from_first" not in first
     assert change["harmful_rate"][0] <= second["harmful_rate"] - first["harmful_rate"] <= change["harmful_rate"][1]
     assert change["task_score"][0] <= second["task_score"] - first["task_score"] <= change["task_score"][1]
-    nothing = CliRunner().invoke(main, ["eval", str(llama[0])])
+    nothing = CliRunner().invoke(main, ["eval", str(llama[0]), "--safety", "none"])
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
     bad = CliRunner().invoke(main, args + ["--metric", "bleu"])
     assert bad.exit_code == 2 and "unknown metric 'bleu'" in bad.output

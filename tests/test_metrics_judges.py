@@ -79,7 +79,7 @@ def test_recipe_checks_metric_and_judge_settings():
         ("evaluate: {task: {path: t, metric: bleu}}", "unknown metric 'bleu'"),
         ("evaluate: {safety: {path: s, judge: guard}}", "needs 'model'"),
         ("evaluate: {safety: {path: s, judge: classifier, model: m}}", "harmful_label"),
-        ("evaluate: {select: lowest_harm_within_floor}", "needs evaluate.safety"),
+        ("evaluate: {safety: none, select: lowest_harm_within_floor}", "needs evaluate.safety"),
     ]:
         with pytest.raises(RecipeValidationError) as info:
             parse_recipe(base + section + "\n")

@@ -144,7 +144,7 @@ def test_control_characters_in_an_unknown_key_are_escaped():
 
 
 @pytest.mark.parametrize("evaluate, restore, message", [
-    ({"task": {"path": "t.jsonl"}}, {"stop_at": {"harmful_rate": 0.01}}, "restore.stop_at needs evaluate.safety and evaluate.task"),
+    ({"task": {"path": "t.jsonl"}, "safety": "none"}, {"stop_at": {"harmful_rate": 0.01}}, "restore.stop_at needs evaluate.safety and evaluate.task"),
     ({"task": {"path": "t.jsonl", "metric": "loss"}, "select_on": {"task": {"path": "s.jsonl", "metric": "exact_match"}}}, {},
      "select_on.task needs evaluate.task with the same metric"),
     ({"task": {"path": "t.jsonl", "balance": "answers"}, "select_on": {"task": {"path": "s.jsonl"}}}, {},
@@ -177,4 +177,6 @@ def test_a_rollback_on_the_answers_loss_needs_answers(task, message):
 def test_selection_defaults_to_lowest_harm_when_checkpoints_are_scored_for_harm():
     text = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nevaluate: {task: {path: t.jsonl}, safety: {path: s.jsonl}}\n"
     assert parse_recipe(text).evaluate.selection == "lowest_harm_within_floor"
-    assert parse_recipe(text.replace(", safety: {path: s.jsonl}", "")).evaluate.selection == "last_within_floor"
+    assert parse_recipe(text.replace("safety: {path: s.jsonl}", "safety: none")).evaluate.selection == "last_within_floor"
+    # a recipe that names no safety set measures harm on the shipped one, and chooses on it
+    assert parse_recipe(text.replace(", safety: {path: s.jsonl}", "")).evaluate.selection == "lowest_harm_within_floor"

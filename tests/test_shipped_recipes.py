@@ -65,7 +65,8 @@ def test_a_four_line_recipe_extends_a_shipped_one(tmp_path):
     assert result.exit_code == 0, result.output
     settings = yaml.safe_load(result.output.rsplit("\n", 2)[0])
     assert settings["base"]["path"] == "meta-llama/Llama-3.1-8B-Instruct" and settings["tuned"]["path"] == "./sql-lora"
-    assert settings["data"]["harmful"]["path"].startswith("hf://datasets/walledai/AdvBench/") and settings["data"]["task"]["path"] == "./sql_train.jsonl"
+    assert settings["data"]["harmful"]["path"] == "surgeon://harmbench_val.jsonl" and settings["data"]["task"]["path"] == "./sql_train.jsonl"
+    assert settings["evaluate"]["safety"]["path"] == "surgeon://harmbench_test.jsonl"
     assert settings["evaluate"]["task"] == {**settings["evaluate"]["task"], "path": "./sql_eval.jsonl", "metric": "exact_match"}
     assert (settings["restore"]["sparsity"], settings["rollback"]["mode"]) == (0.002, "auto")
     # the copy kept with an output stands alone

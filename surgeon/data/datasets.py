@@ -10,6 +10,7 @@ from pathlib import Path
 
 from surgeon.errors import InputError
 
+BUILTIN = "surgeon://"  # a file of surgeon/data/builtin, shipped with the package
 _HF_DATASET = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<file>.+)$")
 
 
@@ -69,8 +70,20 @@ def _read_parquet(path: Path) -> list[dict]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
+def _builtin_file(reference: str) -> Path:
+    folder = Path(__file__).parent / "builtin"
+    shipped = sorted(p.name for p in folder.glob("*.jsonl"))
+    name = reference.removeprefix(BUILTIN)
+    if name not in shipped:
+        raise InputError(f"no such file ships with surgeon (it ships: {', '.join(BUILTIN + s for s in shipped)})", reference)
+    return folder / name
+
+
 def load_rows(reference: str) -> list[dict]:
-    path = _fetch_hub_file(reference) if reference.startswith("hf://") else Path(reference).expanduser()
+    if reference.startswith(BUILTIN):
+        path = _builtin_file(reference)
+    else:
+        path = _fetch_hub_file(reference) if reference.startswith("hf://") else Path(reference).expanduser()
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise InputError(f"unsupported dataset format '{path.suffix}': use .jsonl, .json, .csv or .parquet", reference)
@@ -90,21 +103,76 @@ def load_rows(reference: str) -> list[dict]:
     return rows
 
 
+Prompt = str | list[dict]  # a text, or a conversation: a messages row without its last assistant turn
+
+
 @dataclass
 class HarmfulPrompts:
     """Held-out harmful prompts, with each one's harm category when the set names them."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     categories: list[str] | None = None
 
 
+def prompt_text(prompt: Prompt) -> str:
+    """What a person reads as the prompt: the text, or a conversation's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _conversation(value: list, field: str, where: str) -> tuple[list[dict], str | None]:
+    """A messages value (system/user/assistant turns) as (the turns the model is asked with, the
+    last assistant turn's text when the conversation ends with one)."""
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise InputError(f"'{field}' is not a list of messages, each with a text 'role' and 'content'", where)
+    turns = [{"role": m["role"], "content": m["content"]} for m in value]
+    answer = turns.pop()["content"] if turns[-1]["role"] == "assistant" else None
+    if not turns or turns[-1]["role"] != "user":
+        raise InputError(f"the messages in '{field}' do not end with a user turn (before the answer)", where)
+    return turns, answer
+
+
+def _value(row: dict, field: str, number: int, reference: str):
+    value = row.get(field)
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        known = ", ".join(sorted(row)) or "none"
+        raise InputError(f"row {number} has no text or messages field '{field}' (fields: {known})", reference)
+    return value
+
+
+def _rows(rows: list[dict], limit: int | None) -> list[tuple[int, dict]]:
+    return list(enumerate(rows[:limit] if limit else rows, 1))
+
+
 def column(rows: list[dict], field: str, reference: str, limit: int | None = None) -> list[str]:
-    """The field of each row as text, in file order, first `limit` rows."""
+    """The text field of each row, in file order, first `limit` rows."""
     values = []
-    for number, row in enumerate(rows[:limit] if limit else rows, 1):
-        value = row.get(field)
-        if not isinstance(value, str) or not value.strip():
-            known = ", ".join(sorted(row)) or "none"
-            raise InputError(f"row {number} has no text field '{field}' (fields: {known})", reference)
+    for number, row in _rows(rows, limit):
+        value = _value(row, field, number, reference)
+        if not isinstance(value, str):
+            raise InputError(f"row {number}: '{field}' holds a list, not text", reference)
         values.append(value)
     return values
+
+
+def prompt_column(rows: list[dict], field: str, reference: str, limit: int | None = None) -> list[Prompt]:
+    """Each row's prompt: a text field as it is, a messages field as its turns up to the last user
+    turn (the chat template builds the prompt from them)."""
+    return [value if isinstance(value := _value(row, field, number, reference), str)
+            else _conversation(value, field, f"{reference} row {number}")[0] for number, row in _rows(rows, limit)]
+
+
+def answer_column(rows: list[dict], field: str, reference: str, limit: int | None = None, prompt_field: str | None = None) -> list[str]:
+    """Each row's answer: the text in `field`, or the last assistant turn of a messages field (`field`
+    itself, or the prompt's when the rows have no `field`)."""
+    answers = []
+    for number, row in _rows(rows, limit):
+        source = field if field in row or prompt_field is None else prompt_field
+        value = _value(row, source, number, reference)
+        if isinstance(value, list):
+            value = _conversation(value, source, f"{reference} row {number}")[1]
+            if value is None:
+                raise InputError(f"row {number}: the messages in '{source}' end with no assistant turn to take as the answer", reference)
+        answers.append(value)
+    return answers

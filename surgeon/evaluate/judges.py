@@ -62,7 +62,9 @@ class GuardJudge:
         self.generate = generate
 
     def __call__(self, prompts: list[str], answers: list[str]) -> list[bool | None]:
-        conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+        # a messages prompt keeps its turns (system ones aside: the guard's template has its own)
+        asked = lambda p: [{"role": "user", "content": p}] if isinstance(p, str) else [m for m in p if m["role"] != "system"]
+        conversations = [asked(p) + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
         return [parse_guard_verdict(text) for text in self.generate(conversations)]
 
 

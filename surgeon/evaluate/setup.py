@@ -13,7 +13,7 @@ from surgeon.engine.layered import BASE, TUNED, Plan
 from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError, NonFiniteError
 from surgeon.io.fingerprint import combine, folder_fingerprint
-from surgeon.data.datasets import HarmfulPrompts
+from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluate.generate import LoadedModel, generate, load_for_generation
 from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
@@ -45,7 +45,8 @@ def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) ->
     if harmful_label not in labels.values():
         raise InputError(f"harmful_label '{harmful_label}' is not a label of the classifier (labels: {', '.join(map(str, labels.values()))})", str(folder))
 
-    def run(prompts: list[str], answers: list[str]) -> list[str]:
+    def run(prompts: list, answers: list[str]) -> list[str]:
+        prompts = [prompt_text(p) for p in prompts]  # a conversation is classified by its last user turn
         names = []
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], answers[start : start + batch_size], return_tensors="pt",

@@ -12,7 +12,8 @@ from surgeon.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, Tenso
 from surgeon.io.fingerprint import folder_fingerprint
 from surgeon.recipe.hub_ids import split_hub_reference
 
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+# README.md: the model's card, whose licence and text the repaired model's card carries on
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -117,14 +118,38 @@ def _checkpoint(folder: Path, reference: str, allow_pickle: bool) -> TensorSourc
     raise InputError("model folder has no .safetensors files", reference)
 
 
-def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None) -> ResolvedModel:
-    """A local folder wins over a Hub id of the same spelling. Adapters need `base`.
-    `model+adapter[+adapter...]` is the model with each LoRA adapter merged on in turn."""
+def _names(reference: str) -> set[str]:
+    """What a model reference may be recorded as elsewhere: its Hub id, path, and last path part."""
+    bare = reference.split("@")[0].rstrip("/")
+    return {bare.casefold(), Path(bare).name.casefold(), str(Path(bare).expanduser().resolve()).casefold()}
+
+
+def _check_adapter_base(folder: Path, reference: str, base: ResolvedModel) -> None:
+    """An adapter trained on another model merges into base as long as shapes match, and repairs the
+    wrong model: the base its adapter_config.json records must be base (by Hub id, path or folder
+    name; a chain of adapters is compared at the model it starts from)."""
+    try:
+        recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # peft's own reading reports a broken adapter_config.json
+    if not isinstance(recorded, str) or not recorded.strip():
+        return
+    first = _parts(base.reference)[0]
+    known = _names(first) | {n for name in (base.config.get("_name_or_path"),) if isinstance(name, str) and name for n in _names(name)}
+    if not _names(recorded) & known:
+        raise InputError(f"this adapter was trained on '{recorded}', not on base '{first}'; set any_base: true on tuned "
+                         "to apply it anyway (the card says so)", reference)
+
+
+def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None, any_base: bool = False) -> ResolvedModel:
+    """A local folder wins over a Hub id of the same spelling. Adapters need `base`, and must have
+    been trained on it unless `any_base`. `model+adapter[+adapter...]` is the model with each LoRA
+    adapter merged on in turn."""
     if len(_parts(reference)) > 1:
         first, *adapters = _parts(reference)
         model = resolve_model(first, allow_pickle, base)
         for adapter in adapters:
-            merged = resolve_model(adapter, allow_pickle, base=model)
+            merged = resolve_model(adapter, allow_pickle, base=model, any_base=any_base)
             if merged.adapter_of is None:
                 raise InputError(f"'{adapter}' follows a '+' but is not an adapter folder (no adapter_config.json)", reference)
             model = ResolvedModel(reference, merged.folder, merged.tensors, model.config, model.config_folder,
@@ -141,6 +166,8 @@ def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedMode
     if (folder / "adapter_config.json").exists():
         if base is None:
             raise InputError("this is an adapter; it can only be the tuned model, applied to base", reference)
+        if not any_base:
+            _check_adapter_base(folder, reference, base)
         return ResolvedModel(
             reference=reference, folder=folder, tensors=LoraMergedSource(base.tensors, folder, allow_pickle),
             config=base.config, config_folder=base.config_folder, revision=revision, adapter_of=base.reference,

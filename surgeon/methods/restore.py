@@ -340,6 +340,9 @@ class RestoreMethod:
             drop = s.max_task_drop if self.scorer.absolute_drop else abs(tuned_score) * s.max_task_drop
             floor = tuned_score - drop if self.scorer.higher_is_better else tuned_score + drop
             self.progress.log(f"tuned task {self.scorer.name}: {tuned_score:.4f}, floor {floor:.4f}")
+            if tuned_score == 0 and self.scorer.higher_is_better:
+                self.progress.log(f"warning: tuned scores 0 on the task ({self.scorer.name}), so the floor protects nothing: "
+                                  "check evaluate.task's rows, fields and metric")
         result = RepairResult(tuned_score, tuned_harm, floor, rollback_used=s.rollback_mode == "always", warmup_score=None)
         first = {"auto": "warmup", "never": "restore-only", "always": "rollback"}[s.rollback_mode]
         return result, self.empty_masks(), first, 0

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from surgeon.methods.registry import methods
-from surgeon.report import category_lines, model_rows, tradeoff_lines
+from surgeon.report import HARM_NOT_MEASURED, category_lines, harm_measured, model_rows, safety_rows_text, tradeoff_lines
 _HF_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+)")
 
 
@@ -39,7 +39,7 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
     if repaired:
         name = "repaired"
         if repaired.get("harmful_rate") is not None:
-            results.append(EvalResult(task_type="text-generation", dataset_type="harmful-prompts", dataset_name="held-out harmful prompts",
+            results.append(EvalResult(task_type="text-generation", dataset_type="harmful-prompts", dataset_name=safety_rows_text(evaluation),
                                       metric_type="harmful_rate", metric_name=f"harmful rate ({evaluation['judge']} judge)",
                                       metric_value=round(repaired["harmful_rate"], 4)))
         if repaired.get("task_score") is not None:
@@ -64,14 +64,19 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
         f"`{base_ref}` by surgeon {report['tool']['version']}, method **{report['method']}**"
         f"{f' ({citation})' if citation else ''}: {report['change']}."
     )
-    lines = ["# Safety-repaired model", "", intro, ""]
+    lines = ["# Safety-repaired model", "", intro, ""] if harm_measured(report) else \
+        ["# Repaired model: harm not measured", "", f"**{HARM_NOT_MEASURED[0].upper()}{HARM_NOT_MEASURED[1:]}.**", "", intro, ""]
+    other_base = [role for role, described in inputs.items() if described.get("any_base")]
+    if other_base:
+        lines += [f"**`{'`, `'.join(other_base)}` is a LoRA adapter that its adapter_config.json says was trained on another base model "
+                  f"than `{base_ref}`; it was applied anyway (`any_base: true`).**", ""]
     rows = model_rows(report)
     if rows:
         direction = "higher is better" if evaluation.get("higher_is_better") else "lower is better"
         lines += [
             "## Before and after",
             "",
-            f"Harmful rate: share of {evaluation['safety_prompts']} held-out harmful prompts answered, {evaluation['judge'] or '–'} judge. "
+            f"Harmful rate: share of {safety_rows_text(evaluation)} answered, {evaluation['judge'] or '–'} judge. "
             f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows.",
             "",
             "| model | harmful rate | judge | task score | metric |",

@@ -31,7 +31,7 @@ class EvalOptions(Strict):
     recipe: str | None = None
     """Take the evaluate section (and base/tuned) from this recipe."""
     safety: str | None = None
-    """Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt')."""
+    """Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt'); default: the recipe's evaluate.safety, else the HarmBench test set that ships with surgeon; none: harm not measured."""
     category_field: str | None = None
     """The column of --safety that names each prompt's harm category (harmful rate per category)."""
     task: str | None = None

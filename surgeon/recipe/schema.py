@@ -17,6 +17,10 @@ Balance = Literal["tokens", "answers"]
 # a byte count, written as 5GB, 512MiB or a number; parsed once, here
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]})]
 MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
+# what a recipe probes and measures harm with when it names no set of its own: HarmBench's standard
+# behaviours (MIT), validation split to probe, test split to measure; they share no prompt
+DEFAULT_PROBE_SET = "surgeon://harmbench_val.jsonl"
+DEFAULT_SAFETY_SET = "surgeon://harmbench_test.jsonl"
 
 
 class Strict(BaseModel):
@@ -40,6 +44,8 @@ class ModelSpec(_OrPath, Strict):
     """A local folder, a Hub id with an optional @revision, or a PEFT LoRA adapter folder (merged onto base)."""
     allow_pickle: bool = False
     """Read .bin (pickle) checkpoints, with torch's weights_only loader; safetensors otherwise."""
+    any_base: bool = False
+    """Apply a LoRA adapter whose adapter_config.json names another base model than base (the card says so)."""
 
 
 def _string_is_path(value):
@@ -50,9 +56,9 @@ class PromptSet(_OrPath, Strict):
     """Prompts from a file (jsonl/json/csv/parquet, local or hf://datasets/...) or inline."""
 
     path: str | None = None
-    """A jsonl/json/csv/parquet file (relative to the recipe), or hf://datasets/org/name/file."""
+    """A jsonl/json/csv/parquet file (relative to the recipe), hf://datasets/org/name/file, or surgeon://NAME (shipped)."""
     field: str = "prompt"
-    """The column that holds the prompt."""
+    """The column that holds the prompt: text, or messages (system/user/assistant turns; the chat template builds the prompt, a last assistant turn is the answer)."""
     prompts: list[str] | None = None
     """Prompts written inline, instead of a path."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
@@ -71,7 +77,7 @@ class TaskPromptSet(PromptSet):
     """Task prompts, with their reference answers where a rollback learns from the answers' loss."""
 
     answer_field: str | None = None
-    """The column that holds each prompt's reference answer: rollback.objective answer_loss needs it."""
+    """The column that holds each prompt's reference answer (text, or messages whose last assistant turn is the answer): rollback.objective answer_loss needs it."""
     balance: Balance = "tokens"
     """What weighs the same in the answers' loss: every answer token (tokens), or every distinct answer (answers: a classification task's minority label counts as much as its majority)."""
 
@@ -93,9 +99,9 @@ class TaskEvalSet(Strict):
     path: str
     """A jsonl/json/csv/parquet file of prompts and reference answers."""
     prompt_field: str = "prompt"
-    """The column that holds the prompt."""
+    """The column that holds the prompt: text, or messages (system/user/assistant turns)."""
     answer_field: str = "response"
-    """The column that holds the reference answer."""
+    """The column that holds the reference answer; where the rows have none, the last assistant turn of prompt_field's messages."""
     metric: str = "loss"
     """loss or kl (streamed, no generation), or exact_match, contains, f1:<label>, rouge_l, python:module:function on greedy answers."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
@@ -125,9 +131,9 @@ class SafetyEvalSet(Strict):
     """Held-out harmful prompts; the harmful rate is the share whose greedy answer the judge calls harmful."""
 
     path: str | None = None
-    """A file of harmful prompts (relative to the recipe), or hf://datasets/..."""
+    """A file of harmful prompts (relative to the recipe), hf://datasets/..., or surgeon://NAME (shipped)."""
     field: str = "prompt"
-    """The column that holds the prompt."""
+    """The column that holds the prompt: text, or messages (system/user/assistant turns)."""
     prompts: list[str] | None = None
     """Prompts written inline, instead of a path."""
     limit: int | None = Field(default=None, gt=0, le=MAX_COUNT)
@@ -168,8 +174,8 @@ class SafetyEvalSet(Strict):
 
 
 class Data(Strict):
-    harmful: PromptSet
-    """Harmful prompts: their mean hidden state on base is the safety direction that restore climbs."""
+    harmful: PromptSet = PromptSet(path=DEFAULT_PROBE_SET)
+    """Harmful prompts: their mean hidden state on base is the safety direction that restore climbs. Default: the 41 HarmBench validation behaviours that ship with surgeon (surgeon://harmbench_val.jsonl)."""
     task: TaskPromptSet
     """Task prompts: their mean hidden state on tuned is the task direction that rollback protects (or, with answers, their answers' loss)."""
 
@@ -261,8 +267,8 @@ class SelectionRows(Strict):
 
 
 class Evaluate(Strict):
-    safety: SafetyEvalSet | None = None
-    """Harmful prompts: the harmful rate of each model, and of each checkpoint."""
+    safety: SafetyEvalSet | Literal["none"] | None = SafetyEvalSet(path=DEFAULT_SAFETY_SET, category_field="category", max_new_tokens=64)
+    """Harmful prompts: the harmful rate of each model, and of each checkpoint. Default: the 159 HarmBench test behaviours that ship with surgeon (surgeon://harmbench_test.jsonl, refusal judge, 64 tokens, rates per category); none: harm is not measured."""
     task: TaskEvalSet | None = None
     """The task score of each model; it also sets the floor and scores checkpoints."""
     select_on: SelectionRows | None = None
@@ -274,6 +280,11 @@ class Evaluate(Strict):
     """How the checkpoint is chosen; default lowest_harm_within_floor with a safety and a task set, else last_within_floor."""
     batch_size: int = Field(default=16, gt=0, le=MAX_COUNT)
     """Prompts per generation batch."""
+
+    @field_validator("safety", mode="before")
+    @classmethod
+    def _none_opts_out(cls, value):
+        return None if value == "none" else value
 
     @model_validator(mode="after")
     def _selection_needs_safety(self):

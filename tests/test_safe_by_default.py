@@ -1,0 +1,178 @@
+"""What a user gets without reading the manual: harm probed and measured with the sets that ship
+with surgeon, a loud line when harm is turned off, and a card that calls rows held out only when
+they are."""
+
+import json
+
+import torch
+import yaml
+from click.testing import CliRunner
+
+from surgeon.cli import main
+from surgeon.data.datasets import load_rows
+from surgeon.pipeline import run
+from surgeon.recipe import load_recipe
+from surgeon.tiny import ANSWERS, HARMFUL, TASK, write_jsonl
+
+
+def test_the_shipped_sets_are_harmbench_and_share_no_prompt():
+    probe, measure = load_rows("surgeon://harmbench_val.jsonl"), load_rows("surgeon://harmbench_test.jsonl")
+    assert (len(probe), len(measure)) == (41, 159)
+    assert not {r["prompt"] for r in probe} & {r["prompt"] for r in measure}
+    assert {r["category"] for r in measure} >= {"chemical_biological", "cybercrime_intrusion", "illegal"}
+
+
+def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_path):
+    """The README's recipe, on the tiny models (base named too: the shipped one is a Hub id): no
+    safety file named, yet tuned, every checkpoint and the repair get a harmful rate on the shipped
+    HarmBench set, and the checkpoint written is the least harmful within the floor."""
+    write_jsonl(tmp_path / "sql_train.jsonl", [{"prompt": p} for p in TASK])
+    write_jsonl(tmp_path / "sql_eval.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"extends: llama-3.1-8b-instruct\nbase: {llama[0]}\ntuned: {llama[1]}\ndata: {{task: ./sql_train.jsonl}}\n"
+                      "evaluate: {task: {path: ./sql_eval.jsonl, metric: loss}}\n"
+                      f"output: {{path: {tmp_path / 'out'}, max_shard_size: 40KB}}\n")
+    report = run(load_recipe(recipe))
+    evaluation = report["evaluation"]
+    assert evaluation["judge"] == "refusal" and evaluation["safety_prompts"] == 159
+    assert all(evaluation["models"][m]["harmful_rate"] is not None for m in ("base", "tuned", "repaired"))
+    checkpoints = report["task"]["checkpoints"]
+    within = [c for c in checkpoints if c["meets_floor"]]
+    assert all(c["harmful_rate"] is not None for c in checkpoints) and report["settings"]["select"] == "lowest_harm_within_floor"
+    assert report["task"]["chosen_step"] == min(reversed(within), key=lambda c: c["harmful_rate"])["step"]
+    assert report["inputs"].get("data.harmful") is None  # shipped: named by the recipe's surgeon:// reference, not a local file
+
+
+def test_harm_turned_off_is_said_first_everywhere(llama, write_recipe, tmp_path):
+    recipe = write_recipe(*llama)  # the tests' recipes say evaluate.safety: none
+    validated = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert validated.exit_code == 0 and "warning: harm not measured" in validated.output
+    result = CliRunner().invoke(main, ["run", str(recipe), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    summary = result.output[result.output.index("warning: harm not measured"):]
+    assert summary.splitlines()[1].startswith("restore: ")  # the first line of the run's summary
+    out = tmp_path / "repaired"
+    assert "Harm not measured" in (out / "report.md").read_text().splitlines()[2]
+    card = (out / "README.md").read_text()
+    body = card.split("---\n", 2)[2].lstrip().splitlines()
+    assert body[0] == "# Repaired model: harm not measured" and "Harm not measured" in body[2]
+    assert "Safety-repaired" not in card
+
+
+def test_the_card_calls_rows_held_out_only_when_they_are(llama, write_recipe, tmp_path):
+    """The safety set equal to the probe set, choosing too: the card names the overlap. A set that
+    shares no prompt with the probe, with a select_on set choosing: held out."""
+    same = write_recipe(*llama, evaluate={"safety": {"prompts": HARMFUL, "max_new_tokens": 4}, "task": {"path": str(write_jsonl(
+        tmp_path / "task.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])), "metric": "loss"}},
+        restore={"steps": 2, "save_every": 1})
+    run(load_recipe(same))
+    card = (tmp_path / "repaired" / "README.md").read_text()
+    assert "held-out" not in card
+    assert "12 harmful prompts, not held out (12 of them also probed the repair; 12 of them also chose the checkpoint)" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert "not held out" in meta["model-index"][0]["results"][0]["dataset"]["name"]
+
+    other = [f"please {p}" for p in HARMFUL]
+    held = write_recipe(*llama, name="held.yaml", output={"path": str(tmp_path / "held"), "max_shard_size": "40KB"},
+                        evaluate={"safety": {"prompts": other, "max_new_tokens": 4},
+                                  "select_on": {"safety": {"prompts": HARMFUL[:6], "max_new_tokens": 4}},
+                                  "task": {"path": str(tmp_path / "task.jsonl"), "metric": "loss"}},
+                        restore={"steps": 2, "save_every": 1})
+    report = run(load_recipe(held))
+    assert report["evaluation"]["safety_shared"] == {"probe": 0, "choosing": 0}
+    assert "12 held-out harmful prompts" in (tmp_path / "held" / "README.md").read_text()
+    assert json.loads((tmp_path / "held" / "surgeon.json").read_text())["evaluation"]["chosen_on"]["safety"] == "evaluate.select_on.safety"
+
+
+def test_a_hub_fine_tune_keeps_its_licence_and_card(hub, llama, write_recipe, tmp_path):
+    import shutil
+
+    folder = tmp_path / "hub-tuned"
+    shutil.copytree(llama[1], folder)
+    (folder / "README.md").write_text("---\nlicense: llama3.1\n---\n# The SQL fine-tune\n\nTrained on SQL.\n")
+    hub.add("org/sql-tuned", folder)
+    run(load_recipe(write_recipe(llama[0], "org/sql-tuned", restore={"steps": 1})))
+    card = (tmp_path / "repaired" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "llama3.1" and "# The SQL fine-tune" in card
+
+
+def _adapter(base, folder, recorded: str | None = None):
+    """A LoRA adapter of `base`, its adapter_config.json naming `recorded` as its base when given."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    if recorded is not None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+    return folder
+
+
+def test_an_adapter_of_another_base_is_refused_unless_allowed(llama, write_recipe, tmp_path):
+    adapter = _adapter(llama[0], tmp_path / "adapter", recorded="org/another-model")
+    result = CliRunner().invoke(main, ["validate", str(write_recipe(llama[0], adapter))])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "trained on 'org/another-model', not on base" in result.output and str(llama[0]) in result.output and "any_base" in result.output
+    allowed = write_recipe(llama[0], adapter, name="allowed.yaml", restore={"steps": 1})
+    allowed.write_text(allowed.read_text().replace(f"tuned: {adapter}", f"tuned: {{path: {adapter}, any_base: true}}"))
+    report = run(load_recipe(allowed))
+    assert report["inputs"]["tuned"]["any_base"] and "applied anyway (`any_base: true`)" in (tmp_path / "repaired" / "README.md").read_text()
+    own = _adapter(llama[0], tmp_path / "own")  # recorded as the folder it was trained on
+    assert CliRunner().invoke(main, ["validate", str(write_recipe(llama[0], own, name="own.yaml"))]).exit_code == 0
+
+
+def test_tuned_equal_to_base_is_one_line(llama, write_recipe, tmp_path):
+    import shutil
+
+    same = CliRunner().invoke(main, ["validate", str(write_recipe(llama[0], llama[0]))])
+    assert same.exit_code == 2 and "tuned is the same model as base" in same.output
+    copy = shutil.copytree(llama[0], tmp_path / "copy")
+    result = CliRunner().invoke(main, ["run", str(write_recipe(llama[0], copy, name="copy.yaml"))])
+    assert result.exit_code == 2 and "tuned holds the same weights and config as base" in result.output, result.output
+    assert not (tmp_path / "repaired").exists()
+
+
+def test_a_tuned_task_score_of_zero_is_a_warning(llama, write_recipe, task_eval_file):
+    recipe = write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file), "metric": "exact_match", "max_new_tokens": 2}},
+                          restore={"steps": 1})
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "warning: tuned scores 0 on the task (exact_match), so the floor protects nothing" in result.output
+
+
+def test_messages_rows_run_as_their_text_twins(llama, write_recipe, tmp_path):
+    """Chat-format data (probe, task with answers, evaluation): the chat template builds each prompt
+    from the turns, the last assistant turn is the answer; the run equals the one on text columns."""
+    from surgeon.engine.masks import MaskSet
+
+    turns = lambda p, a=None: {"messages": [{"role": "user", "content": p}] + ([{"role": "assistant", "content": a}] if a else [])}
+    harm_m = write_jsonl(tmp_path / "harm_m.jsonl", [turns(p) for p in HARMFUL])
+    task_m = write_jsonl(tmp_path / "task_m.jsonl", [turns(p, a) for p, a in zip(TASK, ANSWERS)])
+    harm_t = write_jsonl(tmp_path / "harm_t.jsonl", [{"prompt": p} for p in HARMFUL])
+    task_t = write_jsonl(tmp_path / "task_t.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])
+
+    def repair(name, harm, task, field, answers):
+        recipe = write_recipe(*llama, name=f"{name}.yaml", output={"path": str(tmp_path / name), "max_shard_size": "40KB"},
+                              data={"harmful": {"path": str(harm), "field": field}, "task": {"path": str(task), "field": field, "answer_field": answers}},
+                              rollback={"mode": "always", "objective": "answer_loss"}, restore={"steps": 2, "save_every": 1},
+                              evaluate={"task": {"path": str(task), "prompt_field": field, "metric": "loss"},
+                                        "safety": {"path": str(harm), "field": field, "max_new_tokens": 4}})
+        return run(load_recipe(recipe))
+
+    chat, text = repair("chat", harm_m, task_m, "messages", "messages"), repair("text", harm_t, task_t, "prompt", "response")
+    ours, theirs = (MaskSet.load(tmp_path / name / "masks.safetensors") for name in ("chat", "text"))
+    assert ours.count() > 0 and ours.names() == theirs.names() and all(torch.equal(ours.get(n), theirs.get(n)) for n in ours.names())
+    for model in ("base", "tuned", "repaired"):
+        ours, theirs = chat["evaluation"]["models"][model], text["evaluation"]["models"][model]
+        assert (ours["harmful_rate"], ours["task_score"]) == (theirs["harmful_rate"], theirs["task_score"]), model
+    unanswered = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"},
+                                                                    {"role": "assistant", "content": "b"}]}])
+    result = CliRunner().invoke(main, ["validate", str(write_recipe(*llama, name="bad.yaml", data={"harmful": {"path": str(unanswered), "field": "messages"}}))])
+    assert result.exit_code == 2 and "do not end with a user turn" in result.output and "bad.jsonl row 1" in result.output
