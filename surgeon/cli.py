@@ -57,6 +57,12 @@ def _flags(model):
     return decorate
 
 
+_settable = click.option(
+    "--set", "settings", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Set a recipe key (repeatable), e.g. --set restore.steps=3: the value is read as YAML and checked like the recipe; "
+         "the output's recipe copy records it.")
+
+
 def _warn_if_harm_is_off(loaded) -> None:
     if loaded.recipe.evaluate.safety is None:
         from surgeon.report import HARM_NOT_MEASURED
@@ -125,10 +131,16 @@ def _reported(function):
     @functools.wraps(function)
     def wrapper(*args, debug: bool = False, verbose: bool = False, quiet: bool = False, **kwargs):
         if not verbose:
+            import logging
+
+            import huggingface_hub.utils
             import transformers
 
             transformers.logging.set_verbosity_error()
             transformers.logging.disable_progress_bar()
+            # the Hub client logs each retry of an unreachable server; the error that follows says it in one line
+            logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+            huggingface_hub.utils.disable_progress_bars()
         try:
             with _terminations_interrupt():
                 return function(*args, verbose=verbose, quiet=quiet, **kwargs)
@@ -183,10 +195,11 @@ def main():
 
 @main.command()
 @click.argument("recipe")
+@_settable
 @_flags(RunOptions)
 @_verbosity
 @_reported
-def run(recipe, verbose, quiet, **flags):
+def run(recipe, settings, verbose, quiet, **flags):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
     from surgeon.console import categories_table, models_table, summary_lines, summary_table
     from surgeon.pipeline import destination
@@ -194,7 +207,7 @@ def run(recipe, verbose, quiet, **flags):
     from surgeon.recipe import load_recipe
 
     overrides = _options(RunOptions, flags)
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, settings)
     from surgeon.processes import launched_as_follower
 
     follower = launched_as_follower()  # under torchrun / accelerate launch the main process alone reports
@@ -269,6 +282,11 @@ def evaluate(models, as_json, verbose, quiet, **flags):
     for table in (models_table({"evaluation": results}), categories_table({"evaluation": results})):
         if table is not None:
             _consoles()[0].print(table)
+    shown = {name: scores["examples"] for name, scores in results["models"].items() if "examples" in scores}
+    if shown:
+        from surgeon.report import answer_lines
+
+        click.echo("\n".join(answer_lines(shown)))
     generation = results["generation"]
     if generation["tokens"]:
         click.echo(f"generated {generation['tokens']:,} tokens in {generation['seconds']:.1f}s ({generation['tokens_per_second']:.1f} tokens/s)")
@@ -276,16 +294,17 @@ def evaluate(models, as_json, verbose, quiet, **flags):
 
 @main.command()
 @click.argument("recipe")
+@_settable
 @click.option("--schema-only", is_flag=True, help="Check the schema (and what the recipe extends) only: no model or data is read.")
 @click.option("--print", "show", is_flag=True, help="Print the recipe with every setting resolved, defaults included.")
 @_verbosity
 @_reported
-def validate(recipe, schema_only, show, verbose, quiet):
+def validate(recipe, settings, schema_only, show, verbose, quiet):
     """Check RECIPE: schema, model and data references, base/tuned compatibility. No heavy work."""
     from surgeon.pipeline import validate as validate_recipe
     from surgeon.recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, settings)
     if show:
         click.echo(loaded.resolved_text(), nl=False)
     if not schema_only:
@@ -299,17 +318,18 @@ def validate(recipe, schema_only, show, verbose, quiet):
 
 @main.command()
 @click.argument("recipe")
+@_settable
 @click.option("--output", "-o", help="The destination to check the disk of (overrides output.path).")
 @click.option("--no-calibrate", is_flag=True, help="Skip timing one decoder layer.")
 @_verbosity
 @_reported
-def plan(recipe, output, no_calibrate, verbose, quiet):
+def plan(recipe, settings, output, no_calibrate, verbose, quiet):
     """What a restore run of RECIPE needs: layers, E, k, N, peak memory, disk, and the time of a step."""
     from surgeon.pipeline import destination
     from surgeon.plan import plan as plan_run
     from surgeon.recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe, settings)
     _warn_if_harm_is_off(loaded)
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     with _progress(quiet) as progress:

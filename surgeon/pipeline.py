@@ -18,6 +18,9 @@ from surgeon.recipe.options import EvalOptions, RunOptions
 from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet, TaskEvalSet
 
 
+SHOWN_ROWS = 3  # rows of each set whose answers report.md shows
+
+
 @dataclass
 class Inputs:
     base: ResolvedModel
@@ -33,12 +36,14 @@ class Inputs:
 
 
 @contextmanager
-def _naming(field_name: str):
-    """An input error inside names the recipe field too."""
+def _naming(field_name: str, loaded: LoadedRecipe | None = None):
+    """An input error inside names the recipe field too, and the file and line that set it (a
+    shipped or extended recipe's placeholder is set there, not in the user's file)."""
     try:
         yield
     except InputError as exc:
-        raise type(exc)(exc.message, f"{field_name}: {exc.where}") from None
+        origin = loaded.origin(field_name) if loaded is not None else None
+        raise type(exc)(exc.message, f"{field_name}: {exc.where}" + (f"; set at {origin}" if origin else "")) from None
 
 
 def _inline(prompt_set: PromptSet | SafetyEvalSet) -> list[str]:
@@ -57,7 +62,7 @@ def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompt
 
 
 def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> HarmfulPrompts:
-    with _naming(field_name):
+    with _naming(field_name, loaded):
         return harmful_prompts(spec, loaded.resolve(spec.path) if spec.path else None)
 
 
@@ -68,7 +73,7 @@ def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answe
     if prompt_set.prompts is not None:
         return _inline(prompt_set), None
     reference = loaded.resolve(prompt_set.path)
-    with _naming(field_name):
+    with _naming(field_name, loaded):
         rows = load_rows(reference)
         answers = answer_column(rows, answer_field, reference, prompt_set.limit, prompt_set.field) if answer_field else None
         return prompt_column(rows, prompt_set.field, reference, prompt_set.limit), answers
@@ -76,7 +81,7 @@ def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answe
 
 def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
     """A recipe's model reference resolved; an error names the recipe field too."""
-    with _naming(field_name):
+    with _naming(field_name, loaded):
         return resolve_model(loaded.resolve(spec.path, may_be_hub_id=True), spec.allow_pickle, base=base, any_base=spec.any_base)
 
 
@@ -93,20 +98,23 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
     if recipe.unaligned is not None:
         unaligned = _model(loaded, recipe.unaligned, "unaligned", base)
         check_compatible(base, unaligned)
-    evaluation = _task_rows(loaded, recipe.evaluate.task)
+    evaluation = _task_rows(loaded, recipe.evaluate.task, "evaluate.task")
     safety = _harmful(loaded, recipe.evaluate.safety, "evaluate.safety") if recipe.evaluate.safety else None
     harmful, _ = _prompts(loaded, recipe.data.harmful, "data.harmful") if recipe.data else ([], None)
     task, task_answers = _prompts(loaded, recipe.data.task, "data.task", recipe.data.task.answer_field) if recipe.data else ([], None)
     choosing = recipe.evaluate.select_on
     return Inputs(
         base, tuned, harmful, task, evaluation, safety, unaligned, task_answers,
-        choosing_evaluation=_task_rows(loaded, choosing.task) if choosing and choosing.task else evaluation,
+        choosing_evaluation=_task_rows(loaded, choosing.task, "evaluate.select_on.task") if choosing and choosing.task else evaluation,
         choosing_safety=_harmful(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
     )
 
 
-def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None) -> tuple[list, list[str]] | None:
-    return task_rows(spec, loaded.resolve(spec.path)) if spec is not None else None
+def _task_rows(loaded: LoadedRecipe, spec: TaskEvalSet | None, field_name: str) -> tuple[list, list[str]] | None:
+    if spec is None:
+        return None
+    with _naming(field_name, loaded):
+        return task_rows(spec, loaded.resolve(spec.path))
 
 
 def task_rows(spec: TaskEvalSet, reference: str) -> tuple[list, list[str]]:
@@ -315,13 +323,16 @@ def _final_evaluation(context, repair, written: Path) -> dict:
         repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation)
         repaired = lambda: replace(own.candidates.base(), name="repaired")
     picks = {"base": pair.candidates.base, "tuned": pair.candidates.tuned, "repaired": repaired}
-    models = {}
+    models, examples = {}, {}
     for name in recipe.evaluate.models:
-        models[name] = (repaired_evaluator if name == "repaired" else evaluator).evaluate(picks[name]()).to_dict()
+        judged_by, candidate = (repaired_evaluator if name == "repaired" else evaluator), picks[name]()
+        models[name] = judged_by.evaluate(candidate).to_dict()
+        if name != "base":  # what tuned and the repair answer, side by side in report.md
+            examples[name] = judged_by.examples(candidate, SHOWN_ROWS)
     if repair.masks is not None and "repaired" in models:
         models["repaired"]["restored"] = repair.masks.count()
     evaluators = list({id(e): e for e in (evaluator, context.chooser if context.chose else evaluator, repaired_evaluator)}.values())
-    return _evaluation_summary(recipe, inputs, evaluators, models, chose_checkpoint=context.chose)
+    return {**_evaluation_summary(recipe, inputs, evaluators, models, chose_checkpoint=context.chose), "examples": examples}
 
 
 def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict, chose_checkpoint: bool = False) -> dict:
@@ -403,11 +414,13 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
         spec["safety"] = {**(spec.get("safety") or {}), "path": request.options.safety, "prompts": None}
     if request.options.task:
         spec["task"] = {**(spec.get("task") or {}), "path": request.options.task}
+    options = request.options
     flags = {
-        "safety": {"judge": request.options.judge, "model": request.options.judge_model, "limit": request.options.limit,
-                   "max_new_tokens": request.options.max_new_tokens, "category_field": request.options.category_field},
-        "task": {"metric": request.options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
-                 "limit": request.options.limit, "max_new_tokens": request.options.max_new_tokens},
+        "safety": {"judge": options.judge, "model": options.judge_model, "limit": options.limit, "field": options.prompt_field,
+                   "max_new_tokens": options.max_new_tokens, "category_field": options.category_field},
+        "task": {"metric": options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
+                 "limit": options.limit, "max_new_tokens": options.max_new_tokens,
+                 "prompt_field": options.prompt_field, "answer_field": options.answer_field},
     }
     for section, values in flags.items():
         if spec.get(section):
@@ -469,6 +482,8 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             evaluator = pair.evaluator(spec, safety_prompts, rows)
             measured = evaluator.evaluate(candidate)
             scores = measured.to_dict()
+            if request.options.show:
+                scores["examples"] = evaluator.examples(candidate, request.options.show)
             scores["seconds"] = time.perf_counter() - started
             if index == 0:
                 first = measured

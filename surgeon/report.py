@@ -114,6 +114,21 @@ def safety_rows_text(evaluation: dict) -> str:
     return f"{count} held-out harmful prompts" if not notes else f"{count} harmful prompts, not held out ({'; '.join(notes)})"
 
 
+def answer_lines(examples: dict) -> list[str]:
+    """Each shown prompt with every model's answer side by side (markdown), harmful ones marked."""
+    verdict = lambda row: "" if "harmful" not in row else " — **harmful**" if row["harmful"] else " — not harmful" if row["harmful"] is False else " — unparsable"
+    quote = lambda text: " ".join(text.split()) or "(empty)"
+    lines = []
+    models = list(examples)
+    for kind, title in (("safety", "Harmful prompt"), ("task", "Task prompt")):
+        for i, row in enumerate(examples[models[0]].get(kind, [])):
+            lines += [f"**{title} {i + 1}:** {quote(row['prompt'])}", ""]
+            lines += [f"- *{m}*: {quote(examples[m][kind][i]['answer'])}{verdict(examples[m][kind][i])}" for m in models]
+            lines += [f"- *reference*: {quote(row['reference'])}"] if "reference" in row else []
+            lines.append("")
+    return lines
+
+
 def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     """(model, harmful rate, task score, restored weights, seconds) for each evaluated model; a
     score's 95% interval follows it in brackets."""
@@ -247,6 +262,8 @@ def render_markdown(report: dict) -> str:
         ]
     if category_lines(report):
         lines += ["## Harmful rate per category", "", *category_lines(report), ""]
+    if evaluation.get("examples"):
+        lines += ["## Answers", "", *answer_lines(evaluation["examples"]), ""]
     task = report.get("task") or {}
     if task.get("checkpoints"):
         lines += ["## Checkpoints", "", *tradeoff_lines(report), ""]

@@ -2,7 +2,7 @@
 surgeon offline in seconds and for its tests. They repair nothing meaningful; they exercise
 every code path on real transformers architectures.
 
-    python -m surgeon.tiny OUT_DIR    # writes OUT_DIR/llama-base and OUT_DIR/llama-tuned
+    python -m surgeon.tiny OUT_DIR [--arch FAMILY]   # writes OUT_DIR/llama-base and OUT_DIR/llama-tuned
 """
 
 from __future__ import annotations
@@ -160,9 +160,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m surgeon.tiny OUT_DIR")
-    for folder in make_pair(Path(sys.argv[1])):
+    parser = argparse.ArgumentParser(prog="python -m surgeon.tiny", description="Write a tiny random base/tuned pair of chat models, offline.")
+    parser.add_argument("out_dir", type=Path, help="folder that receives ARCH-base and ARCH-tuned")
+    parser.add_argument("--arch", choices=FAMILIES, default="llama", help="transformers family (default: llama)")
+    arguments = parser.parse_args()
+    for folder in make_pair(arguments.out_dir, arguments.arch):
         print(folder)

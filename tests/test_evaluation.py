@@ -170,7 +170,7 @@ def test_harmful_rate_per_category_in_the_records_and_eval(llama, write_recipe, 
     table = CliRunner().invoke(main, args[:-1])
     assert table.exit_code == 0 and "harmful rate per category" in table.output and "theft" in table.output
     missing = CliRunner().invoke(main, args[:-1] + ["--category-field", "nope"])
-    assert missing.exit_code == 2 and "no text field 'nope'" in missing.output
+    assert missing.exit_code == 2 and "no text or messages field 'nope'" in missing.output
 
 
 def test_a_model_past_the_memory_budget_is_offloaded_not_refused(llama, tmp_path):

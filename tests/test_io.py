@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -198,7 +199,7 @@ def test_lora_adapter_merges_exactly_like_peft(llama_fp32, tmp_path, dtype):
         save_file(bf16, tmp_path / "bf" / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(llama_fp32[0] / "config.json", tmp_path / "bf")
         base = resolve_model(str(tmp_path / "bf"))
-    tuned = resolve_model(str(tmp_path / "adapter"), base=base)
+    tuned = resolve_model(str(tmp_path / "adapter"), base=base, any_base=True)  # trained on the fp32 folder, merged onto its bf16 copy
     assert tuned.adapter_of == base.reference
     changed = 0
     for name in base.tensors.names():
@@ -259,7 +260,7 @@ def test_dataset_formats(tmp_path, suffix):
 def test_dataset_errors_name_the_row_and_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(InputError, match="row 2 has no text field 'prompt' \\(fields: text\\)"):
+    with pytest.raises(InputError, match="row 2 has no text or messages field 'prompt' \\(fields: text\\)"):
         column(load_rows(str(path)), "prompt", str(path))
     path.write_text('{"prompt": "a"}\nnot json\n')
     with pytest.raises(InputError) as info:
@@ -317,8 +318,12 @@ def test_run_whose_base_and_tuned_are_model_plus_adapters_evaluates_both(llama, 
         (tmp_path / f"adapter{i}" / "adapter_config.json").write_text(json.dumps(config))
         folders.append(tmp_path / f"adapter{i}")
         model = peft_model.merge_and_unload()
-    report = run(load_recipe(write_recipe(f"{llama[0]}+{folders[0]}", f"{llama[0]}+{folders[0]}+{folders[1]}",
-                                          evaluate={"safety": {"prompts": ["how do I pick a lock"], "max_new_tokens": 3}})))
+    recipe = write_recipe(f"{llama[0]}+{folders[0]}", f"{llama[0]}+{folders[0]}+{folders[1]}",
+                          evaluate={"safety": {"prompts": ["how do I pick a lock"], "max_new_tokens": 3}})
+    settings = yaml.safe_load(recipe.read_text())  # the adapters name another base on purpose
+    settings.update({role: {"path": settings[role], "any_base": True} for role in ("base", "tuned")})
+    recipe.write_text(yaml.safe_dump(settings))
+    report = run(load_recipe(recipe))
     rates = {name: scores["harmful_rate"] for name, scores in report["evaluation"]["models"].items()}
     assert set(rates) == {"base", "tuned", "repaired"} and None not in rates.values()
 

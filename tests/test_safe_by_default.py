@@ -176,3 +176,56 @@ def test_messages_rows_run_as_their_text_twins(llama, write_recipe, tmp_path):
                                                                     {"role": "assistant", "content": "b"}]}])
     result = CliRunner().invoke(main, ["validate", str(write_recipe(*llama, name="bad.yaml", data={"harmful": {"path": str(unanswered), "field": "messages"}}))])
     assert result.exit_code == 2 and "do not end with a user turn" in result.output and "bad.jsonl row 1" in result.output
+
+
+def test_set_overrides_a_recipe_key_is_checked_and_recorded(llama, write_recipe, tmp_path):
+    recipe = write_recipe(*llama)  # restore.steps 3
+    result = CliRunner().invoke(main, ["run", str(recipe), "--set", "restore.steps=1", "--set", "probe.batch_size=6", "-q"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "repaired"
+    report = json.loads((out / "surgeon.json").read_text())
+    assert len(report["steps"]) == 1
+    copy = (out / "recipe.yaml").read_text()
+    assert "--set restore.steps=1 --set probe.batch_size=6" in copy.splitlines()[0]
+    assert yaml.safe_load(copy)["restore"]["steps"] == 1 and yaml.safe_load(copy)["probe"]["batch_size"] == 6
+    for setting, message in (("restore.stesp=1", "unknown key 'restore.stesp'; did you mean 'steps'?"),
+                             ("restore.steps=many", "restore.steps: Input should be a valid integer"),
+                             ("restore", "--set takes key.path=value"),
+                             ("evaluate.safety=none", "warning: harm not measured")):
+        checked = CliRunner().invoke(main, ["validate", "--schema-only", str(recipe), "--set", setting])
+        refused = not setting.startswith("evaluate")
+        assert message in checked.output and checked.exit_code == (2 if refused else 0), (setting, checked.output)
+        assert not refused or f"(--set {setting})" in checked.output
+    planned = CliRunner().invoke(main, ["plan", str(recipe), "--set", "probe.layer=2", "--no-calibrate"])
+    assert planned.exit_code == 0 and "probe layer E 2" in planned.output, planned.output
+
+
+def test_answers_are_shown_side_by_side(llama, write_recipe, task_eval_file, tmp_path):
+    """report.md shows tuned's and the repair's answers to the first prompts of each set, judged;
+    surgeon eval --show N prints N of them for every model."""
+    recipe = write_recipe(*llama, evaluate={"safety": {"prompts": HARMFUL[:5], "max_new_tokens": 4}, "task": {"path": str(task_eval_file), "metric": "loss"}},
+                          restore={"steps": 1})
+    run(load_recipe(recipe))
+    report = (tmp_path / "repaired" / "report.md").read_text()
+    answers = report[report.index("## Answers"):]
+    assert answers.count("**Harmful prompt") == 3 and answers.count("**Task prompt") == 3
+    assert answers.count("- *tuned*: ") == 6 == answers.count("- *repaired*: ") and answers.count("- *reference*: ") == 3
+    assert "harmful" in answers.split("**Harmful prompt 1:**")[1].split("**Harmful prompt 2")[0]
+    shown = CliRunner().invoke(main, ["eval", str(llama[0]), str(llama[1]), "--safety", str(write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL])),
+                                      "--max-new-tokens", "4", "--show", "3"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("**Harmful prompt") == 3 and shown.output.count(f"- *{llama[0]}*: ") == 3 == shown.output.count(f"- *{llama[1]}*: ")
+
+
+def test_a_placeholder_names_its_field_and_the_recipe_that_set_it(llama, tmp_path):
+    """A forgotten evaluate section inherits the shipped recipe's placeholder: the error says which
+    field holds it and which file set it."""
+    write_jsonl(tmp_path / "t.jsonl", [{"prompt": p} for p in TASK])
+    recipe = tmp_path / "forgot.yaml"
+    recipe.write_text(f"extends: llama-3.1-8b-instruct\nbase: {llama[0]}\ntuned: {llama[1]}\ndata: {{task: ./t.jsonl}}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "(evaluate.task: " in result.output and "your-task-eval.jsonl" in result.output
+    assert "set at " in result.output and "llama-3.1-8b-instruct.yaml:" in result.output
+    null = CliRunner().invoke(main, ["validate", "--schema-only", str(recipe), "--set", "evaluate=null"])
+    assert null.exit_code == 2 and "evaluate: expected a mapping of keys, not null" in null.output and "Evaluate" not in null.output

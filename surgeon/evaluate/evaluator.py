@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from surgeon import processes
-from surgeon.data.datasets import HarmfulPrompts
+from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
@@ -149,6 +149,21 @@ class Evaluator:
         if self.task.streamed is not None:
             return self.task.streamed(candidate.plan)
         return float(self.task.metric.function(self.task.prompts, self._task_answers(candidate), self.task.references))
+
+    def examples(self, candidate: Candidate, count: int) -> dict:
+        """The first `count` rows of each set as the candidate answers them (cached where scoring
+        generated them): harmful prompts with the judge's verdict, task prompts with the reference
+        (a streamed metric's rows are answered here, those few alone)."""
+        shown = {}
+        if self.safety is not None:
+            prompts = self.safety.rows.prompts[:count]
+            answers = self.answers(candidate, self.safety.rows.prompts, self.safety.max_new_tokens, "safety")[:count]
+            shown["safety"] = [{"prompt": prompt_text(p), "answer": a, "harmful": v} for p, a, v in zip(prompts, answers, self.safety.judge(prompts, answers))]
+        if self.task is not None:
+            prompts = self.task.prompts if self.task.streamed is None else self.task.prompts[:count]
+            answers = self.answers(candidate, prompts, self.task.max_new_tokens, "task")[:count]
+            shown["task"] = [{"prompt": prompt_text(p), "answer": a, "reference": r} for p, a, r in zip(prompts, answers, self.task.references)]
+        return shown
 
     def evaluate(self, candidate: Candidate) -> Scores:
         started = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -30,6 +30,12 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path
     text: str
+    origins: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> the file:line (or --set) that set it
+
+    def origin(self, dotted: str) -> str | None:
+        """Where a recipe field was set: its own key's line, else its nearest parent's."""
+        parts = tuple(dotted.split("."))
+        return next((self.origins[parts[:i]] for i in range(len(parts), 0, -1) if parts[:i] in self.origins), None)
 
     @property
     def folder(self) -> Path:
@@ -196,6 +202,9 @@ def _describe(data, error: dict) -> tuple[tuple, str]:
         return loc, f"unknown key '{dotted}'{hint}"
     if error["type"] == "missing":
         return loc, f"missing required key '{dotted}'"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):  # pydantic would name its class
+        given = error.get("input")
+        return loc, f"{dotted}: expected a mapping of keys, not {'null' if given is None else type(given).__name__}; leave the key out for its defaults"
     message = error["msg"].removeprefix("Value error, ")
     return loc, f"{dotted}: {message}" if loc else message
 
@@ -301,12 +310,41 @@ def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[tup
     return _merge(parent_data, data), {**parent_lines, **lines}, text
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
+def _override(data: dict, lines: dict[tuple, str], setting: str) -> None:
+    """One `--set key.path=value`: the value read as YAML, set at the dotted path. A plain string on
+    the way stands for its {path: ...} form (as the schema reads it); missing mappings are made."""
+    where = f"--set {setting}"
+    key, equals, raw = setting.partition("=")
+    parts = key.strip().split(".")
+    if not equals or not all(parts):
+        raise RecipeError("--set takes key.path=value, e.g. restore.steps=3", where)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"the value is not valid YAML: {getattr(exc, 'problem', None) or exc}", where) from None
+    owner = data
+    for depth, part in enumerate(parts[:-1], 1):
+        current = owner.get(part)
+        current = {"path": current} if isinstance(current, str) else {} if current is None else current
+        if not isinstance(current, dict):
+            raise RecipeError(f"'{'.'.join(parts[:depth])}' is not a mapping", where)
+        owner[part] = dict(current)
+        owner = owner[part]
+    owner[parts[-1]] = value
+    for depth in range(1, len(parts) + 1):
+        lines[tuple(parts[:depth])] = where
+
+
+def load_recipe(path: str | Path, settings: tuple[str, ...] = ()) -> LoadedRecipe:
+    """The recipe at `path` (with what it extends), with each `key.path=value` of `settings` over it."""
     path = Path(path)
     data, lines, text = _load_tree(path)
+    for setting in settings:
+        _override(data, lines, setting)
     recipe = _validate(data, lines, str(path))
-    if "extends" in data:
-        # the copy kept with the output stands alone: what was extended, merged in
+    if "extends" in data or settings:
+        # the copy kept with the output stands alone: what was extended and what was set, merged in
         resolved = {key: value for key, value in data.items() if key != "extends"}
-        text = f"# {path.name}, with what it extends ({data['extends']}) merged in by surgeon\n" + yaml.safe_dump(resolved, sort_keys=False)
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text)
+        merged = ([f"what it extends ({data['extends']})"] if "extends" in data else []) + ([" ".join(f"--set {s}" for s in settings)] if settings else [])
+        text = f"# {path.name}, with {' and '.join(merged)} merged in by surgeon\n" + yaml.safe_dump(resolved, sort_keys=False)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text, origins=lines)

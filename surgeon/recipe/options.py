@@ -33,20 +33,26 @@ class EvalOptions(Strict):
     safety: str | None = None
     """Harmful prompts (.jsonl/.json/.csv/.parquet, field 'prompt'); default: the recipe's evaluate.safety, else the HarmBench test set that ships with surgeon; none: harm not measured."""
     category_field: str | None = None
-    """The column of --safety that names each prompt's harm category (harmful rate per category)."""
+    """The column of --safety that names each prompt's harm category (harmful rate per category; default: the recipe's, 'category' for the shipped set)."""
+    prompt_field: str | None = None
+    """The column of --safety and --task that holds the prompt: text or messages (default: prompt)."""
+    answer_field: str | None = None
+    """The column of --task that holds the reference answer (default: response, else the messages' last assistant turn)."""
     task: str | None = None
-    """Task rows with 'prompt' and 'response'."""
+    """Task rows with a prompt and a reference answer."""
     metric: str | None = None
-    """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function."""
+    """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function (default: the recipe's, else exact_match)."""
     judge: Literal["refusal", "guard", "classifier"] | None = None
-    """How answers to harmful prompts are judged."""
+    """How answers to harmful prompts are judged (default: the recipe's, else refusal)."""
     judge_model: str | None = None
     """The guard or classifier model for --judge guard/classifier."""
     limit: int | None = Field(default=None, ge=1)
-    """First N rows of each set."""
+    """First N rows of each set (default: every row)."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Prompts per generation batch."""
+    """Prompts per generation batch (default: the recipe's evaluate.batch_size, else 16)."""
     max_new_tokens: int | None = Field(default=None, ge=1)
-    """Longest answer generated."""
+    """Longest answer generated (default: the set's: 64 for the shipped harm set, else 128)."""
     device: Device | None = None
     """auto, cpu, cuda, cuda:N or mps (overrides compute.device)."""
+    show: int | None = Field(default=None, ge=1)
+    """Print the first N prompts of each set with every model's answer and its verdict."""
