@@ -147,13 +147,13 @@ def models_table(report: dict) -> Table | None:
     evaluation = report["evaluation"]
     table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}"
                   + (" · [95% intervals]" if bracketed(rows) else ""))
-    show_restored = any(row[3] != "–" for row in rows)
+    shown = {2: any(row[2] != "–" for row in rows), 4: any(row[4] != "–" for row in rows)}  # over-refusal, restored weights
     table.add_column("model", overflow="fold")
-    for column in ("harmful rate", "task score", "restored weights", "seconds"):
-        if column != "restored weights" or show_restored:
+    for i, column in enumerate(("harmful rate", "over-refusal", "task score", "restored weights", "seconds"), 1):
+        if shown.get(i, True):
             table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*(value for i, value in enumerate(row) if i != 3 or show_restored))
+        table.add_row(*(value for i, value in enumerate(row) if shown.get(i, True)))
     return table
 
 

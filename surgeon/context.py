@@ -116,15 +116,17 @@ class ModelPair:
 
         return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
 
-    def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None):
+    def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None, benign_prompts: list | None = None):
         """The evaluator of an `evaluate` section, or None when it names nothing to score. The
-        streamed metrics (loss, kl) run through this pair's engine."""
+        streamed metrics (loss, kl) run through this pair's engine; `benign_prompts` (the final
+        table's alone) give each model's over-refusal."""
         from surgeon.data.batches import answer_batches, prompt_batches
-        from surgeon.evaluate.evaluator import Evaluator
+        from surgeon.evaluate.evaluator import BenignSet, Evaluator
+        from surgeon.evaluate.judges import RefusalJudge
         from surgeon.evaluate.setup import build_judge, safety_set, task_set
         from surgeon.evaluate.streamed import TaskDivergence, TaskLoss
 
-        if spec.safety is None and spec.task is None:
+        if spec.safety is None and spec.task is None and not benign_prompts:
             return None
         s = self.settings
         safety = task = None
@@ -138,8 +140,13 @@ class ModelPair:
             elif spec.task.metric == "kl":
                 streamed = TaskDivergence(self.engine, prompt_batches(self.tokenizer, prompts, spec.batch_size, s.system_prompt))
             task = task_set(spec.task, prompts, references, streamed)
+        benign = None
+        if benign_prompts:  # refusals read with the safety judge's markers where it has its own
+            markers = spec.safety if spec.safety is not None and spec.safety.judge == "refusal" else None
+            refusals = RefusalJudge(markers.markers, markers.add_markers) if markers else RefusalJudge()
+            benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses)
         load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
-        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress)
+        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign)
 
 
 @dataclass
@@ -171,7 +178,7 @@ class RunContext:
     @cached_property
     def evaluator(self):
         """The evaluator of the final table: evaluate's own rows."""
-        return self.pair.evaluator(self.recipe.evaluate, self.inputs.safety, self.inputs.evaluation)
+        return self.pair.evaluator(self.recipe.evaluate, self.inputs.safety, self.inputs.evaluation, self.inputs.benign)
 
     @cached_property
     def chooser(self):

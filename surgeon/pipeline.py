@@ -33,6 +33,7 @@ class Inputs:
     task_answers: list[str] | None = None  # data.task's answers, for a rollback on their loss
     choosing_evaluation: tuple[list[str], list[str]] | None = None  # evaluate.choosing()'s rows
     choosing_safety: HarmfulPrompts | None = None
+    benign: list | None = None  # evaluate.benign's prompts: over-refusal in the final table
 
 
 @contextmanager
@@ -57,7 +58,8 @@ def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompt
     if reference is None:
         return HarmfulPrompts(_inline(spec))
     rows = load_rows(reference)
-    categories = column(rows, spec.category_field, reference, spec.limit) if spec.category_field else None
+    category_field = getattr(spec, "category_field", None)  # a harmless set names none
+    categories = column(rows, category_field, reference, spec.limit) if category_field else None
     return HarmfulPrompts(prompt_column(rows, spec.field, reference, spec.limit), categories)
 
 
@@ -107,6 +109,7 @@ def resolve_inputs(loaded: LoadedRecipe, progress: Progress = NullProgress()) ->
         base, tuned, harmful, task, evaluation, safety, unaligned, task_answers,
         choosing_evaluation=_task_rows(loaded, choosing.task, "evaluate.select_on.task") if choosing and choosing.task else evaluation,
         choosing_safety=_harmful(loaded, choosing.safety, "evaluate.select_on.safety") if choosing and choosing.safety else safety,
+        benign=_prompts(loaded, recipe.evaluate.benign, "evaluate.benign")[0] if recipe.evaluate.benign else None,
     )
 
 
@@ -139,6 +142,8 @@ def _local_data(loaded: LoadedRecipe) -> dict[str, Path]:
         references.update({"data.harmful": recipe.data.harmful.path, "data.task": recipe.data.task.path})
     if recipe.evaluate.task is not None:
         references["evaluate.task"] = recipe.evaluate.task.path
+    if recipe.evaluate.benign is not None:
+        references["evaluate.benign"] = recipe.evaluate.benign.path
     if recipe.evaluate.safety is not None:
         references["evaluate.safety"] = recipe.evaluate.safety.path
         if recipe.evaluate.safety.model is not None:
@@ -320,7 +325,7 @@ def _final_evaluation(context, repair, written: Path) -> dict:
         repaired = lambda: Candidate("repaired", repair.masks, fingerprint, lambda: written)
     else:
         own = ModelPair(resolve_model(str(written)), pair.tuned, pair.tokenizer_files, pair.settings, context.workspace / "written")
-        repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation)
+        repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign)
         repaired = lambda: replace(own.candidates.base(), name="repaired")
     picks = {"base": pair.candidates.base, "tuned": pair.candidates.tuned, "repaired": repaired}
     models, examples = {}, {}
@@ -353,6 +358,7 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
         "safety_shared": {"probe": _shared(reported, inputs.harmful),
                           "choosing": _shared(reported, inputs.choosing_safety.prompts) if chose_checkpoint and inputs.choosing_safety else 0},
         "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
+        "benign_prompts": len(inputs.benign) if inputs.benign else 0,
         "metric": metric.name if metric else None,
         "higher_is_better": metric.higher_is_better if metric else None,
         "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
@@ -406,8 +412,10 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
 
     from surgeon.errors import RecipeError
 
-    # without a recipe, the schema's defaults: harm measured on the shipped set
-    spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {}
+    # without a recipe, the schema's defaults: harm measured on the shipped set (over-refusal when asked)
+    spec = request.recipe.recipe.evaluate.model_dump() if request.recipe else {"benign": None}
+    if request.options.benign:
+        spec["benign"] = None if request.options.benign == "none" else {"path": request.options.benign}
     if request.options.safety == "none":
         spec["safety"] = None
     elif request.options.safety:
@@ -421,6 +429,7 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
         "task": {"metric": options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
                  "limit": options.limit, "max_new_tokens": options.max_new_tokens,
                  "prompt_field": options.prompt_field, "answer_field": options.answer_field},
+        "benign": {"limit": options.limit, "max_new_tokens": options.max_new_tokens, "field": options.prompt_field},
     }
     for section, values in flags.items():
         if spec.get(section):
@@ -450,7 +459,9 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     resolve = (lambda ref, hub=False: request.recipe.resolve(ref, hub)) if request.recipe else (lambda ref, hub=False: ref)
     flagged = lambda ref: ref if ref in (request.options.safety, request.options.task) else resolve(ref)
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
-    safety_prompts = rows = None
+    safety_prompts = rows = benign = None
+    if spec.benign is not None:
+        benign = harmful_prompts(spec.benign, flagged(spec.benign.path) if spec.benign.path else None).prompts
     if spec.safety is not None:
         safety_prompts = harmful_prompts(spec.safety, flagged(spec.safety.path) if spec.safety.path else None)
     if spec.task is not None:
@@ -479,7 +490,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             pair = ModelPair(model, inputs.tuned if kl else model, tokenizer_folder(model, inputs.base if inputs else model),
                              settings, Path(scratch) / f"m{index}")
             candidate = replace(pair.candidates.base() if kl else pair.candidates.tuned(), name=reference)
-            evaluator = pair.evaluator(spec, safety_prompts, rows)
+            evaluator = pair.evaluator(spec, safety_prompts, rows, benign)
             measured = evaluator.evaluate(candidate)
             scores = measured.to_dict()
             if request.options.show:
@@ -498,6 +509,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     return {
         "judge": spec.safety.judge if spec.safety else None,
         "safety_prompts": len(safety_prompts.prompts) if safety_prompts else 0,
+        "benign_prompts": len(benign) if benign else 0,
         "metric": metric,
         "higher_is_better": parse_metric(metric).higher_is_better if metric else None,
         "task_rows": len(rows[0]) if rows else 0,

@@ -83,12 +83,12 @@ def _number(value, percent: bool = False) -> str:
     return f"{value:.1%}" if percent else f"{value:.4f}"
 
 
-INTERVALS = "In brackets: 95% intervals (Wilson's for a harmful rate; a bootstrap over the rows for a task score)."
+INTERVALS = "In brackets: 95% intervals (Wilson's for a harmful or over-refusal rate; a bootstrap over the rows for a task score)."
 
 
 def bracketed(rows: list[tuple[str, ...]]) -> bool:
     """Whether any harmful rate or task score of `model_rows` shows an interval."""
-    return any("[" in cell for row in rows for cell in row[1:3])
+    return any("[" in cell for row in rows for cell in row[1:4])
 
 
 def _scored(value, interval, percent: bool = False) -> str:
@@ -129,9 +129,9 @@ def answer_lines(examples: dict) -> list[str]:
     return lines
 
 
-def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
-    """(model, harmful rate, task score, restored weights, seconds) for each evaluated model; a
-    score's 95% interval follows it in brackets."""
+def model_rows(report: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(model, harmful rate, over-refusal, task score, restored weights, seconds) for each evaluated
+    model; a score's 95% interval follows it in brackets."""
     evaluation = report.get("evaluation") or {}
     rows = []
     for name, scores in evaluation.get("models", {}).items():
@@ -139,6 +139,7 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
         unparsable = f" ({scores['unparsable']} unparsable)" if scores.get("unparsable") else ""
         rows.append((
             name, _scored(scores["harmful_rate"], scores.get("harmful_interval"), percent=True) + unparsable,
+            _scored(scores.get("over_refusal"), scores.get("over_refusal_interval"), percent=True),
             _scored(scores["task_score"], scores.get("task_interval")),
             "–" if restored is None else f"{restored:,}", f"{scores['seconds']:.1f}",
         ))
@@ -252,10 +253,11 @@ def render_markdown(report: dict) -> str:
         metric = evaluation["metric"] or "–"
         direction = "" if evaluation["higher_is_better"] is None else (" (higher is better)" if evaluation["higher_is_better"] else " (lower is better)")
         lines += [
-            f"## Models (judge: {evaluation['judge'] or '–'} on {safety_rows_text(evaluation)}; task: {metric}{direction} on {evaluation['task_rows']} rows)",
+            f"## Models (judge: {evaluation['judge'] or '–'} on {safety_rows_text(evaluation)}; over-refusal on "
+            f"{evaluation.get('benign_prompts') or 0} harmless prompts; task: {metric}{direction} on {evaluation['task_rows']} rows)",
             "",
-            "| model | harmful rate | task score | restored weights | seconds |",
-            "|---|---|---|---|---|",
+            "| model | harmful rate | over-refusal | task score | restored weights | seconds |",
+            "|---|---|---|---|---|---|",
             *[f"| {' | '.join(row)} |" for row in rows],
             "",
             *([INTERVALS, ""] if bracketed(rows) else []),

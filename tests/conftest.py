@@ -47,8 +47,9 @@ def recipe_dict(base, tuned, **sections) -> dict:
         "probe": {"layer": 4, "batch_size": 4},
         "restore": {"sparsity": 0.01, "steps": 3, "warmup": 0, "save_every": 1},
         "rollback": {"mode": "never"},
-        # harm off unless a test measures it: the shipped set's 159 answers per model would dominate the suite
-        "evaluate": {"safety": "none"},
+        # harm and over-refusal off unless a test measures them: the shipped sets' 159 and 118 answers
+        # per model would dominate the suite
+        "evaluate": {"safety": "none", "benign": "none"},
         "compute": {"device": "cpu"},
     }
     for key, value in sections.items():

@@ -19,7 +19,7 @@ def _tensors(folder):
 
 def _recipe(tmp_path, **fields):
     path = tmp_path / "baseline.yaml"
-    evaluate = {"safety": "none", **fields.pop("evaluate", {})}  # harm off unless a test measures it
+    evaluate = {"safety": "none", "benign": "none", **fields.pop("evaluate", {})}  # harm off unless a test measures it
     path.write_text(yaml.safe_dump({**fields, "evaluate": evaluate, "compute": {"device": "cpu"},
                                     "output": {"path": str(tmp_path / "out"), "max_shard_size": "40KB"}}))
     return load_recipe(path)
@@ -67,7 +67,7 @@ def test_resta_adds_the_safety_vector_where_base_and_unaligned_differ(llama, tmp
 
 def test_baseline_run_on_the_command_line(llama, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"method": "reset_layers", "base": str(llama[0]), "tuned": str(llama[1]), "evaluate": {"safety": "none"},
+    recipe.write_text(json.dumps({"method": "reset_layers", "base": str(llama[0]), "tuned": str(llama[1]), "evaluate": {"safety": "none", "benign": "none"},
                                   "compute": {"device": "cpu"}, "output": {"path": str(tmp_path / "out")}}))
     result = CliRunner().invoke(main, ["run", str(recipe)])
     assert result.exit_code == 0, result.output

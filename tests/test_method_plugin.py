@@ -56,7 +56,7 @@ def test_a_registered_method_runs_through_surgeon_run(midpoint, llama, tmp_path,
     recipe = tmp_path / "midpoint.yaml"
     recipe.write_text(yaml.safe_dump({
         "method": "midpoint", "base": str(base), "tuned": str(tuned), "midpoint": {"weight": 0.25}, "probe": {"layer": 2},
-        "evaluate": {"safety": "none", "task": {"path": str(task_eval_file), "metric": "loss"}}, "compute": {"device": "cpu"},
+        "evaluate": {"safety": "none", "benign": "none", "task": {"path": str(task_eval_file), "metric": "loss"}}, "compute": {"device": "cpu"},
         "output": {"path": str(tmp_path / "out")},
     }))
     result = CliRunner().invoke(main, ["run", str(recipe), "-q"])

@@ -16,9 +16,11 @@ from surgeon.tiny import ANSWERS, HARMFUL, TASK, write_jsonl
 
 
 def test_the_shipped_sets_are_harmbench_and_share_no_prompt():
-    probe, measure = load_rows("surgeon://harmbench_val.jsonl"), load_rows("surgeon://harmbench_test.jsonl")
-    assert (len(probe), len(measure)) == (41, 159)
-    assert not {r["prompt"] for r in probe} & {r["prompt"] for r in measure}
+    probe, measure, harmless = (load_rows(f"surgeon://{name}.jsonl") for name in ("harmbench_val", "harmbench_test", "benign"))
+    assert (len(probe), len(measure), len(harmless)) == (41, 159, 118)
+    prompts = [{r["prompt"] for r in rows} for rows in (probe, measure, harmless)]
+    assert not prompts[0] & prompts[1] and not (prompts[0] | prompts[1]) & prompts[2]
+    assert sum(r["kind"] == "sounds_harmful" for r in harmless) == 58
     assert {r["category"] for r in measure} >= {"chemical_biological", "cybercrime_intrusion", "illegal"}
 
 
@@ -36,6 +38,8 @@ def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_
     evaluation = report["evaluation"]
     assert evaluation["judge"] == "refusal" and evaluation["safety_prompts"] == 159
     assert all(evaluation["models"][m]["harmful_rate"] is not None for m in ("base", "tuned", "repaired"))
+    assert evaluation["benign_prompts"] == 118  # over-refusal measured on the shipped harmless set, final table only
+    assert all(0 <= evaluation["models"][m]["over_refusal"] <= 1 and evaluation["models"][m]["over_refusal_interval"] for m in ("base", "tuned", "repaired"))
     checkpoints = report["task"]["checkpoints"]
     within = [c for c in checkpoints if c["meets_floor"]]
     assert all(c["harmful_rate"] is not None for c in checkpoints) and report["settings"]["select"] == "lowest_harm_within_floor"
@@ -229,3 +233,25 @@ def test_a_placeholder_names_its_field_and_the_recipe_that_set_it(llama, tmp_pat
     assert "set at " in result.output and "llama-3.1-8b-instruct.yaml:" in result.output
     null = CliRunner().invoke(main, ["validate", "--schema-only", str(recipe), "--set", "evaluate=null"])
     assert null.exit_code == 2 and "evaluate: expected a mapping of keys, not null" in null.output and "Evaluate" not in null.output
+
+
+def test_over_refusal_is_the_share_of_harmless_prompts_refused(llama, tmp_path):
+    """surgeon eval --benign: each model's over-refusal (refusal markers on the answers' opening),
+    with its interval, and the paired change of the second model from the first."""
+    from surgeon.evaluate.judges import RefusalJudge
+
+    harmless = write_jsonl(tmp_path / "harmless.jsonl", [{"prompt": p} for p in TASK])
+    args = ["eval", str(llama[0]), str(llama[1]), "--safety", "none", "--task", str(write_jsonl(tmp_path / "t.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])),
+            "--benign", str(harmless), "--max-new-tokens", "6", "--json", "--show", "12"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["benign_prompts"] == 12
+    first, second = (data["models"][str(m)] for m in llama)
+    assert "over_refusal" in second["change_from_first"]
+    refuses = RefusalJudge().refuses
+    for scores in (first, second):  # the rate is what the markers say of the answers, here generated from the task prompts
+        answers = [row["answer"] for row in scores["examples"]["task"]]
+        assert scores["over_refusal"] == sum(map(refuses, answers)) / len(answers)
+    off = CliRunner().invoke(main, [*args[: args.index("--benign")], "--benign", "none", "--max-new-tokens", "6", "--json"])
+    assert off.exit_code == 0 and json.loads(off.output)["benign_prompts"] == 0, off.output

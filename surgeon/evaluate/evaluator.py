@@ -43,6 +43,15 @@ class SafetySet:
 
 
 @dataclass
+class BenignSet:
+    """Harmless prompts whose answers should not refuse; `refuses` reads an answer's opening."""
+
+    prompts: list
+    max_new_tokens: int
+    refuses: Callable[[str], bool]
+
+
+@dataclass
 class TaskSet:
     prompts: list[str]
     references: list[str]
@@ -61,6 +70,8 @@ class Scores:
     # generated metric that aggregates one value per row (none for streamed and python: metrics)
     harmful_interval: tuple[float, float] | None = None
     task_interval: tuple[float, float] | None = None
+    over_refusal: float | None = None  # the share of harmless prompts refused, and its Wilson interval
+    over_refusal_interval: tuple[float, float] | None = None
     # what the scores were aggregated from, per row (verdicts; the metric's values), for paired
     # comparisons of two models (`change_from`); not written out
     rows: dict = field(default_factory=dict, repr=False)
@@ -77,6 +88,8 @@ class Scores:
         change = {}
         if "harm" in self.rows and "harm" in before.rows:
             change["harmful_rate"] = paired_change(before.rows["harm"], self.rows["harm"], lambda v: harmful_rate(v)[0])
+        if "refused" in self.rows and "refused" in before.rows:
+            change["over_refusal"] = paired_change(before.rows["refused"], self.rows["refused"], lambda v: sum(v) / len(v))
         if aggregate is not None and "task" in self.rows and "task" in before.rows:
             change["task_score"] = paired_change(before.rows["task"], self.rows["task"], aggregate)
         return change
@@ -92,8 +105,9 @@ class Evaluator:
         system_prompt: str | None = None,
         cache: GenerationCache | None = None,
         progress: Progress = NullProgress(),
+        benign: BenignSet | None = None,
     ):
-        self.safety, self.task, self.load = safety, task, load
+        self.safety, self.task, self.load, self.benign = safety, task, load, benign
         self.batch_size, self.system_prompt = batch_size, system_prompt
         self.cache, self.progress = cache or GenerationCache(), progress
         self._loaded: tuple[str, LoadedModel] | None = None
@@ -175,6 +189,10 @@ class Evaluator:
             parsed = [v for v in verdicts if v is not None]
             scores.harmful_interval = wilson(sum(parsed), len(parsed))
             scores.rows["harm"] = verdicts
+        if self.benign is not None:
+            refused = [self.benign.refuses(a) for a in self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless")]
+            scores.over_refusal, scores.over_refusal_interval = sum(refused) / len(refused), wilson(sum(refused), len(refused))
+            scores.rows["refused"] = refused
         metric = self.metric
         if metric is not None and metric.rows is not None and self.task.streamed is None:
             # the answers read and each row scored once, for the score and its interval

@@ -77,11 +77,12 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
             "## Before and after",
             "",
             f"Harmful rate: share of {safety_rows_text(evaluation)} answered, {evaluation['judge'] or '–'} judge. "
+            f"Over-refusal: share of {evaluation.get('benign_prompts') or 0} harmless prompts refused. "
             f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows.",
             "",
-            "| model | harmful rate | judge | task score | metric |",
-            "|---|---|---|---|---|",
-            *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {evaluation['metric'] or '–'} |" for r in rows],
+            "| model | harmful rate | judge | over-refusal | task score | metric |",
+            "|---|---|---|---|---|---|",
+            *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {r[3]} | {evaluation['metric'] or '–'} |" for r in rows],
             "",
         ]
         if category_lines(report):

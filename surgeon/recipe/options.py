@@ -35,11 +35,13 @@ class EvalOptions(Strict):
     category_field: str | None = None
     """The column of --safety that names each prompt's harm category (harmful rate per category; default: the recipe's, 'category' for the shipped set)."""
     prompt_field: str | None = None
-    """The column of --safety and --task that holds the prompt: text or messages (default: prompt)."""
+    """The column of --safety, --task and --benign that holds the prompt: text or messages (default: prompt)."""
     answer_field: str | None = None
     """The column of --task that holds the reference answer (default: response, else the messages' last assistant turn)."""
     task: str | None = None
     """Task rows with a prompt and a reference answer."""
+    benign: str | None = None
+    """Harmless prompts: each model's over-refusal rate (default: the recipe's evaluate.benign, else none; surgeon://benign.jsonl is the shipped set)."""
     metric: str | None = None
     """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function (default: the recipe's, else exact_match)."""
     judge: Literal["refusal", "guard", "classifier"] | None = None

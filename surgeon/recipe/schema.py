@@ -21,6 +21,7 @@ MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
 # behaviours (MIT), validation split to probe, test split to measure; they share no prompt
 DEFAULT_PROBE_SET = "surgeon://harmbench_val.jsonl"
 DEFAULT_SAFETY_SET = "surgeon://harmbench_test.jsonl"
+DEFAULT_BENIGN_SET = "surgeon://benign.jsonl"  # harmless requests, half of them worded like harmful ones
 
 
 class Strict(BaseModel):
@@ -173,6 +174,13 @@ class SafetyEvalSet(Strict):
         return self
 
 
+class BenignSet(PromptSet):
+    """Harmless prompts, never used to probe or choose: a model's over-refusal rate is the share whose greedy answer opens with a refusal marker."""
+
+    max_new_tokens: int = Field(default=64, gt=0, le=MAX_COUNT)
+    """Tokens generated per answer (markers count in the first 160 characters)."""
+
+
 class Data(Strict):
     harmful: PromptSet = PromptSet(path=DEFAULT_PROBE_SET)
     """Harmful prompts: their mean hidden state on base is the safety direction that restore climbs. Default: the 41 HarmBench validation behaviours that ship with surgeon (surgeon://harmbench_val.jsonl)."""
@@ -271,6 +279,8 @@ class Evaluate(Strict):
     """Harmful prompts: the harmful rate of each model, and of each checkpoint. Default: the 159 HarmBench test behaviours that ship with surgeon (surgeon://harmbench_test.jsonl, refusal judge, 64 tokens, rates per category); none: harm is not measured."""
     task: TaskEvalSet | None = None
     """The task score of each model; it also sets the floor and scores checkpoints."""
+    benign: BenignSet | Literal["none"] | None = BenignSet(path=DEFAULT_BENIGN_SET)
+    """Harmless prompts: the over-refusal rate of each model in the final table. Default: the 118 that ship with surgeon (surgeon://benign.jsonl, half of them worded like harmful requests); none: not measured."""
     select_on: SelectionRows | None = None
     """Rows that only choose the checkpoint, so that the rows reported chose nothing."""
     models: list[Literal["base", "tuned", "repaired"]] = ["base", "tuned", "repaired"]
@@ -285,6 +295,11 @@ class Evaluate(Strict):
     @classmethod
     def _none_opts_out(cls, value):
         return None if value == "none" else value
+
+    @field_validator("benign", mode="before")
+    @classmethod
+    def _benign_none_or_path(cls, value):
+        return None if value == "none" else _string_is_path(value)
 
     @model_validator(mode="after")
     def _selection_needs_safety(self):
