@@ -58,8 +58,7 @@ def harmful_prompts(spec: SafetyEvalSet, reference: str | None) -> HarmfulPrompt
     if reference is None:
         return HarmfulPrompts(_inline(spec))
     rows = load_rows(reference)
-    category_field = getattr(spec, "category_field", None)  # a harmless set names none
-    categories = column(rows, category_field, reference, spec.limit) if category_field else None
+    categories = column(rows, spec.category_field, reference, spec.limit) if spec.category_field else None
     return HarmfulPrompts(prompt_column(rows, spec.field, reference, spec.limit), categories)
 
 
@@ -461,7 +460,10 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
     safety_prompts = rows = benign = None
     if spec.benign is not None:
-        benign = harmful_prompts(spec.benign, flagged(spec.benign.path) if spec.benign.path else None).prompts
+        from surgeon.data.datasets import load_rows, prompt_column
+
+        reference = flagged(spec.benign.path) if spec.benign.path else None
+        benign = _inline(spec.benign) if reference is None else prompt_column(load_rows(reference), spec.benign.field, reference, spec.benign.limit)
     if spec.safety is not None:
         safety_prompts = harmful_prompts(spec.safety, flagged(spec.safety.path) if spec.safety.path else None)
     if spec.task is not None:

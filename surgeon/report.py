@@ -98,6 +98,7 @@ def _scored(value, interval, percent: bool = False) -> str:
 
 
 HARM_NOT_MEASURED = "harm not measured (evaluate.safety: none): nothing here shows the repair is safer than tuned"
+HARM_NOT_MEASURED_NOTE = f"**{HARM_NOT_MEASURED.capitalize()}.**"  # the first words of report.md and the card
 
 
 def harm_measured(report: dict) -> bool:
@@ -109,8 +110,8 @@ def safety_rows_text(evaluation: dict) -> str:
     repair or chose its checkpoint (compared by content)."""
     shared = evaluation.get("safety_shared") or {}
     count = evaluation["safety_prompts"]
-    notes = [text for n, text in ((shared.get("probe"), "also probed the repair"), (shared.get("choosing"), "also chose the checkpoint")) if n
-             for text in [f"{n} of them {text}"]]
+    notes = [f"{n} of them {what}" for n, what in ((shared.get("probe"), "also probed the repair"),
+                                                   (shared.get("choosing"), "also chose the checkpoint")) if n]
     return f"{count} held-out harmful prompts" if not notes else f"{count} harmful prompts, not held out ({'; '.join(notes)})"
 
 
@@ -242,7 +243,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# surgeon repair report",
         "",
-        *([] if harm_measured(report) else [f"**{HARM_NOT_MEASURED[0].upper()}{HARM_NOT_MEASURED[1:]}.**", ""]),
+        *([] if harm_measured(report) else [HARM_NOT_MEASURED_NOTE, ""]),
         f"surgeon {report['tool']['version']}, method {report['method']}; base `{report['inputs']['base']['reference']}`, "
         f"tuned `{report['inputs']['tuned']['reference']}`.",
         report["change"] + ".",

@@ -183,15 +183,15 @@ def test_messages_rows_run_as_their_text_twins(llama, write_recipe, tmp_path):
 
 
 def test_set_overrides_a_recipe_key_is_checked_and_recorded(llama, write_recipe, tmp_path):
-    recipe = write_recipe(*llama)  # restore.steps 3
-    result = CliRunner().invoke(main, ["run", str(recipe), "--set", "restore.steps=1", "--set", "probe.batch_size=6", "-q"])
+    recipe = write_recipe(*llama, restore={"steps": 1})
+    result = CliRunner().invoke(main, ["run", str(recipe), "--set", "restore.steps=3", "--set", "probe.batch_size=6", "-q"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "repaired"
     report = json.loads((out / "surgeon.json").read_text())
-    assert len(report["steps"]) == 1
+    assert len(report["steps"]) == 3
     copy = (out / "recipe.yaml").read_text()
-    assert "--set restore.steps=1 --set probe.batch_size=6" in copy.splitlines()[0]
-    assert yaml.safe_load(copy)["restore"]["steps"] == 1 and yaml.safe_load(copy)["probe"]["batch_size"] == 6
+    assert "--set restore.steps=3 --set probe.batch_size=6" in copy.splitlines()[0]
+    assert yaml.safe_load(copy)["restore"]["steps"] == 3 and yaml.safe_load(copy)["probe"]["batch_size"] == 6
     for setting, message in (("restore.stesp=1", "unknown key 'restore.stesp'; did you mean 'steps'?"),
                              ("restore.steps=many", "restore.steps: Input should be a valid integer"),
                              ("restore", "--set takes key.path=value"),

@@ -135,10 +135,12 @@ def _check_adapter_base(folder: Path, reference: str, base: ResolvedModel) -> No
     if not isinstance(recorded, str) or not recorded.strip():
         return
     first = _parts(base.reference)[0]
-    known = _names(first) | {n for name in (base.config.get("_name_or_path"),) if isinstance(name, str) and name for n in _names(name)}
+    known = _names(first)
+    if isinstance(base.config.get("_name_or_path"), str) and base.config["_name_or_path"]:
+        known |= _names(base.config["_name_or_path"])
     if not _names(recorded) & known:
-        raise InputError(f"this adapter was trained on '{recorded}', not on base '{first}'; set any_base: true on tuned "
-                         "to apply it anyway (the card says so)", reference)
+        raise InputError(f"this adapter was trained on '{recorded}', not on base '{first}'; set any_base: true on it in the "
+                         "recipe to apply it anyway (the card says so)", reference)
 
 
 def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedModel | None = None, any_base: bool = False) -> ResolvedModel:

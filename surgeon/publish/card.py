@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from surgeon.methods.registry import methods
-from surgeon.report import HARM_NOT_MEASURED, category_lines, harm_measured, model_rows, safety_rows_text, tradeoff_lines
+from surgeon.report import HARM_NOT_MEASURED_NOTE, category_lines, harm_measured, model_rows, safety_rows_text, tradeoff_lines
 _HF_DATASET = re.compile(r"hf://datasets/([^/@]+/[^/@]+)")
 
 
@@ -65,7 +65,7 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
         f"{f' ({citation})' if citation else ''}: {report['change']}."
     )
     lines = ["# Safety-repaired model", "", intro, ""] if harm_measured(report) else \
-        ["# Repaired model: harm not measured", "", f"**{HARM_NOT_MEASURED[0].upper()}{HARM_NOT_MEASURED[1:]}.**", "", intro, ""]
+        ["# Repaired model: harm not measured", "", HARM_NOT_MEASURED_NOTE, "", intro, ""]
     other_base = [role for role, described in inputs.items() if described.get("any_base")]
     if other_base:
         lines += [f"**`{'`, `'.join(other_base)}` is a LoRA adapter that its adapter_config.json says was trained on another base model "

@@ -331,8 +331,9 @@ def _override(data: dict, lines: dict[tuple, str], setting: str) -> None:
         owner[part] = dict(current)
         owner = owner[part]
     owner[parts[-1]] = value
-    for depth in range(1, len(parts) + 1):
-        lines[tuple(parts[:depth])] = where
+    lines[tuple(parts)] = where
+    for depth in range(1, len(parts)):  # mappings the setting made; those the files set keep their lines
+        lines.setdefault(tuple(parts[:depth]), where)
 
 
 def load_recipe(path: str | Path, settings: tuple[str, ...] = ()) -> LoadedRecipe:
