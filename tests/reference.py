@@ -91,7 +91,9 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
     norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
     prefix = _decoder_prefix(model)
     index = lambda n: int(n[len(prefix):].split(".")[0])
-    scope = [n for n in params if n.startswith(prefix) and index(n) < layer and n.rsplit(".", 1)[0] not in norms]
+    # layer by layer, by name within a layer: equal |g| rank in this order (the contract's tie rule)
+    scope = sorted((n for n in params if n.startswith(prefix) and index(n) < layer and n.rsplit(".", 1)[0] not in norms),
+                   key=lambda n: (index(n), n))
     total = sum(p.numel() for n, p in params.items() if n.startswith(prefix))
     k = math.ceil(sparsity * total)
     H, T = _batches(tokenizer, harmful, batch_size), _batches(tokenizer, task, batch_size)
@@ -154,6 +156,7 @@ def reference_repair(base_dir, tuned_dir, harmful, task, layer, sparsity, steps,
                 d[at] = params[n].detach().view(-1)[entry[at]] - tuned_params[n].detach().view(-1)[entry[at]]
                 g[at] = params[n].grad.view(-1)[entry[at]]
             picks = ((d != 0) & (g != 0) & (torch.sign(d) == torch.sign(g))).nonzero().squeeze(1)
+            picks = picks[torch.sort(owner[picks] * (int(entry.max()) + 1 if entry.numel() else 1) + entry[picks], stable=True).indices]  # by tensor, then index
             count = math.ceil(ratio * len(picks))
             undo = picks[torch.sort(g[picks].abs(), descending=True, stable=True).indices[:count]]
             for t, n in enumerate(scope):

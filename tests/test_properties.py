@@ -19,20 +19,24 @@ signed = st.lists(st.floats(-8, 8, width=32).map(lambda v: round(v, 1)) | st.sam
 
 
 @settings(max_examples=200, deadline=None)
-@given(chunks=st.lists(values | signed, min_size=1, max_size=6), k=st.integers(0, 60))
-def test_streaming_topk_equals_a_stable_sort_of_the_concatenation(chunks, k):
-    """Including ties (values are rounded so they repeat): the earlier-offered entry wins; any
-    sign and infinities (the selection offers |g|, but nothing here depends on it)."""
+@given(chunks=st.lists(values | signed, min_size=1, max_size=6), k=st.integers(0, 60), data=st.data())
+def test_streaming_topk_equals_a_stable_sort_by_tensor_and_index(chunks, k, data):
+    """Including ties (values are rounded so they repeat): of equal values the lower tensor id,
+    then the lower index, wins, whatever order the tensors are offered in (the engine offers them
+    from the last layer down); any sign and infinities (the selection offers |g|, but nothing here
+    depends on it). `top`, over the candidates in any order, ranks them the same."""
+    order = data.draw(st.permutations(range(len(chunks))))
     best = StreamingTopK(k)
-    flat = []
-    for tensor_id, chunk in enumerate(chunks):
-        best.offer(tensor_id, torch.tensor(chunk, dtype=torch.float32), torch.arange(len(chunk)))
-        flat += [(v, tensor_id, i) for i, v in enumerate(chunk)]
-    expected = sorted(sorted(flat, key=lambda e: -e[0])[:k], key=lambda e: e[1:])  # Python's sort is stable; result in offer order
+    for tensor_id in order:
+        best.offer(tensor_id, torch.tensor(chunks[tensor_id], dtype=torch.float32), torch.arange(len(chunks[tensor_id])))
+    flat = [(float(np.float32(v)), t, i) for t, chunk in enumerate(chunks) for i, v in enumerate(chunk)]
+    expected = sorted(flat, key=lambda e: -e[0])[:k]  # Python's sort is stable: (tensor id, index) order among equals
     got = best.result()
-    assert list(zip(got.values.tolist(), got.tensor_ids.tolist(), got.indices.tolist())) == [
-        (float(np.float32(v)), t, i) for v, t, i in expected
-    ]
+    assert sorted(zip(got.values.tolist(), got.tensor_ids.tolist(), got.indices.tolist()), key=lambda e: e[1:]) == sorted(expected, key=lambda e: e[1:])
+    shuffled = data.draw(st.permutations(flat))
+    ranked = top(Selection(torch.tensor([v for v, _, _ in shuffled]), torch.tensor([t for _, t, _ in shuffled], dtype=torch.long),
+                           torch.tensor([i for _, _, i in shuffled], dtype=torch.long)), k)
+    assert list(zip(ranked.values.tolist(), ranked.tensor_ids.tolist(), ranked.indices.tolist())) == expected
 
 
 specials = st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])
@@ -98,13 +102,15 @@ def test_shard_plan_keeps_order_and_budget(sizes, budget):
     count = len(shards)
     assert list(shards) == (["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
 
-def test_streaming_topk_ties_filling_one_bucket_keep_the_earliest_offered():
-    """Equal values share a bucket, so only an exact cut can let the later ones go."""
+def test_streaming_topk_ties_filling_one_bucket_keep_the_first_by_tensor_and_index():
+    """Equal values share a bucket, so only an exact cut can let some go; offered from the highest
+    tensor id down (as the backward offers layers), the lowest tensor's still win, and the
+    threshold stays below their value so that they are not dropped on arrival."""
     best = StreamingTopK(3)
-    for tensor_id in range(10):
+    for tensor_id in reversed(range(10)):
         best.offer(tensor_id, torch.full((20,), 0.5 if tensor_id % 2 else 0.0), torch.arange(20))
     got = best.result()
-    assert got.tensor_ids.tolist() == [1, 1, 1] and got.indices.tolist() == [0, 1, 2] and best.threshold == 0.5
+    assert got.tensor_ids.tolist() == [1, 1, 1] and got.indices.tolist() == [0, 1, 2] and best.threshold < 0.5
 
 
 @settings(max_examples=200, deadline=None)

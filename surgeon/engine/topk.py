@@ -1,8 +1,8 @@
 """Global top-k over many tensors without concatenating them: memory O(k + one tensor).
 
-Order is total and deterministic: larger value first, and among equal values the entry
-offered earlier wins, exactly as a stable descending sort of the concatenation (in the
-order the candidates were offered) would rank them.
+Order is total and deterministic: larger value first, and among equal values the entry of the
+lower tensor id, then the lower flat index, wins, whatever order the candidates were offered in:
+a stable descending sort of the candidates laid out by (tensor id, index) ranks them the same.
 """
 
 from __future__ import annotations
@@ -82,9 +82,16 @@ def _empty() -> Selection:
     return Selection(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
 
+def _by_entry(selection: Selection) -> torch.Tensor:
+    """Positions of `selection` in (tensor id, index) order: the order in which equal values rank."""
+    key = selection.tensor_ids * (int(selection.indices.max()) + 1 if selection.indices.numel() else 1) + selection.indices
+    return torch.sort(key, stable=True).indices
+
+
 def top(selection: Selection, k: int) -> Selection:
-    """The k best, best first."""
-    return selection.keep(torch.sort(selection.values, descending=True, stable=True).indices[:k])
+    """The k best, best first (equal values by tensor id, then index)."""
+    laid_out = _by_entry(selection)
+    return selection.keep(laid_out[torch.sort(selection.values[laid_out], descending=True, stable=True).indices[:k]])
 
 
 def _from_top(counts: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -124,11 +131,15 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
 
 
 def _best(pool: Selection, k: int) -> tuple[Selection, float]:
-    """The k best of `pool` in its own order (everything above the k-th value, and its ties in that
-    order), and the k-th value."""
+    """The k best of `pool`, kept in its own order (everything above the k-th value, and of the
+    entries equal to it those first by tensor id and index), and the k-th value."""
     cut = kth_largest(pool.values, k)
     keep = pool.values > cut
-    ties = true_at(pool.values == cut)[: k - int(keep.sum())]
+    ties = true_at(pool.values == cut)
+    room = k - int(keep.sum())
+    if ties.numel() > room:
+        tied = pool.keep(ties)
+        ties = ties[_by_entry(tied)[:room]]
     keep[ties] = True
     return pool.keep(true_at(keep)), cut  # resolved once, not once per array
 
@@ -138,11 +149,12 @@ class StreamingTopK:
 
     Every admitted candidate is counted in its bucket (`_bucket`); once k are counted, the k-th
     largest lies in a known bucket, and the threshold rises to just below it after every offer:
-    later candidates at or below it are dropped on arrival, since k earlier ones rank above them.
+    later candidates at or below it are dropped on arrival, since k held ones rank above them.
     Nothing is ordered on the way: each offer is held as it came (its tensor id once, not per
     entry: 12 bytes an entry), and when PILE * k candidates are held, each part lets go of those at
-    or below the threshold (an exact cut at the k-th value if ties in one bucket keep too many);
-    `result()` makes the one exact cut.
+    or below the threshold (an exact cut at the k-th value if ties in one bucket keep too many: the
+    threshold then stays just below that value, since a later entry equal to it may rank first by
+    tensor id); `result()` makes the one exact cut.
     """
 
     def __init__(self, k: int):
@@ -178,7 +190,7 @@ class StreamingTopK:
                 self._size = sum(part.values.numel() for part in self._parts)
             if self._size > PILE * self.k:  # ties within one bucket
                 pool, cut = _best(collect(self._parts), self.k)
-                self._raise(cut)
+                self._raise(float(np.nextafter(np.float32(cut), np.float32(-np.inf))))
                 self._parts, self._size = _Part.split(pool), pool.values.numel()
 
     @staticmethod

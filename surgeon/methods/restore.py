@@ -126,7 +126,8 @@ class RestoreMethod:
         self.harmful_on_base, self.harmful, self.rollback = harmful_on_base, harmful, rollback
         self.workdir, self.progress = Path(workdir), progress
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.names = [name for layer in scope for name in layer]
+        # tensor ids in (layer, name) order: the order in which equal gradients rank in the top-k
+        self.names = [name for layer in scope for name in sorted(layer)]
         self.tensor_ids = {name: i for i, name in enumerate(self.names)}
         self.accumulated = gradient_store
         self.v_harm: torch.Tensor | None = None
