@@ -158,7 +158,8 @@ def write_recipe(work: Path, name: str, base: Path, tuned: Path, data: Path, lay
         "probe": {"layer": layer, "batch_size": BATCH},
         "restore": {"sparsity": 0.002, "steps": STEPS, "warmup": 0, "save_every": 1},
         "rollback": {"mode": "always", "ratio": 0.2},
-        "evaluate": {"safety": {"path": f"{name}-harmful.jsonl", "max_new_tokens": 16},
+        # over-refusal off: the shipped 118 x 64 answers per model would triple the bench and check nothing of the engine
+        "evaluate": {"safety": {"path": f"{name}-harmful.jsonl", "max_new_tokens": 16}, "benign": "none",
                      "task": {"path": f"{name}-task.jsonl", "answer_field": "response", "metric": "loss"}},
         # the bench checks the engine on a real checkpoint, not the repair's quality: a step past the
         # task floor is still written
