@@ -142,8 +142,8 @@ class ModelPair:
             task = task_set(spec.task, prompts, references, streamed)
         benign = None
         if benign_prompts:  # refusals read with the safety judge's markers where it has its own
-            markers = spec.safety if spec.safety is not None and spec.safety.judge == "refusal" else None
-            refusals = RefusalJudge(markers.markers, markers.add_markers) if markers else RefusalJudge()
+            own = spec.safety if spec.safety is not None and spec.safety.judge == "refusal" else None
+            refusals = RefusalJudge(own.markers, own.add_markers) if own else RefusalJudge()
             benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses)
         load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
         return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign)
