@@ -255,3 +255,18 @@ def test_over_refusal_is_the_share_of_harmless_prompts_refused(llama, tmp_path):
         assert scores["over_refusal"] == sum(map(refuses, answers)) / len(answers)
     off = CliRunner().invoke(main, [*args[: args.index("--benign")], "--benign", "none", "--max-new-tokens", "6", "--json"])
     assert off.exit_code == 0 and json.loads(off.output)["benign_prompts"] == 0, off.output
+
+
+def test_answers_come_from_the_answer_column_or_a_conversation_never_from_a_text_prompt():
+    from surgeon.data.datasets import answer_column
+    from surgeon.errors import InputError
+
+    chat = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    assert answer_column(chat, "response", "f.jsonl", None, "messages") == ["a"]
+    assert answer_column([{"prompt": "q", "response": "r"}], "response", "f.jsonl", None, "prompt") == ["r"]
+    try:
+        answer_column([{"prompt": "q"}], "response", "f.jsonl", None, "prompt")
+    except InputError as error:
+        assert "no text or messages field 'response'" in error.one_line()
+    else:
+        raise AssertionError("a text prompt was taken as its own answer")

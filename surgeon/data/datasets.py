@@ -168,7 +168,8 @@ def answer_column(rows: list[dict], field: str, reference: str, limit: int | Non
     itself, or the prompt's when the rows have no `field`)."""
     answers = []
     for number, row in _rows(rows, limit):
-        source = field if field in row or prompt_field is None else prompt_field
+        # a row without `field` answers from its prompt's messages, never from a text prompt
+        source = prompt_field if field not in row and isinstance(row.get(prompt_field), list) else field
         value = _value(row, source, number, reference)
         if isinstance(value, list):
             value = _conversation(value, source, f"{reference} row {number}")[1]
