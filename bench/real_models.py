@@ -275,7 +275,7 @@ def main() -> None:
     # rows of models not run this time stay as they were, each with the command that measured it
     out = HERE / "results" / "real_models.json"
     kept = json.loads(out.read_text())["models"] if out.exists() else []
-    command = "python bench/real_models.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python bench/real_models.py", *sys.argv[1:]])
     rows = {row["model"]: row for row in kept} | {row["model"]: {**row, "command": command, "torch": torch.__version__} for row in results}
     out.write_text(json.dumps({"models": [rows[name] for name in MODELS if name in rows]}, indent=1) + "\n")
     sys.exit(0 if all(r["passed"] for r in results) else 1)
