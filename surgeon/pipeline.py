@@ -67,17 +67,22 @@ def _harmful(loaded: LoadedRecipe, spec: SafetyEvalSet, field_name: str) -> Harm
         return harmful_prompts(spec, loaded.resolve(spec.path) if spec.path else None)
 
 
-def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answer_field: str | None = None) -> tuple[list[str], list[str] | None]:
-    """A prompt set's prompts, and the answers in `answer_field` when it names one."""
+def prompt_rows(prompt_set: PromptSet, reference: str | None, answer_field: str | None = None) -> tuple[list, list[str] | None]:
+    """A prompt set's prompts (inline, or from the file at `reference`), and the answers in
+    `answer_field` when it names one."""
     from surgeon.data.datasets import answer_column, load_rows, prompt_column
 
-    if prompt_set.prompts is not None:
+    if reference is None:
         return _inline(prompt_set), None
-    reference = loaded.resolve(prompt_set.path)
+    rows = load_rows(reference)
+    answers = answer_column(rows, answer_field, reference, prompt_set.limit, prompt_set.field) if answer_field else None
+    return prompt_column(rows, prompt_set.field, reference, prompt_set.limit), answers
+
+
+def _prompts(loaded: LoadedRecipe, prompt_set: PromptSet, field_name: str, answer_field: str | None = None) -> tuple[list, list[str] | None]:
+    """`prompt_rows` of a recipe field, its errors naming the field."""
     with _naming(field_name, loaded):
-        rows = load_rows(reference)
-        answers = answer_column(rows, answer_field, reference, prompt_set.limit, prompt_set.field) if answer_field else None
-        return prompt_column(rows, prompt_set.field, reference, prompt_set.limit), answers
+        return prompt_rows(prompt_set, loaded.resolve(prompt_set.path) if prompt_set.path else None, answer_field)
 
 
 def _model(loaded: LoadedRecipe, spec, field_name: str, base: ResolvedModel | None = None) -> ResolvedModel:
@@ -172,9 +177,6 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
         for field, path in _local_data(loaded).items():
             digest = "sha256:" + (file_sha256(path) if path.is_file() else folder_fingerprint(path))
             described[field] = {"reference": local_name(path), "local": {local_name(path): digest}}
-    base, tuned = described["base"].get("local"), described["tuned"].get("local")
-    if base and tuned and sorted(base.values()) == sorted(tuned.values()):
-        raise InputError("tuned holds the same weights and config as base: there is nothing to repair", "tuned")
     for role in models:
         if getattr(loaded.recipe, role).any_base:
             described[role]["any_base"] = True
@@ -247,6 +249,9 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
+        base, tuned = described["base"].get("local"), described["tuned"].get("local")  # content hashes, now known
+        if base and tuned and sorted(base.values()) == sorted(tuned.values()):
+            raise InputError("tuned holds the same weights and config as base: there is nothing to repair", "tuned")
         # what a saved state must match to be resumed: this recipe, these inputs' contents, this device and surgeon
         key = {"recipe_sha256": loaded.sha256, "inputs": {field: d.get("revision") or d.get("local") for field, d in described.items()},
                "device": device, "surgeon": tool_identity()}
@@ -460,10 +465,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     inputs = resolve_inputs(request.recipe, progress) if request.recipe else None
     safety_prompts = rows = benign = None
     if spec.benign is not None:
-        from surgeon.data.datasets import load_rows, prompt_column
-
-        reference = flagged(spec.benign.path) if spec.benign.path else None
-        benign = _inline(spec.benign) if reference is None else prompt_column(load_rows(reference), spec.benign.field, reference, spec.benign.limit)
+        benign, _ = prompt_rows(spec.benign, flagged(spec.benign.path) if spec.benign.path else None)
     if spec.safety is not None:
         safety_prompts = harmful_prompts(spec.safety, flagged(spec.safety.path) if spec.safety.path else None)
     if spec.task is not None:
