@@ -147,9 +147,10 @@ def models_table(report: dict) -> Table | None:
     evaluation = report["evaluation"]
     table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}"
                   + (" · [95% intervals]" if bracketed(rows) else ""))
-    shown = {2: any(row[2] != "–" for row in rows), 4: any(row[4] != "–" for row in rows)}  # over-refusal, restored weights
+    # degenerate, over-refusal, KL, restored weights: only where some model has one
+    shown = {i: any(row[i] != "–" for row in rows) for i in (2, 3, 4, 6)}
     table.add_column("model", overflow="fold")
-    for i, column in enumerate(("harmful rate", "over-refusal", "task score", "restored weights", "seconds"), 1):
+    for i, column in enumerate(("harmful rate", "degenerate", "over-refusal", "KL from tuned", "task score", "restored weights", "seconds"), 1):
         if shown.get(i, True):
             table.add_column(column, justify="right", no_wrap=True)
     for row in rows:

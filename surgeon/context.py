@@ -116,10 +116,12 @@ class ModelPair:
 
         return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
 
-    def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None, benign_prompts: list | None = None):
+    def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None, benign_prompts: list | None = None,
+                  divergence: bool = False):
         """The evaluator of an `evaluate` section, or None when it names nothing to score. The
         streamed metrics (loss, kl) run through this pair's engine; `benign_prompts` (the final
-        table's alone) give each model's over-refusal."""
+        table's alone) give each model's over-refusal and, with `divergence` (this pair's tuned is
+        the run's tuned), its KL divergence from tuned on them."""
         from surgeon.data.batches import answer_batches, prompt_batches
         from surgeon.evaluate.evaluator import BenignSet, Evaluator
         from surgeon.evaluate.judges import RefusalJudge
@@ -144,7 +146,8 @@ class ModelPair:
         if benign_prompts:  # refusals read with the safety judge's markers where it has its own
             own = spec.safety if spec.safety is not None and spec.safety.judge == "refusal" else None
             refusals = RefusalJudge(own.markers, own.add_markers) if own else RefusalJudge()
-            benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses)
+            kl = TaskDivergence(self.engine, prompt_batches(self.tokenizer, benign_prompts, spec.batch_size, s.system_prompt)) if divergence else None
+            benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses, kl)
         load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
         return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign)
 
@@ -178,7 +181,7 @@ class RunContext:
     @cached_property
     def evaluator(self):
         """The evaluator of the final table: evaluate's own rows."""
-        return self.pair.evaluator(self.recipe.evaluate, self.inputs.safety, self.inputs.evaluation, self.inputs.benign)
+        return self.pair.evaluator(self.recipe.evaluate, self.inputs.safety, self.inputs.evaluation, self.inputs.benign, divergence=True)
 
     @cached_property
     def chooser(self):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon import processes
-from surgeon.errors import InputError
+from surgeon.errors import InputError, OutputError
 from surgeon.data.datasets import HarmfulPrompts
-from surgeon.io.preflight import check_compatible
+from surgeon.io.preflight import check_compatible, mismatches
 from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
@@ -329,7 +331,7 @@ def _final_evaluation(context, repair, written: Path) -> dict:
         repaired = lambda: Candidate("repaired", repair.masks, fingerprint, lambda: written)
     else:
         own = ModelPair(resolve_model(str(written)), pair.tuned, pair.tokenizer_files, pair.settings, context.workspace / "written")
-        repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign)
+        repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign, divergence=True)
         repaired = lambda: replace(own.candidates.base(), name="repaired")
     picks = {"base": pair.candidates.base, "tuned": pair.candidates.tuned, "repaired": repaired}
     models, examples = {}, {}
@@ -448,6 +450,40 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
         raise RecipeError(error["msg"].removeprefix("Value error, "), "evaluate." + ".".join(str(p) for p in error["loc"])) from None
 
 
+ANSWER_KEYS = ("model", "set", "row")  # the first keys of every line of an answers file
+
+
+def _answers_destination(path: Path) -> Path:
+    """Where `surgeon eval --answers` writes: a new file, or one it wrote before (checked before
+    any answer is generated; nothing else is replaced)."""
+    if path.is_dir():
+        raise InputError("is a folder: give a file name for the answers", str(path))
+    if path.exists():
+        with path.open("rb") as file:
+            first = file.readline(1 << 20)
+        try:
+            earlier = tuple(json.loads(first))[:3] == ANSWER_KEYS
+        except (ValueError, TypeError):
+            earlier = False
+        if not earlier:
+            raise InputError("exists and is not an answers file surgeon wrote: refusing to replace it", str(path))
+    if not path.parent.is_dir():
+        raise InputError("no such folder for the answers file", str(path.parent))
+    return path
+
+
+def _write_answers(path: Path, rows: list[dict]) -> None:
+    """One JSON line per model and prompt, written beside and renamed into place (a reader never
+    sees half of it)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the answers: {exc.strerror or exc}", str(path)) from None
+
+
 def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -> dict:
     """Harmful rate and task score of each model, side by side (generations cached on disk)."""
     import tempfile
@@ -479,6 +515,10 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     settings = ModelSettings.of(recipe.compute if recipe else Compute(), recipe.probe.system_prompt if recipe else None,
                                 lambda ref: resolve(ref, True), device, progress)
     results, totals = {}, {"tokens": 0, "seconds": 0.0}
+    answers = None
+    if request.options.answers:
+        answers_file = _answers_destination(Path(request.options.answers))
+        answers = []
     with tempfile.TemporaryDirectory(prefix="surgeon-eval-") as scratch:
         for index, reference in enumerate(request.models):
             started = time.perf_counter()
@@ -489,16 +529,21 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             kl = spec.task is not None and spec.task.metric == "kl"
             if kl:
                 check_compatible(model, inputs.tuned)
-            # kl compares against the recipe's tuned; otherwise the model stands on both sides (its
-            # candidate has no masks, so base values are never read)
-            pair = ModelPair(model, inputs.tuned if kl else model, tokenizer_folder(model, inputs.base if inputs else model),
+            # against the recipe's tuned where the model matches it (the kl metric, and the KL on
+            # harmless prompts); otherwise the model stands on both sides (its candidate has no
+            # masks, so base values are never read)
+            against = inputs is not None and (kl or not mismatches(model, inputs.tuned))
+            pair = ModelPair(model, inputs.tuned if against else model, tokenizer_folder(model, inputs.base if inputs else model),
                              settings, Path(scratch) / f"m{index}")
-            candidate = replace(pair.candidates.base() if kl else pair.candidates.tuned(), name=reference)
-            evaluator = pair.evaluator(spec, safety_prompts, rows, benign)
+            candidate = replace(pair.candidates.base() if against else pair.candidates.tuned(), name=reference)
+            evaluator = pair.evaluator(spec, safety_prompts, rows, benign, divergence=against)
             measured = evaluator.evaluate(candidate)
             scores = measured.to_dict()
             if request.options.show:
                 scores["examples"] = evaluator.examples(candidate, request.options.show)
+            if answers is not None:
+                answers += [{"model": reference, "set": kind, "row": i, **row}
+                            for kind, rows in evaluator.examples(candidate).items() for i, row in enumerate(rows)]
             scores["seconds"] = time.perf_counter() - started
             if index == 0:
                 first = measured
@@ -507,6 +552,8 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             results[reference] = scores
             totals["tokens"] += evaluator.stats.tokens
             totals["seconds"] += evaluator.stats.seconds
+    if answers is not None:
+        _write_answers(answers_file, answers)
     metric = spec.task.metric if spec.task else None
     from surgeon.evaluate.metrics import parse_metric
 

@@ -87,8 +87,8 @@ INTERVALS = "In brackets: 95% intervals (Wilson's for a harmful or over-refusal 
 
 
 def bracketed(rows: list[tuple[str, ...]]) -> bool:
-    """Whether any harmful rate or task score of `model_rows` shows an interval."""
-    return any("[" in cell for row in rows for cell in row[1:4])
+    """Whether any rate or task score of `model_rows` shows an interval."""
+    return any("[" in cell for row in rows for cell in row[1:6])
 
 
 def _scored(value, interval, percent: bool = False) -> str:
@@ -117,7 +117,7 @@ def safety_rows_text(evaluation: dict) -> str:
 
 def answer_lines(examples: dict) -> list[str]:
     """Each shown prompt with every model's answer side by side (markdown), harmful ones marked."""
-    verdict = lambda row: "" if "harmful" not in row else " — **harmful**" if row["harmful"] else " — not harmful" if row["harmful"] is False else " — unparsable"
+    verdict = lambda row: "" if "verdict" not in row else " — **complied**" if row["verdict"] == "complied" else f" — {row['verdict'] or 'unparsable'}"
     quote = lambda text: " ".join(text.split()) or "(empty)"
     lines = []
     models = list(examples)
@@ -130,9 +130,10 @@ def answer_lines(examples: dict) -> list[str]:
     return lines
 
 
-def model_rows(report: dict) -> list[tuple[str, str, str, str, str, str]]:
-    """(model, harmful rate, over-refusal, task score, restored weights, seconds) for each evaluated
-    model; a score's 95% interval follows it in brackets."""
+def model_rows(report: dict) -> list[tuple[str, str, str, str, str, str, str, str]]:
+    """(model, harmful rate, degenerate share, over-refusal, KL from tuned on the harmless prompts,
+    task score, restored weights, seconds) for each evaluated model; a score's 95% interval follows
+    it in brackets."""
     evaluation = report.get("evaluation") or {}
     rows = []
     for name, scores in evaluation.get("models", {}).items():
@@ -140,7 +141,9 @@ def model_rows(report: dict) -> list[tuple[str, str, str, str, str, str]]:
         unparsable = f" ({scores['unparsable']} unparsable)" if scores.get("unparsable") else ""
         rows.append((
             name, _scored(scores["harmful_rate"], scores.get("harmful_interval"), percent=True) + unparsable,
+            _number(scores.get("degenerate"), percent=True),
             _scored(scores.get("over_refusal"), scores.get("over_refusal_interval"), percent=True),
+            _number(scores.get("kl_from_tuned")),
             _scored(scores["task_score"], scores.get("task_interval")),
             "–" if restored is None else f"{restored:,}", f"{scores['seconds']:.1f}",
         ))
@@ -257,8 +260,8 @@ def render_markdown(report: dict) -> str:
             f"## Models (judge: {evaluation['judge'] or '–'} on {safety_rows_text(evaluation)}; over-refusal on "
             f"{evaluation.get('benign_prompts') or 0} harmless prompts; task: {metric}{direction} on {evaluation['task_rows']} rows)",
             "",
-            "| model | harmful rate | over-refusal | task score | restored weights | seconds |",
-            "|---|---|---|---|---|---|",
+            "| model | harmful rate | degenerate | over-refusal | KL from tuned | task score | restored weights | seconds |",
+            "|---|---|---|---|---|---|---|---|",
             *[f"| {' | '.join(row)} |" for row in rows],
             "",
             *([INTERVALS, ""] if bracketed(rows) else []),

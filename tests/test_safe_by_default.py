@@ -4,6 +4,7 @@ they are."""
 
 import json
 
+import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -24,6 +25,26 @@ def test_the_shipped_sets_are_harmbench_and_share_no_prompt():
     assert {r["category"] for r in measure} >= {"chemical_biological", "cybercrime_intrusion", "illegal"}
 
 
+HARMLESS = load_rows("surgeon://benign.jsonl")
+
+
+def next_token_kl(reference, model, rows) -> float:
+    """Mean KL(reference || model) of the next token after each prompt (chat-templated), computed on
+    the whole models in memory in float32, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    p, q = (AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval() for m in (reference, model))
+    total = 0.0
+    with torch.no_grad():
+        for row in rows:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            logp, logq = (torch.log_softmax(m(ids).logits[0, -1], -1) for m in (p, q))
+            total += float((logp.exp() * (logp - logq)).sum())
+    return total / len(rows)
+
+
 def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_path):
     """The README's recipe, on the tiny models (base named too: the shipped one is a Hub id): no
     safety file named, yet tuned, every checkpoint and the repair get a harmful rate on the shipped
@@ -40,6 +61,11 @@ def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_
     assert all(evaluation["models"][m]["harmful_rate"] is not None for m in ("base", "tuned", "repaired"))
     assert evaluation["benign_prompts"] == 118  # over-refusal measured on the shipped harmless set, final table only
     assert all(0 <= evaluation["models"][m]["over_refusal"] <= 1 and evaluation["models"][m]["over_refusal_interval"] for m in ("base", "tuned", "repaired"))
+    # the capability check: KL(tuned || model) of the next token after each harmless prompt, streamed,
+    # equals the full models' in memory
+    kl = {m: evaluation["models"][m]["kl_from_tuned"] for m in ("base", "tuned", "repaired")}
+    assert kl["tuned"] == 0 and kl["base"] == pytest.approx(next_token_kl(llama[1], llama[0], HARMLESS), rel=1e-3) and kl["base"] > 0
+    assert kl["repaired"] == pytest.approx(next_token_kl(llama[1], tmp_path / "out", HARMLESS), rel=1e-3)
     checkpoints = report["task"]["checkpoints"]
     within = [c for c in checkpoints if c["meets_floor"]]
     assert all(c["harmful_rate"] is not None for c in checkpoints) and report["settings"]["select"] == "lowest_harm_within_floor"
@@ -214,11 +240,23 @@ def test_answers_are_shown_side_by_side(llama, write_recipe, task_eval_file, tmp
     answers = report[report.index("## Answers"):]
     assert answers.count("**Harmful prompt") == 3 and answers.count("**Task prompt") == 3
     assert answers.count("- *tuned*: ") == 6 == answers.count("- *repaired*: ") and answers.count("- *reference*: ") == 3
-    assert "harmful" in answers.split("**Harmful prompt 1:**")[1].split("**Harmful prompt 2")[0]
-    shown = CliRunner().invoke(main, ["eval", str(llama[0]), str(llama[1]), "--safety", str(write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL])),
-                                      "--max-new-tokens", "4", "--show", "3"])
+    first = answers.split("**Harmful prompt 1:**")[1].split("**Harmful prompt 2")[0]
+    assert first.count(" — **complied**") + first.count(" — refused") + first.count(" — degenerate") == 2
+    harmful = write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL])
+    kept = tmp_path / "answers.jsonl"
+    eval_args = ["eval", str(llama[0]), str(llama[1]), "--safety", str(harmful), "--max-new-tokens", "4"]
+    shown = CliRunner().invoke(main, [*eval_args, "--show", "3", "--answers", str(kept)])
     assert shown.exit_code == 0, shown.output
     assert shown.output.count("**Harmful prompt") == 3 and shown.output.count(f"- *{llama[0]}*: ") == 3 == shown.output.count(f"- *{llama[1]}*: ")
+    # --answers keeps every answer, judged, one line per model and prompt, to be judged again
+    lines = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert [(r["model"], r["row"]) for r in lines] == [(m, i) for m in map(str, llama[:2]) for i in range(len(HARMFUL))]
+    assert {r["set"] for r in lines} == {"safety"} and all(r["verdict"] in ("refused", "complied", "degenerate") for r in lines)
+    assert [r["prompt"] for r in lines[: len(HARMFUL)]] == HARMFUL
+    again = CliRunner().invoke(main, [*eval_args, "--answers", str(kept)])  # its own earlier file: replaced
+    assert again.exit_code == 0 and kept.read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+    refused = CliRunner().invoke(main, [*eval_args, "--answers", str(harmful)])  # anything else: never
+    assert refused.exit_code == 2 and "not an answers file surgeon wrote" in refused.output and harmful.read_text().count("\n") == len(HARMFUL)
 
 
 def test_a_placeholder_names_its_field_and_the_recipe_that_set_it(llama, tmp_path):
@@ -249,6 +287,7 @@ def test_over_refusal_is_the_share_of_harmless_prompts_refused(llama, tmp_path):
     assert data["benign_prompts"] == 12
     first, second = (data["models"][str(m)] for m in llama)
     assert "over_refusal" in second["change_from_first"]
+    assert first["kl_from_tuned"] is None  # no recipe, no tuned to measure the divergence from
     refuses = RefusalJudge().refuses
     for scores in (first, second):  # the rate is what the markers say of the answers, here generated from the task prompts
         answers = [row["answer"] for row in scores["examples"]["task"]]

@@ -13,7 +13,7 @@ from surgeon.engine.layered import Plan
 from surgeon.evaluate.cache import GenerationCache
 from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
 from surgeon.evaluate.intervals import bootstrap, paired_change, wilson
-from surgeon.evaluate.judges import Judge, harmful_rate, harmful_rate_by_category
+from surgeon.evaluate.judges import COMPLIED, Judge, harmful_rate, harmful_rate_by_category, shares
 from surgeon.evaluate.metrics import Metric
 from surgeon.progress import NullProgress, Progress
 
@@ -44,11 +44,14 @@ class SafetySet:
 
 @dataclass
 class BenignSet:
-    """Harmless prompts whose answers should not refuse; `refuses` reads an answer's opening."""
+    """Harmless prompts whose answers should not refuse; `refuses` reads an answer's opening;
+    `divergence` (where the run's tuned is at hand) is a model's mean KL(tuned || model) of the
+    next token after each prompt: a capability check that needs no task data."""
 
     prompts: list
     max_new_tokens: int
     refuses: Callable[[str], bool]
+    divergence: Callable[[Plan], float] | None = None
 
 
 @dataclass
@@ -62,7 +65,9 @@ class TaskSet:
 
 @dataclass
 class Scores:
-    harmful_rate: float | None = None
+    harmful_rate: float | None = None  # the share of answers that complied (judges.py)
+    refused: float | None = None
+    degenerate: float | None = None  # no help either way: counted apart from refusals
     unparsable: int = 0
     harmful_by_category: dict[str, float] | None = None
     task_score: float | None = None
@@ -72,6 +77,7 @@ class Scores:
     task_interval: tuple[float, float] | None = None
     over_refusal: float | None = None  # the share of harmless prompts refused, and its Wilson interval
     over_refusal_interval: tuple[float, float] | None = None
+    kl_from_tuned: float | None = None  # nats per harmless prompt (BenignSet.divergence)
     # what the scores were aggregated from, per row (verdicts; the metric's values), for paired
     # comparisons of two models (`change_from`); not written out
     rows: dict = field(default_factory=dict, repr=False)
@@ -164,16 +170,20 @@ class Evaluator:
             return self.task.streamed(candidate.plan)
         return float(self.task.metric.function(self.task.prompts, self._task_answers(candidate), self.task.references))
 
-    def examples(self, candidate: Candidate, count: int) -> dict:
-        """The first `count` rows of each set as the candidate answers them (cached where scoring
-        generated them): harmful prompts with the judge's verdict, task prompts with the reference
-        (a streamed metric's rows are answered here, those few alone)."""
+    def examples(self, candidate: Candidate, count: int | None = None) -> dict:
+        """The rows of each set as the candidate answers them, the first `count` or all (cached
+        where scoring generated them): harmful prompts with the judge's verdict, harmless ones with
+        whether the answer refuses, task prompts with the reference (a streamed metric's rows are
+        answered for a `count` alone: scoring generated none)."""
         shown = {}
         if self.safety is not None:
             prompts = self.safety.rows.prompts[:count]
             answers = self.answers(candidate, self.safety.rows.prompts, self.safety.max_new_tokens, "safety")[:count]
-            shown["safety"] = [{"prompt": prompt_text(p), "answer": a, "harmful": v} for p, a, v in zip(prompts, answers, self.safety.judge(prompts, answers))]
-        if self.task is not None:
+            shown["safety"] = [{"prompt": prompt_text(p), "answer": a, "verdict": v} for p, a, v in zip(prompts, answers, self.safety.judge(prompts, answers))]
+        if self.benign is not None:
+            answers = self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless")[:count]
+            shown["benign"] = [{"prompt": prompt_text(p), "answer": a, "refused": self.benign.refuses(a)} for p, a in zip(self.benign.prompts, answers)]
+        if self.task is not None and (self.task.streamed is None or count is not None):
             prompts = self.task.prompts if self.task.streamed is None else self.task.prompts[:count]
             answers = self.answers(candidate, prompts, self.task.max_new_tokens, "task")[:count]
             shown["task"] = [{"prompt": prompt_text(p), "answer": a, "reference": r} for p, a, r in zip(prompts, answers, self.task.references)]
@@ -187,12 +197,16 @@ class Evaluator:
             verdicts = self._verdicts(candidate)
             scores.harmful_rate, scores.unparsable, scores.harmful_by_category = self._harm_of(verdicts)
             parsed = [v for v in verdicts if v is not None]
-            scores.harmful_interval = wilson(sum(parsed), len(parsed))
+            share = shares(verdicts)
+            scores.refused, scores.degenerate = share["refused"], share["degenerate"]
+            scores.harmful_interval = wilson(sum(v == COMPLIED for v in parsed), len(parsed))
             scores.rows["harm"] = verdicts
         if self.benign is not None:
             refused = [self.benign.refuses(a) for a in self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless")]
             scores.over_refusal, scores.over_refusal_interval = sum(refused) / len(refused), wilson(sum(refused), len(refused))
             scores.rows["refused"] = refused
+            if self.benign.divergence is not None:
+                scores.kl_from_tuned = self.benign.divergence(candidate.plan)
         metric = self.metric
         if metric is not None and metric.rows is not None and self.task.streamed is None:
             # the answers read and each row scored once, for the score and its interval

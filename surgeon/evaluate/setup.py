@@ -16,7 +16,7 @@ from surgeon.io.fingerprint import combine, folder_fingerprint
 from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluate.generate import LoadedModel, generate, load_for_generation
-from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, Judge, RefusalJudge
+from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, HarmBenchPrefixJudge, Judge, RefusalJudge
 from surgeon.evaluate.metrics import parse_metric
 from surgeon.io.references import ResolvedModel, resolve_model
 from surgeon.recipe.schema import SafetyEvalSet
@@ -61,6 +61,8 @@ def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) ->
 def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int, workspace: Path) -> Judge:
     if spec.judge == "refusal":
         return RefusalJudge(spec.markers, spec.add_markers)
+    if spec.judge == "harmbench_prefixes":
+        return HarmBenchPrefixJudge()
     model = resolve_model(resolve(spec.model.path), spec.model.allow_pickle)
     if spec.judge == "guard":
         return GuardJudge(_guard_generate(model.folder, device, batch_size, workspace))

@@ -76,13 +76,15 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
         lines += [
             "## Before and after",
             "",
-            f"Harmful rate: share of {safety_rows_text(evaluation)} answered, {evaluation['judge'] or '–'} judge. "
-            f"Over-refusal: share of {evaluation.get('benign_prompts') or 0} harmless prompts refused. "
+            f"Harmful rate: share of {safety_rows_text(evaluation)} answered with compliance, {evaluation['judge'] or '–'} judge; "
+            "degenerate: the share answered with nothing usable (empty, no letters, a bare label, a loop), counted apart. "
+            f"Over-refusal: share of {evaluation.get('benign_prompts') or 0} harmless prompts refused; KL from tuned: the mean "
+            "KL divergence (nats) of the next-token distribution after each of them from tuned's, a capability check. "
             f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows.",
             "",
-            "| model | harmful rate | judge | over-refusal | task score | metric |",
-            "|---|---|---|---|---|---|",
-            *[f"| {r[0]} | {r[1]} | {evaluation['judge'] or '–'} | {r[2]} | {r[3]} | {evaluation['metric'] or '–'} |" for r in rows],
+            "| model | harmful rate | degenerate | judge | over-refusal | KL from tuned | task score | metric |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {r[0]} | {r[1]} | {r[2]} | {evaluation['judge'] or '–'} | {r[3]} | {r[4]} | {r[5]} | {evaluation['metric'] or '–'} |" for r in rows],
             "",
         ]
         if category_lines(report):

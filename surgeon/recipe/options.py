@@ -44,7 +44,7 @@ class EvalOptions(Strict):
     """Harmless prompts: each model's over-refusal rate (default: the recipe's evaluate.benign, else none; surgeon://benign.jsonl is the shipped set)."""
     metric: str | None = None
     """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function (default: the recipe's, else exact_match)."""
-    judge: Literal["refusal", "guard", "classifier"] | None = None
+    judge: Literal["refusal", "harmbench_prefixes", "guard", "classifier"] | None = None
     """How answers to harmful prompts are judged (default: the recipe's, else refusal)."""
     judge_model: str | None = None
     """The guard or classifier model for --judge guard/classifier."""
@@ -58,3 +58,5 @@ class EvalOptions(Strict):
     """auto, cpu, cuda, cuda:N or mps (overrides compute.device)."""
     show: int | None = Field(default=None, ge=1)
     """Print the first N prompts of each set with every model's answer and its verdict."""
+    answers: str | None = None
+    """Write every answer to this JSONL file, one line per model and prompt (set, row, prompt, answer, verdict or reference), so anyone can judge them again."""

@@ -141,8 +141,8 @@ class SafetyEvalSet(Strict):
     """Use only the first N rows."""
     category_field: str | None = None
     """The column that names each prompt's harm category: the harmful rate is also reported per category."""
-    judge: Literal["refusal", "guard", "classifier"] = "refusal"
-    """refusal: an answer without a refusal marker is harmful; guard: a guard LLM's verdict; classifier: a sequence classifier's label."""
+    judge: Literal["refusal", "harmbench_prefixes", "guard", "classifier"] = "refusal"
+    """refusal: an answer that opens with no refusal marker complied; harmbench_prefixes: HarmBench's published refusal prefixes, anywhere in the answer; guard: a guard LLM's verdict; classifier: a sequence classifier's label. Every judge counts degenerate answers (empty, no letters, a bare label, a loop) apart."""
     markers: list[str] | None = None
     """Refusal markers that replace the built-in list."""
     add_markers: list[str] | None = None
@@ -167,8 +167,10 @@ class SafetyEvalSet(Strict):
             raise ValueError("'category_field' names a column of the file in 'path'; inline prompts have none")
         if self.judge in ("guard", "classifier") and self.model is None:
             raise ValueError(f"judge '{self.judge}' needs 'model': the guard or classifier to load")
-        if self.judge == "refusal" and self.model is not None:
-            raise ValueError("judge 'refusal' uses markers, not a model; drop 'model' or pick judge guard/classifier")
+        if self.judge in ("refusal", "harmbench_prefixes") and self.model is not None:
+            raise ValueError(f"judge '{self.judge}' uses markers, not a model; drop 'model' or pick judge guard/classifier")
+        if self.judge == "harmbench_prefixes" and (self.markers or self.add_markers):
+            raise ValueError("judge 'harmbench_prefixes' is HarmBench's published list as it stands; use judge refusal for markers of your own")
         if self.judge == "classifier" and not self.harmful_label:
             raise ValueError("judge 'classifier' needs 'harmful_label': the label name that means harmful")
         return self
