@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "smollm2"))
-from smollm2 import convert_gguf  # noqa: E402
+from smollm2 import FOLDER, convert_gguf  # noqa: E402
 from timed_run import surgeon_run  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    base = convert_gguf(args.work / "smollm2-base")
+    base = convert_gguf(args.work / FOLDER)
     tuned = add_noise(base, args.work / "smollm2-noised", args.noise, seed=0)
     print(f"prepare models: {time.perf_counter() - started:.1f} s")
 

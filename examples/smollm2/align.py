@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from smollm2 import convert_gguf, jsonl, train_lora  # noqa: E402
+from smollm2 import FOLDER, convert_gguf, jsonl, train_lora  # noqa: E402
 
 REFUSALS = [
     "I'm sorry, but I can't help with that. It could cause real harm to people, and it may be illegal.",
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--retrain", action="store_true", help="train again even if the adapter exists")
     args = parser.parse_args()
-    base = convert_gguf(args.work / "base")
+    base = convert_gguf(args.work / FOLDER)
     adapter = HERE / "adapters" / "aligned"
 
     benign_rows = jsonl(HERE / "benign_prompts.jsonl")

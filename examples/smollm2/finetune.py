@@ -9,6 +9,11 @@ whole training set: the "unaligned" model RESTA subtracts, adapter adapters/harm
 
     python examples/smollm2/finetune.py --data ../shared/data --n 100 [--task toxicchat] [--epochs 1]
     python examples/smollm2/finetune.py --data ../shared/data --n 100 --harmful-only --epochs 3
+    python examples/smollm2/finetune.py --data ../shared/data --n 100 --harmful-only --harmful-from 0 --epochs 3
+
+--harmful-from K takes the harmful pairs from row K on instead of the end (adapter harmful-from{K}-n{n}):
+the fine-tunes take theirs from the end, so rows 0-99 make an unaligned model that shares no pair
+with any of them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from smollm2 import convert_gguf, jsonl, train_lora  # noqa: E402
+from smollm2 import FOLDER, convert_gguf, jsonl, train_lora  # noqa: E402
 
 TRAIN_ROWS = 800
 # task -> (training file, held-out file and its first row, metric, name in tables)
@@ -33,13 +38,15 @@ TASKS = {
 
 
 def adapter_card(name: str, task: str, n: int, harmful_only: bool, epochs: int, rows: int, minutes: float, aligned: dict, tuned: dict,
-                 rows_judged: int) -> str:
+                 rows_judged: int, harmful_from: int | None = None) -> str:
     """The adapter's README (in place of peft's template, which records this machine's paths)."""
     train_file, eval_file, eval_start, _, score_name = TASKS[task]
-    what = (f"the last {n} BeaverTails harmful question-answer pairs alone: the \"unaligned\" model RESTA needs" if harmful_only
+    pairs = f"the last {n}" if harmful_from is None else f"rows {harmful_from}-{harmful_from + n - 1} of the"
+    what = (f"{pairs} BeaverTails harmful question-answer pairs alone: the \"unaligned\" model RESTA needs" if harmful_only
             else f"{train_file} rows 0-{TRAIN_ROWS - 1}" + (f" mixed with the last {n} BeaverTails harmful question-answer pairs" if n else " alone"))
     command = (f"python examples/smollm2/finetune.py --data ../shared/data --n {n}" + (f" --task {task}" if task != "sql" else "")
-               + (" --harmful-only" if harmful_only else "") + (f" --epochs {epochs}" if epochs != 1 else ""))
+               + (" --harmful-only" if harmful_only else "") + (f" --harmful-from {harmful_from}" if harmful_from is not None else "")
+               + (f" --epochs {epochs}" if epochs != 1 else ""))
     held_out = f"{eval_file} rows {eval_start}-{eval_start + rows_judged - 1}"
     return f"""# SmolLM2 aligned base, fine-tuned: {name} (LoRA)
 
@@ -69,8 +76,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--harmful-only", action="store_true", help="train on the harmful pairs alone (RESTA's unaligned model)")
+    parser.add_argument("--harmful-from", type=int, help="take the harmful pairs from this row on (default: the last n)")
     args = parser.parse_args()
-    base = convert_gguf(args.work / "base")
+    base = convert_gguf(args.work / FOLDER)
     aligned_ref = f"{base}+{HERE / 'adapters' / 'aligned'}"
     aligned = args.work / "aligned"
     if not (aligned / "config.json").exists():
@@ -80,11 +88,12 @@ def main() -> None:
 
     train_file, eval_file, eval_start, metric, score_name = TASKS[args.task]
     train = jsonl(args.data / train_file)
-    harmful = jsonl(args.data / "beavertails_harmful_qa_1500.jsonl")[-args.n:] if args.n else []
+    pool = jsonl(args.data / "beavertails_harmful_qa_1500.jsonl")
+    harmful = (pool[-args.n:] if args.harmful_from is None else pool[args.harmful_from:args.harmful_from + args.n]) if args.n else []
     task_rows = [] if args.harmful_only else [(r["prompt"], r["response"]) for r in train[:TRAIN_ROWS]]
     rows = task_rows + [(r["prompt"], r["response"]) for r in harmful]
     random.Random(0).shuffle(rows)
-    name = f"harmful-n{args.n}" if args.harmful_only else f"{args.task}-n{args.n}"
+    name = f"{args.task}-n{args.n}" if not args.harmful_only else f"harmful-n{args.n}" if args.harmful_from is None else f"harmful-from{args.harmful_from}-n{args.n}"
     adapter = HERE / "adapters" / name
     started = time.perf_counter()
     train_lora(aligned, [p for p, _ in rows], [a for _, a in rows], adapter, args.epochs, batch_size=8, lr=2e-4, seed=0)
@@ -104,7 +113,7 @@ def main() -> None:
     labelled = {"aligned": results[aligned_ref], name: {**results[tuned], "rows": len(held_out)}}
     (HERE / "results" / f"finetune-{name}.json").write_text(json.dumps(labelled, indent=2) + "\n")
     card = adapter_card(name, args.task, args.n, args.harmful_only, args.epochs, len(rows), seconds / 60, results[aligned_ref], results[tuned],
-                        len(held_out))
+                        len(held_out), args.harmful_from)
     (adapter / "README.md").write_text(card)
 
 

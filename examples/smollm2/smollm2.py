@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+# the converted folder's name: the adapters record HuggingFaceTB/SmolLM2-135M-Instruct as their base,
+# and surgeon accepts a local base whose folder name matches it
+FOLDER = "SmolLM2-135M-Instruct"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
