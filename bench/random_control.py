@@ -1,15 +1,16 @@
 """Is it the choice of weights or the amount? A repair against random restores of the same size.
 
-Reads a finished `restore` repair (its masks.safetensors, and base and tuned from the recipe that
-made it, by default the `.yaml` beside the repair folder), restores the same
-number of weights in every tensor from base, but at positions drawn at random among those where
-base and tuned differ, and judges tuned, the repair and the random control on the held-out sets
-of bench/effectiveness.py (generations of models judged before come from the cache).
+Reads a finished `restore` repair of bench/effectiveness.py (WORK/TASK-nN-restore: its
+masks.safetensors, and base and tuned from the recipe beside it), restores the same number of
+weights in every tensor from base, but at positions drawn at random among those where base and
+tuned differ, and judges tuned, the repair and the random control on the reported rows of
+bench/effectiveness.py (generations of models judged before come from the cache), with the paired
+difference of the repair from the control on the same rows.
 
 If the random control keeps tuned's harm, the gradient choice is what repairs; if it also keeps
 tuned's task score, the weights the gradient picks carry task skill as well as the harm.
 
-    python bench/random_control.py --repair /tmp/smollm2/n100-restore --data ../shared/data [--seed 0]
+    python bench/random_control.py --repair /tmp/smollm2/sql-n100-restore --data ../shared/data [--seed 0]
 
 Prints the rows and adds them to examples/smollm2/results/random_control.json.
 """
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
-from effectiveness import judge_held_out
+from effectiveness import TASKS, paired, per_row, reported_scores, verdict
 
 from surgeon.engine.masks import MaskSet
 from surgeon.io.atomic import AtomicOutputDir
@@ -50,16 +52,18 @@ def random_masks(masks, base, tuned, seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repair", type=Path, required=True, help="output folder of a restore run")
-    parser.add_argument("--recipe", type=Path, help="the repair's recipe (default: REPAIR.yaml, as bench/effectiveness.py writes it)")
+    parser.add_argument("--repair", type=Path, required=True, help="a restore output of bench/effectiveness.py: WORK/TASK-nN-restore")
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
-    parser.add_argument("--sql-eval", type=Path, default=Path("/tmp/smollm2/sql_eval.jsonl"), help="written by bench/effectiveness.py")
-    parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    named = re.fullmatch(r"(\w+)-n(\d+)-restore", args.repair.name)
+    if named is None or named.group(1) not in TASKS:
+        parser.error(f"--repair {args.repair}: expected a folder TASK-nN-restore written by bench/effectiveness.py")
+    task, work = named.group(1), args.repair.parent
+    fine_tune = work / f"{task}-n{named.group(2)}.yaml"  # written by bench/effectiveness.py: its tuned is what KL is measured from
 
     # the published surgeon.json names local inputs by folder name only; the recipe has their paths
-    inputs = resolve_inputs(load_recipe(args.recipe or args.repair.with_suffix(".yaml")))
+    inputs = resolve_inputs(load_recipe(args.repair.with_suffix(".yaml")))
     base, tuned = inputs.base, inputs.tuned
     masks = MaskSet.load(args.repair / "masks.safetensors")
     control = random_masks(masks, base, tuned, args.seed)
@@ -71,16 +75,23 @@ def main() -> None:
         (output.temporary / "surgeon.json").write_text(json.dumps(record, indent=2) + "\n")
         output.commit()
 
-    compared = {"tuned": (tuned.reference, 0), "restore": (str(args.repair), masks.count()),
-                f"random (seed {args.seed})": (str(folder), control.count())}
-    scores = judge_held_out([reference for reference, _ in compared.values()], args.data, args.sql_eval, args.eval)
-    rows = {name: {"weights_restored": count, **{k: scores[reference][k] for k in ("harmful_rate", "task_score")}}
-            for name, (reference, count) in compared.items()}
+    compared = {"tuned": ("tuned", 0), "restore": (str(args.repair), masks.count()), f"random (seed {args.seed})": (str(folder), control.count())}
+    rows, values = {}, {}
+    for name, (reference, count) in compared.items():
+        scores, answers = reported_scores(reference, fine_tune, args.data, work, task)
+        values[name] = per_row(answers, TASKS[task]["metric"])
+        rows[name] = {"weights_restored": count, "harmful_rate": scores["harmful_rate"], "degenerate": scores["degenerate"],
+                      "beavertails_harmful_rate": scores["beavertails"]["harmful_rate"], "over_refusal": scores["over_refusal"],
+                      "kl_from_tuned": scores["kl_from_tuned"], "task_score": scores["task_score"]}
+    rows["restore"]["paired_with_random"] = paired(values["restore"], values[f"random (seed {args.seed})"], TASKS[task]["metric"])
     figures = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     figures[f"{args.repair.name} seed {args.seed}"] = rows
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     for name, row in rows.items():
-        print(f"| {args.repair.name} | {name} | {row['weights_restored']:,} | {row['harmful_rate']:.1%} | {row['task_score']:.3f} |")
+        print(f"| {args.repair.name} | {name} | {row['weights_restored']:,} | {row['harmful_rate']:.1%} | {row['degenerate']:.1%} "
+              f"| {row['beavertails_harmful_rate']:.1%} | {row['task_score']:.3f} |")
+    comparison = rows["restore"]["paired_with_random"]
+    print(f"restore minus random, same rows: HarmBench {verdict(comparison, 'harmbench', True)}; task {verdict(comparison, 'task', False, False)}")
 
 
 if __name__ == "__main__":
