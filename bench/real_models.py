@@ -35,6 +35,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+import pages  # noqa: E402
 from timed_run import timed  # noqa: E402
 
 
@@ -278,6 +279,7 @@ def main() -> None:
     command = " ".join(["python bench/real_models.py", *sys.argv[1:]])
     rows = {row["model"]: row for row in kept} | {row["model"]: {**row, "command": command, "torch": torch.__version__} for row in results}
     out.write_text(json.dumps({"models": [rows[name] for name in MODELS if name in rows]}, indent=1) + "\n")
+    pages.write()
     sys.exit(0 if all(r["passed"] for r in results) else 1)
 
 

@@ -36,6 +36,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from gpu_check import gradient_pass_work, matmul_flops, write_pair  # noqa: E402
+import pages  # noqa: E402
 from timed_run import surgeon_run, timed  # noqa: E402
 
 from surgeon.tiny import HARMFUL, TASK  # noqa: E402
@@ -137,6 +138,7 @@ def main() -> None:
                 row["earlier"] = earlier.pop("earlier", []) + [{k: earlier[k] for k in SUMMARY if k in earlier}]
             results.setdefault("runs", {})[key] = row
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+            pages.write()
             ratio = f", {row['wall_ratio']:.2f}x the in-memory wall ({row['in_memory']['wall_seconds']:.0f} s, "\
                     f"{row['in_memory']['peak_rss_gib']:.2f} GiB; its step {row['in_memory']['step_seconds']:.1f} s, "\
                     f"{row['in_memory']['matmul_share']:.1%} of the matmul)" if "wall_ratio" in row else ""
