@@ -12,7 +12,8 @@ method with no point within it takes its best task score, marked. The choosing r
 41 validation behaviours with 59 BeaverTails recovery prompts (harm), and the task's training rows
 700-799 (its own metric on generated answers). restore's grid is its checkpoints: it runs as the
 shipped recipes configure it, and its schedule chooses among them by the same rule on the same rows.
-RESTA subtracts an unaligned model trained on BeaverTails harmful pairs 0-99
+The one-example control (one_example.py, Zhang et al. ICLR 2026) is tuned after a few optimizer
+steps on one harmful prompt paired with the aligned base's refusal. RESTA subtracts an unaligned model trained on BeaverTails harmful pairs 0-99
 (adapters/harmful-from0-n100, `finetune.py --harmful-only --n 100 --harmful-from 0 --epochs 3`), which no
 fine-tune trains on (they take theirs from the end of the file).
 
@@ -41,6 +42,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "examples" / "smollm2"
 sys.path.insert(0, str(EXAMPLE))
+import one_example  # noqa: E402
 from smollm2 import FOLDER, convert_gguf, jsonl  # noqa: E402
 from timed_run import surgeon_run  # noqa: E402
 
@@ -73,6 +76,7 @@ GRID = {
     "safe_lora": ("safe_lora.number", [10, 50, 200]),
     "dg_hard": ("dg_hard.scale", [0.5, 1.0, 2.0]),
     "reset_layers": ("probe.layer", [5, 10, 20]),
+    "one_example": ("steps", [2, 5, 10]),  # one_example.py: optimizer steps of tuned on one refusal
 }
 SETS = ("harmbench", "beavertails")
 
@@ -369,6 +373,15 @@ def main() -> None:
     if not (adapters / UNALIGNED).exists():
         sys.exit(f"no {adapters / UNALIGNED}: python examples/smollm2/finetune.py --data {args.data} --n 100 --harmful-only --harmful-from 0 --epochs 3")
     aligned = f"{base}+{adapters / 'aligned'}"
+    example = []
+
+    def refusal() -> dict:
+        """The one-example control's example, made once per run (the first probe prompt and the aligned base's answer)."""
+        if not example:
+            prompt = jsonl(args.data / "beavertails_recovery_64.jsonl")[0]["prompt"]
+            example.append(one_example.refusal_example(one_example.materialize(aligned, work / "aligned-model"), prompt))
+        return example[0]
+
     rows = load(args.results)
     have = lambda task, n, method: any((r["task"], r["n"], r["method"]) == (task, n, method) for r in rows)
 
@@ -400,7 +413,11 @@ def main() -> None:
                 points, started = [], time.perf_counter()
                 for setting in values:
                     out = work / folder_name(task, n, method, setting)
-                    repair = repaired(out, recipe_text(method, setting, models, out, work, task, args.data))
+                    if method == "one_example":
+                        tuned_folder = one_example.materialize(models["tuned"], work / f"{task}-n{n}-tuned-model")
+                        repair = one_example.patch(tuned_folder, refusal(), setting, out)
+                    else:
+                        repair = repaired(out, recipe_text(method, setting, models, out, work, task, args.data))
                     if method == "restore":  # its schedule chose among its checkpoints, by the same rule on the same rows
                         report = json.loads((out / "surgeon.json").read_text())
                         points = [{"setting": c["step"], "harmful_rate": c["harmful_rate"], "task_score": c["score"], "folder": str(out),
@@ -413,6 +430,9 @@ def main() -> None:
                           f"task {points[-1]['task_score']:.3f}", flush=True)
                 else:
                     chosen = choose(points, tuned_choosing["task_score"])
+                for point in points:  # the bench's own folders of the points not chosen: a checkpoint each, on a disk of many cells
+                    if point["folder"] != chosen["folder"]:
+                        shutil.rmtree(point["folder"], ignore_errors=True)
                 scores, answers = reported_scores(chosen["folder"], fine_tune, args.data, work, task)
                 add({"scenario": SCENARIO, "task": task, "n": n, "method": method, "setting": chosen["setting"], "within_floor": chosen["within_floor"],
                      "choosing": {"tuned": tuned_choosing, "points": [{k: v for k, v in p.items() if k != "folder"} for p in points]},
