@@ -75,6 +75,7 @@ GRID = {
     "antidote": ("antidote.ratio", [0.05, 0.1, 0.2]),
     "safe_lora": ("safe_lora.number", [10, 50, 200]),
     "dg_hard": ("dg_hard.scale", [0.5, 1.0, 2.0]),
+    "safe_delta": ("safe_delta.scale", [0.1, 1.0, 10.0]),  # its budget scales with rows / 4,096: SmolLM2 has 576
     "reset_layers": ("probe.layer", [5, 10, 20]),
     "one_example": ("steps", [2, 5, 10]),  # one_example.py: optimizer steps of tuned on one refusal
 }
@@ -101,7 +102,7 @@ def recipe_text(method: str, setting, models: dict, out: Path, work: Path, task:
         text += f"unaligned: {models['unaligned']}\n"
     if method == "safe_lora":
         text += f"unaligned: {models['pre_alignment']}\n"
-    if method == "antidote":
+    if method in ("antidote", "safe_delta"):
         text += f"data:\n{harmful}  task: {{path: {data / TASKS[task]['train']}, limit: 8}}\n"
     section, key = GRID[method][0].split(".")
     text += f"{section}: {{{key}: {setting}}}\n"
@@ -392,7 +393,6 @@ def main() -> None:
         save(rows, args.results, command)
 
     for task in args.tasks:
-        spec = TASKS[task]
         for n in args.n:
             adapter = adapters / f"{task}-n{n}"
             if not adapter.exists():

@@ -40,6 +40,31 @@ def _batches(tokenizer, prompts, batch_size):
     return batches
 
 
+def linear_input_sums(folder, prompts, statistic, batch_size=4) -> dict[str, torch.Tensor]:
+    """For each decoder linear weight of the whole model in `folder` (fp32, in memory): the sum over
+    the chat-templated prompts' real tokens of statistic(its inputs), from hooks on its own forward."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    sums, real = {}, {}
+
+    def hook(name):
+        def add(_, inputs, __):
+            value = statistic(inputs[0][real["mask"]].float())
+            sums[name] = sums[name] + value if name in sums else value
+
+        return add
+
+    hooks = [model.get_submodule(n[: -len(".weight")]).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for ids, mask, positions in _batches(tokenizer, prompts, batch_size):
+            real["mask"] = mask.bool()
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    for handle in hooks:
+        handle.remove()
+    return sums
+
+
 def _answer_batches(tokenizer, prompts, answers, batch_size):
     """Prompt+answer sequences, left-padded, labels -100 but on the answer's tokens (the chat
     template's assistant turn, end-of-turn included)."""

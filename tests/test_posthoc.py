@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from surgeon.engine.masks import MaskSet
 from surgeon.methods.posthoc import dg_omega, marchenko_pastur_median
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.tiny import HARMFUL, make_pair
-from tests.reference import _batches, checkpoint_tensors
+from tests.reference import checkpoint_tensors, linear_input_sums
 
 
 def _run(write_recipe, base, tuned, tmp_path, method, **sections):
@@ -43,25 +43,8 @@ def test_antidote_prunes_the_top_of_each_row_by_update_times_input_norm(llama_fp
     """Input norms from the whole tuned model's own forward (hooks on its linear layers, padding left out)."""
     report, out = _run(write_recipe, *llama_fp32, tmp_path, "antidote", antidote={"ratio": 0.25})
     base, tuned = checkpoint_tensors(llama_fp32[0]), checkpoint_tensors(llama_fp32[1])
-    model = AutoModelForCausalLM.from_pretrained(llama_fp32[1], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(llama_fp32[1])
-    names = _linear_weights(model)
-    squares = {n: torch.zeros(tuned[n].shape[1]) for n in names}
-    real = {}
-
-    def hook(name):
-        def add(_, inputs, __):
-            squares[name] += inputs[0][real["mask"]].float().pow(2).sum(0)
-
-        return add
-
-    hooks = [model.get_submodule(n[: -len(".weight")]).register_forward_hook(hook(n)) for n in names]
-    with torch.no_grad():
-        for ids, mask, positions in _batches(tokenizer, HARMFUL, 4):
-            real["mask"] = mask.bool()
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    for hook in hooks:
-        hook.remove()
+    squares = linear_input_sums(llama_fp32[1], HARMFUL, lambda x: x.pow(2).sum(0))
+    names = sorted(squares)
 
     masks = MaskSet.load(tmp_path / "antidote" / "masks.safetensors")
     assert set(masks.names()) == set(names)

@@ -328,10 +328,11 @@ class LayeredModel:
 
     def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str,
                  observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None = None,
-                 graphs: _Graphs | None = None) -> None:
+                 graphs: _Graphs | None = None, after_layer: Callable[[int], None] | None = None) -> None:
         """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
-        `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks);
-        `graphs` keeps the layers' autograd graphs for a backward while it has room."""
+        `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks), and
+        `after_layer(layer)` called once every batch has run it; `graphs` keeps the layers'
+        autograd graphs for a backward while it has room."""
         # what the last pass freed is given back first: left in the heap, it stays resident through
         # whatever runs between passes (a checkpoint's scoring, its generation model)
         release_free_memory(force=True)
@@ -356,6 +357,8 @@ class LayeredModel:
                     self.materialized_layers += 1  # its weights stay, held by the graphs, until its backward
                     self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
                 del kept
+                if after_layer is not None:
+                    after_layer(i)
                 task.advance()
 
     def _track(self, index: int, in_scope: list[str]) -> dict[str, torch.nn.Parameter]:
@@ -382,13 +385,15 @@ class LayeredModel:
         states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
         return torch.cat(processes.gather(states)).to(self.device)
 
-    def linear_input_norms(self, prepared: PreparedInputs, plan: Plan, description: str = "input norms") -> dict[str, torch.Tensor]:
-        """For each linear weight of the decoder layers (by checkpoint name): the sum over the
-        prompts' real tokens (padding left out) of each input feature's square, in fp32: the
-        activation statistic of Wanda-style scores (summed over the processes of a run)."""
+    def linear_inputs(self, prepared: PreparedInputs, plan: Plan, statistic: Callable[[torch.Tensor], torch.Tensor],
+                      on_layer: Callable[[int, dict[str, torch.Tensor]], None], description: str) -> None:
+        """For each decoder layer in turn, each of its linear weights (by checkpoint name) with the
+        sum over the prompts' real tokens (padding left out) of `statistic(inputs)`, the inputs being
+        the weight's (tokens, features) in fp32, summed over the processes of a run: handed to
+        `on_layer(layer, sums)` once every batch has run the layer, then let go (one layer's sums in
+        memory at a time)."""
         linears = self.layout.linear_weights
-        # every weight has a sum, even on a process whose share of the batches is empty
-        sums = {weight: torch.zeros(features, device=self.device) for layer in linears for _, weight, features in layer}
+        sums: dict[str, torch.Tensor] = {}
 
         @contextmanager
         def observe(index: int, module: torch.nn.Module, batch: Batch):
@@ -396,8 +401,8 @@ class LayeredModel:
             handles = []
             for name, weight, _ in linears[index]:
                 def hook(_, inputs, __, weight=weight):
-                    sums[weight] += inputs[0][real].float().pow(2).sum(0)
-
+                    value = statistic(inputs[0][real].float())
+                    sums[weight] = value if weight not in sums else sums[weight] + value
                 handles.append(module.get_submodule(name).register_forward_hook(hook))
             try:
                 yield
@@ -405,10 +410,23 @@ class LayeredModel:
                 for handle in handles:
                     handle.remove()
 
-        self._forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe)
+        def after_layer(index: int) -> None:
+            # every process sums, even one whose share of the batches is empty (its statistic of no token)
+            empty = lambda features: statistic(torch.zeros(0, features, device=self.device))
+            layer_sums = {weight: processes.sum_(sums.pop(weight) if weight in sums else empty(features)) for _, weight, features in linears[index]}
+            on_layer(index, dict(sorted(layer_sums.items())))
+
+        self._forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe, after_layer=after_layer)
         for b in range(len(prepared.batches)):
             self.store.delete(self._key(prepared, self.layout.num_layers, b))
-        return {name: processes.sum_(value) for name, value in sorted(sums.items())}
+
+    def linear_input_norms(self, prepared: PreparedInputs, plan: Plan, description: str = "input norms") -> dict[str, torch.Tensor]:
+        """For each linear weight of the decoder layers (by checkpoint name): the sum over the
+        prompts' real tokens of each input feature's square, in fp32: the activation statistic of
+        Wanda-style scores."""
+        norms: dict[str, torch.Tensor] = {}
+        self.linear_inputs(prepared, plan, lambda x: x.pow(2).sum(0), lambda _, sums: norms.update(sums), description)
+        return dict(sorted(norms.items()))
 
     def final_hidden(self, prepared: PreparedInputs, plan: Plan, description: str = "scoring") -> Iterator[tuple[int, torch.Tensor]]:
         """Each batch's residual stream after the last decoder layer (before the final norm)."""

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from surgeon.methods import settings
+from surgeon.methods.safe_delta.settings import SafeDelta
 
 ENTRY_POINTS = "surgeon.methods"
 NEEDS = frozenset({"data", "unaligned"})  # data: harmful and task prompts; unaligned: a model without base's alignment
@@ -129,4 +130,11 @@ register(MethodSpec(
     settings=settings.DgHard,
     citation=("Abro, Tahir: *Spectral Unforgetting: Post-Hoc Recovery of Damaged Capabilities Without Retraining*, 2026 "
               "([arXiv 2605.20296](https://arxiv.org/abs/2605.20296))"),
+))
+register(MethodSpec(
+    "safe_delta", "surgeon.methods.safe_delta.run:SafeDeltaRun",
+    "per linear weight, tuned's deltas within a safety budget on harmful prompts' inputs kept, the rest base's with compensation",
+    needs=frozenset({"data"}), settings=SafeDelta,
+    citation=("Lu, Liu, Wu, Chen, Zhang, Ong, Wang, Tang: *Safe Delta: Consistently Preserving Safety when Fine-Tuning LLMs on "
+              "Diverse Datasets*, ICML 2025 ([arXiv 2505.12038](https://arxiv.org/abs/2505.12038))"),
 ))
