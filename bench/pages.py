@@ -82,11 +82,14 @@ def readme_section(real_models, effectiveness) -> str:
     """The README's results summary: a few figures, each from its JSON."""
     lines = []
     if effectiveness:
-        fine_tunes = sorted({(r["task"], r["n"]) for r in effectiveness})
+        from effectiveness import SCENARIOS
+
+        measured = sorted({(r["scenario"], r["task"], r["n"]) for r in effectiveness})
+        planned = sum(len(s.tasks) * len(s.n) for s in SCENARIOS.values())
         methods = sorted({r["method"] for r in effectiveness} - {"aligned", "tuned"})
-        lines.append(f"- **Repairs compared** (`bench/effectiveness.py`): {len(fine_tunes)} of 6 SmolLM2 fine-tunes measured so far, "
-                     f"methods {', '.join(methods) or 'none yet'}; each cell's table, with paired intervals, in "
-                     "[docs/benchmarks.md](docs/benchmarks.md#repairs-compared).")
+        lines.append(f"- **Repairs compared** (`bench/effectiveness.py`): {len(measured)} of {planned} fine-tunes measured so far "
+                     f"({', '.join(f'{s} {t} n = {n}' for s, t, n in measured)}), methods {', '.join(methods) or 'none yet'}; "
+                     "each fine-tune's table, with paired intervals, in [docs/benchmarks.md](docs/benchmarks.md#repairs-compared).")
     if real_models:
         counts = " / ".join(f"{m['restored']:,}" for m in real_models["models"])
         names = ", ".join(NAMES.get(m["model"], m["model"]) for m in real_models["models"])

@@ -45,8 +45,11 @@ def convert_gguf(folder: Path) -> Path:
     return folder
 
 
-def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, epochs: int, batch_size: int, lr: float, seed: int) -> None:
-    """LoRA r=8 on all projections; loss on the answer tokens only; adapter saved in bf16."""
+def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, epochs: int, batch_size: int, lr: float, seed: int,
+               full: bool = False, recorded_base: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> list[float]:
+    """LoRA r=8 on all projections (or, with `full`, every parameter); loss on the answer tokens only.
+    A LoRA adapter is saved in bf16 and records `recorded_base` as its base; a full fine-tune is saved
+    whole in base's stored dtype with its tokenizer. Returns the loss of every tenth step."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,13 +57,15 @@ def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, ep
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    stored = getattr(torch, json.loads((Path(base) / "config.json").read_text()).get("dtype") or "float32")
+    if not full:
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     order = list(range(len(prompts)))
     rng = random.Random(seed)
     model.train()
-    step, started = 0, time.perf_counter()
+    step, started, losses = 0, time.perf_counter(), []
     for epoch in range(epochs):
         rng.shuffle(order)
         for batch in answer_batches(tokenizer, [prompts[i] for i in order], [answers[i] for i in order], batch_size):
@@ -70,13 +75,19 @@ def train_lora(base: Path, prompts: list[str], answers: list[str], out: Path, ep
             optimizer.zero_grad()
             step += 1
             if step % 10 == 0:
+                losses.append(loss.item())
                 print(f"epoch {epoch + 1} step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    if full:
+        model.to(stored).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return losses
     model.save_pretrained(out)
     weights = out / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config["base_model_name_or_path"] = recorded_base
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return losses
 
 
 if __name__ == "__main__":
