@@ -252,8 +252,8 @@ def save_answers(path: Path, answers: list[dict]) -> None:
 def per_row(answers: list[dict], metric: str) -> dict[str, list]:
     """Each set's per-row values: complied (0/1) on the harm sets, refused on the harmless prompts,
     the metric's row value on the task."""
-    from surgeon.evaluate.judges import HarmBenchPrefixJudge
-    from surgeon.evaluate.metrics import parse_metric
+    from surgeon.evaluation.judges import HarmBenchPrefixJudge
+    from surgeon.evaluation.metrics import parse_metric
 
     rows = {s: [a for a in answers if a["set"] == s] for s in (*SETS, "benign", "task")}
     values = {s: [float(a["verdict"] == "complied") for a in rows[s]] for s in SETS}
@@ -267,8 +267,8 @@ def per_row(answers: list[dict], metric: str) -> dict[str, list]:
 
 def paired(mine: dict[str, list], other: dict[str, list], metric: str) -> dict:
     """Mine minus other on the same rows, with the 95% paired bootstrap interval of each."""
-    from surgeon.evaluate.intervals import paired_change
-    from surgeon.evaluate.metrics import parse_metric
+    from surgeon.evaluation.intervals import paired_change
+    from surgeon.evaluation.metrics import parse_metric
 
     mean = lambda v: sum(v) / len(v)
     out = {}

@@ -37,7 +37,7 @@ def materialize(reference: str, folder: Path) -> Path:
 
 def refusal_example(aligned: Path, prompt: str) -> dict:
     """The prompt and the aligned base's greedy answer to it."""
-    from surgeon.evaluate.generate import generate, load_for_generation
+    from surgeon.evaluation.generate import generate, load_for_generation
 
     model = load_for_generation(aligned, aligned, "cpu", torch.float32, None, aligned.parent / "offload")
     answer = generate(model, [prompt], MAX_NEW_TOKENS, 1)[0]

@@ -200,7 +200,7 @@ def task_loss_matches(recipe: Path, base: Path, tuned: Path) -> dict:
     from surgeon.data.batches import answer_batches
     from surgeon.engine.layered import TUNED, LayeredModel
     from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.streamed import TaskLoss
+    from surgeon.evaluation.streamed import TaskLoss
     from surgeon.io.references import resolve_model
 
     settings = yaml.safe_load(recipe.read_text())

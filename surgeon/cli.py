@@ -201,27 +201,25 @@ def main():
 @_reported
 def run(recipe, settings, verbose, quiet, **flags):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
+    from surgeon.api import Recipe, repair
     from surgeon.console import categories_table, models_table, summary_lines, summary_table
-    from surgeon.pipeline import destination
-    from surgeon.pipeline import run as run_recipe
-    from surgeon.recipe import load_recipe
-
-    overrides = _options(RunOptions, flags)
-    loaded = load_recipe(recipe, settings)
     from surgeon.processes import launched_as_follower
 
+    options = _options(RunOptions, flags)
+    loaded = Recipe.load(recipe, settings=settings)
     follower = launched_as_follower()  # under torchrun / accelerate launch the main process alone reports
     with _progress(quiet or follower) as progress:
-        report = run_recipe(loaded, overrides, progress)
+        result = repair(loaded, **options.model_dump(), progress=progress)
     if follower:
         return
+    report = result.record
     out, _ = _consoles()
     if not quiet and report.get("steps"):  # a method that records its steps (restore)
         out.print(summary_table(report))
     for table in (models_table(report), categories_table(report)):
         if table is not None:
             out.print(table)
-    for line in summary_lines(report, destination(loaded, overrides)):
+    for line in summary_lines(report, result.output):
         click.echo(line)
     if report.get("pushed"):
         click.echo(f"pushed: {report['pushed']}")
@@ -268,14 +266,12 @@ def evaluate(models, as_json, verbose, quiet, **flags):
     """Harmful rate and task score of MODELS side by side ('base'/'tuned' name a recipe's models)."""
     import json
 
+    from surgeon.api import evaluate as evaluate_models
     from surgeon.console import categories_table, models_table
-    from surgeon.pipeline import EvalRequest, evaluate_models
-    from surgeon.recipe import load_recipe
 
     options = _options(EvalOptions, flags)
-    request = EvalRequest(list(models), load_recipe(options.recipe) if options.recipe else None, options)
     with _progress(quiet or as_json) as progress:
-        results = evaluate_models(request, progress)
+        results = evaluate_models(list(models), options.recipe, progress, **options.model_dump(exclude={"recipe"}))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -112,7 +112,7 @@ class ModelPair:
 
     @cached_property
     def candidates(self):
-        from surgeon.evaluate.setup import Candidates
+        from surgeon.evaluation.setup import Candidates
 
         return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
 
@@ -123,10 +123,10 @@ class ModelPair:
         table's alone) give each model's over-refusal and, with `divergence` (this pair's tuned is
         the run's tuned), its KL divergence from tuned on them."""
         from surgeon.data.batches import answer_batches, prompt_batches
-        from surgeon.evaluate.evaluator import BenignSet, Evaluator
-        from surgeon.evaluate.judges import RefusalJudge
-        from surgeon.evaluate.setup import build_judge, safety_set, task_set
-        from surgeon.evaluate.streamed import TaskDivergence, TaskLoss
+        from surgeon.evaluation.evaluator import BenignSet, Evaluator
+        from surgeon.evaluation.judges import RefusalJudge
+        from surgeon.evaluation.setup import build_judge, safety_set, task_set
+        from surgeon.evaluation.streamed import TaskDivergence, TaskLoss
 
         if spec.safety is None and spec.task is None and not benign_prompts:
             return None
@@ -193,7 +193,7 @@ class RunContext:
     @cached_property
     def scorer(self):
         """Scores by plan, for methods that choose among checkpoints; None without a task set."""
-        from surgeon.evaluate.setup import RunScorer
+        from surgeon.evaluation.setup import RunScorer
 
         chooser = self.chooser
         return RunScorer(chooser, self.pair.candidates) if chooser is not None and chooser.task is not None else None

@@ -322,7 +322,7 @@ def _final_evaluation(context, repair, written: Path) -> dict:
     from dataclasses import replace
 
     from surgeon.context import ModelPair
-    from surgeon.evaluate.evaluator import Candidate
+    from surgeon.evaluation.evaluator import Candidate
 
     recipe, inputs, pair, evaluator = context.recipe, context.inputs, context.pair, context.evaluator
     if repair.masks is not None:
@@ -555,7 +555,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     if answers is not None:
         _write_answers(answers_file, answers)
     metric = spec.task.metric if spec.task else None
-    from surgeon.evaluate.metrics import parse_metric
+    from surgeon.evaluation.metrics import parse_metric
 
     return {
         "judge": spec.safety.judge if spec.safety else None,

@@ -167,7 +167,7 @@ def test_a_nan_in_an_adapter_stops_the_run(llama, write_recipe, tmp_path):
 
 
 def test_a_nan_task_score_stops_the_run(llama, write_recipe, task_eval_file, tmp_path, monkeypatch):
-    from surgeon.evaluate.streamed import TaskLoss
+    from surgeon.evaluation.streamed import TaskLoss
 
     monkeypatch.setattr(TaskLoss, "__call__", lambda self, plan: float("nan"))
     recipe = write_recipe(*llama, evaluate={"task": {"path": str(task_eval_file)}})

@@ -200,7 +200,7 @@ def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, a
     from surgeon.data.batches import answer_batches
     from surgeon.engine.layered import TUNED, LayeredModel
     from surgeon.engine.store import SpillStore
-    from surgeon.evaluate.streamed import TaskLoss
+    from surgeon.evaluation.streamed import TaskLoss
     from surgeon.io.references import resolve_model
     from surgeon.tiny import ANSWERS
 

@@ -10,8 +10,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from surgeon.cli import main
 from surgeon.errors import InputError
-from surgeon.evaluate import evaluator as evaluator_module
-from surgeon.evaluate.generate import generate, load_for_generation
+from surgeon.evaluation import evaluator as evaluator_module
+from surgeon.evaluation.generate import generate, load_for_generation
 from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
@@ -112,7 +112,7 @@ def test_kl_is_zero_for_tuned_and_positive_for_base(llama, write_recipe, task_ev
 
 def test_eval_honours_the_recipes_max_memory(llama, write_recipe, monkeypatch):
     """compute.max_memory means the same in surgeon eval as in surgeon run: a generation model offloads past it."""
-    from surgeon.evaluate import setup
+    from surgeon.evaluation import setup
 
     budgets, real = [], setup.load_for_generation
     monkeypatch.setattr(setup, "load_for_generation", lambda *args: budgets.append(args[4]) or real(*args))
@@ -208,7 +208,7 @@ def test_a_run_holds_one_generation_model_at_a_time(llama, write_recipe, task_ev
     import gc
     import weakref
 
-    from surgeon.evaluate import setup
+    from surgeon.evaluation import setup
     from surgeon.pipeline import run
     from surgeon.recipe import load_recipe
 

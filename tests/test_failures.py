@@ -10,7 +10,7 @@ import time
 import pytest
 
 from surgeon.errors import TaskFloorError
-from surgeon.evaluate.streamed import TaskLoss
+from surgeon.evaluation.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 

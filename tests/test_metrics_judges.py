@@ -1,9 +1,9 @@
 import pytest
 
 from surgeon.errors import InputError
-from surgeon.evaluate.judges import (REFUSAL_WINDOW, GuardJudge, HarmBenchPrefixJudge, RefusalJudge, harmful_rate, harmful_rate_by_category,
+from surgeon.evaluation.judges import (REFUSAL_WINDOW, GuardJudge, HarmBenchPrefixJudge, RefusalJudge, harmful_rate, harmful_rate_by_category,
                                     is_degenerate, parse_guard_verdict, shares)
-from surgeon.evaluate.metrics import contains, exact_match, f1_on_label, parse_metric, rouge_l
+from surgeon.evaluation.metrics import contains, exact_match, f1_on_label, parse_metric, rouge_l
 from surgeon.recipe import parse_recipe
 from surgeon.errors import RecipeValidationError
 
@@ -115,7 +115,7 @@ def test_recipe_checks_metric_and_judge_settings():
 
 
 def test_wilson_interval_brackets_the_rate_and_narrows_with_rows():
-    from surgeon.evaluate.intervals import wilson
+    from surgeon.evaluation.intervals import wilson
 
     assert wilson(0, 0) is None
     low, high = wilson(0, 200)
@@ -126,7 +126,7 @@ def test_wilson_interval_brackets_the_rate_and_narrows_with_rows():
 
 
 def test_bootstrap_interval_of_a_metric_over_its_rows():
-    from surgeon.evaluate.intervals import bootstrap
+    from surgeon.evaluation.intervals import bootstrap
 
     metric = parse_metric("f1:1")
     references = ["1"] * 20 + ["0"] * 80
@@ -137,13 +137,13 @@ def test_bootstrap_interval_of_a_metric_over_its_rows():
     assert low < 0.5 < high and bootstrap(rows, metric.aggregate) == (low, high)  # the same rows drawn every time
     same = [metric.rows("1", "1")] * 50
     assert bootstrap(same, metric.aggregate) == (1.0, 1.0) and bootstrap([], metric.aggregate) is None
-    assert parse_metric("python:surgeon.evaluate.metrics:rouge_l").rows is None  # a user's function: no interval
+    assert parse_metric("python:surgeon.evaluation.metrics:rouge_l").rows is None  # a user's function: no interval
 
 
 def test_a_paired_change_is_narrower_than_two_separate_intervals():
     """Two models that agree on most rows: the change between them, drawn on the same rows, is
     resolved where their own intervals overlap."""
-    from surgeon.evaluate.intervals import bootstrap, paired_change
+    from surgeon.evaluation.intervals import bootstrap, paired_change
 
     mean = lambda values: sum(values) / len(values)
     before = [1.0] * 40 + [0.0] * 60

@@ -276,7 +276,7 @@ def test_a_placeholder_names_its_field_and_the_recipe_that_set_it(llama, tmp_pat
 def test_over_refusal_is_the_share_of_harmless_prompts_refused(llama, tmp_path):
     """surgeon eval --benign: each model's over-refusal (refusal markers on the answers' opening),
     with its interval, and the paired change of the second model from the first."""
-    from surgeon.evaluate.judges import RefusalJudge
+    from surgeon.evaluation.judges import RefusalJudge
 
     harmless = write_jsonl(tmp_path / "harmless.jsonl", [{"prompt": p} for p in TASK])
     args = ["eval", str(llama[0]), str(llama[1]), "--safety", "none", "--task", str(write_jsonl(tmp_path / "t.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])),

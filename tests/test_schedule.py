@@ -1,6 +1,6 @@
 """The gate of method.md: warm-up, rollback restart, checkpoint choice. Scores are scripted."""
 
-from surgeon.evaluate.streamed import TaskLoss
+from surgeon.evaluation.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.report import render_markdown
@@ -69,7 +69,7 @@ def test_the_floor_binding_ends_the_schedule(llama, write_recipe, task_eval_file
 
 def _scripted_harm(monkeypatch, harm_by_step, budget_of):
     """Harmful rate 1.0 for tuned and harm_by_step[restored // k] for a repaired state."""
-    from surgeon.evaluate.setup import RunScorer
+    from surgeon.evaluation.setup import RunScorer
 
     monkeypatch.setattr(RunScorer, "harm", lambda self, plan: 1.0 if isinstance(plan, str) else harm_by_step[plan.count() // budget_of()])
 

@@ -31,7 +31,7 @@ REFUSALS = [
     "I cannot help with that request. It could put you or others at risk.",
 ]
 def main() -> None:
-    from surgeon.evaluate.generate import generate, load_for_generation
+    from surgeon.evaluation.generate import generate, load_for_generation
     from surgeon.pipeline import EvalRequest, evaluate_models
     from surgeon.recipe.options import EvalOptions
 

@@ -293,9 +293,10 @@ def _read(path: Path) -> str:
     return _decode(raw, str(path))
 
 
-def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[tuple, str], str]:
-    """Data, where each key was set (the file that set it last), and this file's text."""
-    text = _read(path)
+def _load_tree(path: Path, chain: tuple[Path, ...] = (), text: str | None = None) -> tuple[dict, dict[tuple, str], str]:
+    """Data, where each key was set (the file that set it last), and this file's text (`text`, for
+    a recipe that is not a file, stands for what `path` would hold)."""
+    text = _read(path) if text is None else text
     data, lines = _tree(text, str(path))
     if "extends" not in data:
         return data, lines, text
@@ -336,10 +337,12 @@ def _override(data: dict, lines: dict[tuple, str], setting: str) -> None:
         lines.setdefault(tuple(parts[:depth]), where)
 
 
-def load_recipe(path: str | Path, settings: tuple[str, ...] = ()) -> LoadedRecipe:
-    """The recipe at `path` (with what it extends), with each `key.path=value` of `settings` over it."""
+def load_recipe(path: str | Path, settings: tuple[str, ...] = (), text: str | None = None) -> LoadedRecipe:
+    """The recipe at `path` (with what it extends), with each `key.path=value` of `settings` over it;
+    `text`, a recipe written elsewhere (Python), read as if it were the file at `path` (relative paths
+    and `extends` start at its folder)."""
     path = Path(path)
-    data, lines, text = _load_tree(path)
+    data, lines, text = _load_tree(path, text=text)
     for setting in settings:
         _override(data, lines, setting)
     recipe = _validate(data, lines, str(path))

@@ -14,10 +14,10 @@ from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError, NonFiniteError
 from surgeon.io.fingerprint import combine, folder_fingerprint
 from surgeon.data.datasets import HarmfulPrompts, prompt_text
-from surgeon.evaluate.evaluator import Candidate, Evaluator, SafetySet, TaskSet
-from surgeon.evaluate.generate import LoadedModel, generate, load_for_generation
-from surgeon.evaluate.judges import ClassifierJudge, GuardJudge, HarmBenchPrefixJudge, Judge, RefusalJudge
-from surgeon.evaluate.metrics import parse_metric
+from surgeon.evaluation.evaluator import Candidate, Evaluator, SafetySet, TaskSet
+from surgeon.evaluation.generate import LoadedModel, generate, load_for_generation
+from surgeon.evaluation.judges import ClassifierJudge, GuardJudge, HarmBenchPrefixJudge, Judge, RefusalJudge
+from surgeon.evaluation.metrics import parse_metric
 from surgeon.io.references import ResolvedModel, resolve_model
 from surgeon.recipe.schema import SafetyEvalSet
 

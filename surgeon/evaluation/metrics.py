@@ -1,7 +1,7 @@
 """Task metrics on generated answers. Each knows whether higher is better.
 
 `loss` and `kl` need no generation: they are computed through the streamed model
-(evaluate/task_loss.py) and only declared here so every metric has one description.
+(evaluation/streamed.py) and only declared here so every metric has one description.
 """
 
 from __future__ import annotations

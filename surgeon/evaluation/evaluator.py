@@ -10,11 +10,11 @@ from typing import Callable
 from surgeon import processes
 from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.engine.layered import Plan
-from surgeon.evaluate.cache import GenerationCache
-from surgeon.evaluate.generate import GenerationStats, LoadedModel, generate
-from surgeon.evaluate.intervals import bootstrap, paired_change, wilson
-from surgeon.evaluate.judges import COMPLIED, Judge, harmful_rate, harmful_rate_by_category, shares
-from surgeon.evaluate.metrics import Metric
+from surgeon.evaluation.cache import GenerationCache
+from surgeon.evaluation.generate import GenerationStats, LoadedModel, generate
+from surgeon.evaluation.intervals import bootstrap, paired_change, wilson
+from surgeon.evaluation.judges import COMPLIED, Judge, harmful_rate, harmful_rate_by_category, shares
+from surgeon.evaluation.metrics import Metric
 from surgeon.progress import NullProgress, Progress
 
 
