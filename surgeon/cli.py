@@ -256,6 +256,25 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
     click.echo(f"pushed: {url}")
 
 
+@main.command(name="apply")
+@click.argument("patch", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", required=True, help="The aligned model the patch was made from: folder or Hub id[@revision].")
+@click.option("--tuned", required=True, help="The fine-tune it repairs: folder, Hub id, LoRA adapter or model+adapter.")
+@click.option("--output", "-o", required=True, help="Output folder: missing, empty, or an earlier surgeon output (with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier surgeon output at the destination.")
+@click.option("--force", is_flag=True, help="Apply to models other than those the patch was made from (the card says so).")
+@_verbosity
+@_reported
+def apply_command(patch, base, tuned, output, overwrite, force, verbose, quiet):
+    """Apply a safety PATCH (a run's output folder, or its masks.safetensors and patch.json) to base and tuned."""
+    from surgeon.patch import apply
+
+    with _progress(quiet) as progress:
+        record = apply(patch, base, tuned, output, overwrite, force, progress)
+    forced = f" (forced: {'; '.join(record['mismatches'])})" if record["forced"] else ""
+    click.echo(f"wrote {output}: {record['restored']:,} weights taken from base{forced}")
+
+
 @main.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
 @_flags(EvalOptions)

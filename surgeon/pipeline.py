@@ -273,6 +273,11 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
         context.method_done()
         with timer.phase("write"):
             shards = _write_repair(repair, context, output.temporary)
+            if repair.masks is not None and main:  # the repair itself, re-appliable with `surgeon apply`
+                from surgeon.patch import MANIFEST, manifest
+
+                (output.temporary / MANIFEST).write_text(json.dumps(
+                    manifest(spec.name, described, recipe.output.dtype, recipe.output.max_shard_size, tool_identity()), indent=2) + "\n")
         change, changed = repair.summary()
         evaluation = None
         if context.evaluator is not None:

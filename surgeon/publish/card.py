@@ -151,3 +151,32 @@ def portable_recipe(recipe_text: str, inputs: dict, output_folder: str) -> str:
 def tuned_card(folder: Path) -> str | None:
     path = Path(folder) / "README.md"
     return path.read_text(encoding="utf-8") if path.exists() else None
+
+
+def render_applied_card(record: dict) -> str:
+    """The card of a checkpoint `surgeon apply` wrote: which patch, onto which models, and whether
+    it was forced onto models it was not made from. Nothing is evaluated here: the patch's own run
+    measured its effect on the models it names."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    inputs = record["inputs"]
+    bases = [b for b in (_hub_id(inputs["tuned"]), _hub_id(inputs["base"])) if b]
+    data = ModelCardData(base_model=bases or None, base_model_relation="merge" if bases else None, library_name="transformers",
+                         tags=["surgeon", "safety", "alignment"])
+    made_by = record["patch"]["made_by"]
+    lines = [
+        f"# {inputs['tuned']['reference']}, with a surgeon safety patch applied",
+        "",
+        f"`tuned` with {record['restored']:,} weights taken from `base`, as the `{record['patch']['method']}` patch made by surgeon "
+        f"{made_by.get('version')}{' at ' + made_by['commit'] if made_by.get('commit') else ''} chose them; every other weight is tuned's, bit-exact. "
+        "This checkpoint was not evaluated: the patch's own run measured the repair on the models the patch names.",
+        "",
+    ]
+    if record["forced"]:
+        lines += [f"**Applied with `--force` to models the patch was not made from: {'; '.join(record['mismatches'])}. "
+                  "Its measured effect does not carry over; evaluate this checkpoint before you use it.**", ""]
+    lines += ["| input | reference | content sha256 |", "|---|---|---|",
+              *[f"| {role} | `{d['reference']}` | {', '.join(f'`{v}`' for v in (d.get('local') or {}).values()) or d.get('revision') or '–'} |"
+                for role, d in inputs.items()], "",
+              f"Made with `surgeon apply` ({_install_lines(record['tool'])[-1]}).", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
