@@ -315,6 +315,9 @@ def _write_repair(repair, context, folder: Path) -> list[str]:
     shard_bytes = recipe.output.max_shard_size
     if repair.masks is None:
         return write_checkpoint(folder, pair.tuned, repair.tensors, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
+    if recipe.output.write == "patch":
+        repair.masks.save(folder / "masks.safetensors", repair.masks_metadata)
+        return []
     shards = write_repaired(folder, pair.base, pair.tuned, repair.masks, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
     repair.masks.save(folder / "masks.safetensors", repair.masks_metadata)
     return shards
@@ -331,9 +334,10 @@ def _final_evaluation(context, repair, written: Path) -> dict:
 
     recipe, inputs, pair, evaluator = context.recipe, context.inputs, context.pair, context.evaluator
     if repair.masks is not None:
-        fingerprint = pair.candidates.repaired(repair.masks).fingerprint
         repaired_evaluator = evaluator
-        repaired = lambda: Candidate("repaired", repair.masks, fingerprint, lambda: written)
+        # generation loads the checkpoint written; a patch alone has none, so one is made in the workspace
+        made = pair.candidates.repaired(repair.masks)
+        repaired = (lambda: made) if recipe.output.write == "patch" else (lambda: Candidate("repaired", repair.masks, made.fingerprint, lambda: written))
     else:
         own = ModelPair(resolve_model(str(written)), pair.tuned, pair.tokenizer_files, pair.settings, context.workspace / "written")
         repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign, divergence=True)
