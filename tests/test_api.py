@@ -56,3 +56,16 @@ def test_the_python_example_runs(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "restore wrote" in done.stdout and "repaired minus tuned" in done.stdout
+
+
+def test_repair_with_an_override_writes_the_bytes_surgeon_run_writes(llama, write_recipe, tmp_path):
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+
+    recipe = write_recipe(*llama, restore={"sparsity": 0.01, "steps": 3, "warmup": 0, "save_every": 1})
+    by_cli = CliRunner().invoke(main, ["run", str(recipe), "--set", "restore.steps=1", "-o", str(tmp_path / "cli"), "-q"])
+    assert by_cli.exit_code == 0, by_cli.output
+    surgeon.repair(recipe, output=tmp_path / "api", overrides={"restore.steps": 1})
+    written = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors" or p.name == "recipe.yaml"}
+    assert written(tmp_path / "api") == written(tmp_path / "cli") and "masks.safetensors" in written(tmp_path / "api")
