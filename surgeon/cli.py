@@ -256,6 +256,24 @@ def push_command(folder, repo_id, private, branch, create_pr, message, prune, fo
     click.echo(f"pushed: {url}")
 
 
+@main.command(name="pick")
+@click.argument("recipe")
+@click.option("--step", type=int, required=True, help="The checkpoint of the output's trade-off table to write instead.")
+@click.option("--output", "-o", help="The output folder, if not the recipe's output.path.")
+@_verbosity
+@_reported
+def pick_command(recipe, step, output, verbose, quiet):
+    """Rewrite RECIPE's finished output at another checkpoint, without a gradient pass (restore)."""
+    from surgeon.pick import pick
+    from surgeon.recipe import load_recipe
+
+    with _progress(quiet) as progress:
+        report = pick(load_recipe(recipe), step, output, progress)
+    repaired = ((report.get("evaluation") or {}).get("models") or {}).get("repaired") or {}
+    harm = f", harmful rate {repaired['harmful_rate']:.1%}" if repaired.get("harmful_rate") is not None else ""
+    click.echo(f"wrote step {step}: {report['restored']['total']:,} weights from base{harm}")
+
+
 @main.command(name="apply")
 @click.argument("patch", type=click.Path(exists=True, file_okay=False))
 @click.option("--base", required=True, help="The aligned model the patch was made from: folder or Hub id[@revision].")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgeon import processes
 from surgeon.errors import InputError, OutputError
+from surgeon.io.atomic import checkpoint_masks_name
 from surgeon.data.datasets import HarmfulPrompts
 from surgeon.io.preflight import check_compatible, mismatches
 from surgeon.io.references import ResolvedModel, local_name, resolve_model, tokenizer_folder
@@ -315,12 +317,12 @@ def _write_repair(repair, context, folder: Path) -> list[str]:
     shard_bytes = recipe.output.max_shard_size
     if repair.masks is None:
         return write_checkpoint(folder, pair.tuned, repair.tensors, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
-    if recipe.output.write == "patch":
-        repair.masks.save(folder / "masks.safetensors", repair.masks_metadata)
-        return []
-    shards = write_repaired(folder, pair.base, pair.tuned, repair.masks, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
+    for step, path in repair.checkpoints.items():  # for `surgeon pick`: another checkpoint without a gradient pass
+        shutil.copyfile(path, folder / checkpoint_masks_name(step))
     repair.masks.save(folder / "masks.safetensors", repair.masks_metadata)
-    return shards
+    if recipe.output.write == "patch":
+        return []
+    return write_repaired(folder, pair.base, pair.tuned, repair.masks, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
 
 
 def _final_evaluation(context, repair, written: Path) -> dict:

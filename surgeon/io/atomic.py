@@ -28,6 +28,7 @@ _OURS = re.compile(r"^\..+\.surgeon-(tmp|work|old)-\d+$")
 _OUTPUT_FILES = {*TOKENIZER_FILES, "config.json", "generation_config.json", "model.safetensors.index.json", "masks.safetensors",
                  "patch.json", "surgeon.json", "report.md", "README.md", "recipe.yaml", "tradeoff.png"}
 _SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+_CHECKPOINT_MASKS = re.compile(r"^masks-step-\d+\.safetensors$")
 # Failures of the disk or its permissions: the user can act on them, so they are not internal errors.
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _COMMIT_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -45,6 +46,11 @@ def _alive(pid: int) -> bool:
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def checkpoint_masks_name(step: int) -> str:
+    """The file an output keeps a scored checkpoint's masks in (`surgeon pick`)."""
+    return f"masks-step-{step}.safetensors"
 
 
 def check_destination(destination: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
@@ -69,7 +75,7 @@ def check_destination(destination: Path, overwrite: bool, inputs: list[Path] = (
         return
     if not (destination / "surgeon.json").is_file():
         raise OutputError("output folder exists and is not a surgeon output (it has no surgeon.json); choose another output.path", str(destination))
-    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _OUTPUT_FILES or _SHARD.match(p.name)))]
+    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _OUTPUT_FILES or _SHARD.match(p.name) or _CHECKPOINT_MASKS.match(p.name)))]
     if foreign:
         raise OutputError(f"output folder holds '{foreign[0]}', which surgeon did not write; move it or choose another output.path", str(destination))
     if not overwrite:

@@ -6,6 +6,7 @@ Nothing here imports torch, so the recipe layer can name methods without loading
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ class Repair:
     tensors: Callable[[str], torch.Tensor] | None = None
     masks_metadata: dict[str, str] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    # the masks files of the checkpoints a method scored, by step: the output keeps them, so that
+    # `surgeon pick` can write another checkpoint of the trade-off without a gradient pass
+    checkpoints: dict[int, Path] = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.masks is None) == (self.tensors is None):

@@ -400,6 +400,15 @@ def _result_from(record: dict, workdir: Path) -> RepairResult:
 
 # -- As a registered method: built from the run context, returns a Repair -------------------
 
+def masks_summary(masks: MaskSet, layout, probe_layer: int) -> tuple[str, dict, dict]:
+    """What a mask repair changed: the sentence, `changed`, and the record's `restored` section."""
+    restored, N = masks.count(), layout.decoder_parameters
+    change = (f"{restored:,} weights ({restored / N:.4%} of the decoder parameters) restored from base, "
+              f"chosen by gradient in decoder layers below {probe_layer} of {layout.num_layers}")
+    changed = {"tensors": sum(1 for n in masks.names() if masks.count(n)), "parameters": restored, "share_of_N": restored / N}
+    return change, changed, {"total": restored, "share_of_N": restored / N, **restored_breakdown(masks, layout)}
+
+
 def restored_breakdown(masks: MaskSet, layout) -> dict:
     by_layer, by_module = Counter(), Counter()
     for name in masks.names():
@@ -454,15 +463,16 @@ class RestoreRun:
             context.progress.log(f"no checkpoint met the floor; writing step {chosen.step}, the best task score, as asked")
         masks = MaskSet.load(chosen.path)
         layout, inputs = context.pair.layout, context.inputs
-        restored, N = masks.count(), layout.decoder_parameters
+        change, changed, restored = masks_summary(masks, layout, self.settings.probe_layer)
+        N = layout.decoder_parameters
         return Repair(
-            change=(f"{restored:,} weights ({restored / N:.4%} of the decoder parameters) restored from base, "
-                    f"chosen by gradient in decoder layers below {self.settings.probe_layer} of {layout.num_layers}"),
+            change=change,
             settings={**asdict(self.settings), "rollback_objective": context.recipe.rollback.objective, "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
-            changed={"tensors": sum(1 for n in masks.names() if masks.count(n)), "parameters": restored, "share_of_N": restored / N},
+            changed=changed,
             masks=masks, masks_metadata={"step": str(chosen.step)},
+            checkpoints={c.step: c.path for c in result.checkpoints},
             record={
-                "restored": {"total": restored, "share_of_N": restored / N, **restored_breakdown(masks, layout)},
+                "restored": restored,
                 "steps": [asdict(step) for step in result.steps],
                 "task": {
                     "tuned": result.tuned_score, "tuned_harmful_rate": result.tuned_harm, "floor": result.floor,
