@@ -171,3 +171,13 @@ def test_a_token_in_a_recipe_is_refused():
 def test_push_command_checks_the_repo_id(tmp_path):
     result = CliRunner().invoke(main, ["push", str(tmp_path), "--repo-id", "no-slash"])
     assert result.exit_code == 2 and "not a Hub repo id" in result.output
+
+
+def test_a_patch_is_pushed_as_its_own_repository_with_a_card(hub, llama, write_recipe, tmp_path):
+    recipe = write_recipe(*llama, output={"path": str(tmp_path / "patch"), "write": "patch", "push": {"repo_id": "org/the-patch"}})
+    report = run(load_recipe(recipe), RunOptions(force_push=True))
+    files = hub.commits[0]["files"]
+    assert report["pushed"] and {"masks.safetensors", "patch.json", "README.md"} <= set(files)
+    assert not any(name.startswith("model") for name in files)
+    card = (tmp_path / "patch" / "README.md").read_text()
+    assert "holds a safety patch, not a model" in card and "surgeon apply . --base" in card

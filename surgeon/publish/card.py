@@ -66,6 +66,10 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
     )
     lines = ["# Safety-repaired model", "", intro, ""] if harm_measured(report) else \
         ["# Repaired model: harm not measured", "", HARM_NOT_MEASURED_NOTE, "", intro, ""]
+    if report.get("output", {}).get("shards") == [] and report.get("restored"):  # output.write: patch
+        lines += ["**This repository holds a safety patch, not a model**: `masks.safetensors` (the weights taken from base) and "
+                  "`patch.json` (the models it was made from). Write the repaired model with "
+                  f"`surgeon apply . --base {base_ref} --tuned {tuned_ref} -o repaired`; the figures below are that model's.", ""]
     other_base = [role for role, described in inputs.items() if described.get("any_base")]
     if other_base:
         lines += [f"**`{'`, `'.join(other_base)}` is a LoRA adapter that its adapter_config.json says was trained on another base model "
