@@ -290,7 +290,8 @@ def apply_command(patch, base, tuned, output, overwrite, force, verbose, quiet):
     with _progress(quiet) as progress:
         record = apply(patch, base, tuned, output, overwrite, force, progress)
     forced = f" (forced: {'; '.join(record['mismatches'])})" if record["forced"] else ""
-    click.echo(f"wrote {output}: {record['restored']:,} weights taken from base{forced}")
+    changed = f"{record['restored']:,} weights taken from base" if record["restored"] is not None else f"{record['tensors']} tensors replaced"
+    click.echo(f"wrote {output}: {changed}{forced}")
 
 
 @main.command(name="eval")

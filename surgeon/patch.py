@@ -4,8 +4,12 @@ A run whose method chose weights (restore, antidote) writes, beside the checkpoi
 (one bit per in-scope weight, 1 = taken from base) and `patch.json`:
 
     {"format": "surgeon-patch", "version": 1, "kind": "masks", "method": "restore",
-     "masks": "masks.safetensors", "base": {...}, "tuned": {...},
+     "file": "masks.safetensors", "base": {...}, "tuned": {...},
      "output": {"dtype": null, "max_shard_size": 5000000000}, "surgeon": {...}}
+
+A method that writes values (linear, resta, safe_delta, ...) makes a patch with `output.write:
+patch`: kind "tensors", file `patch-tensors.safetensors`, every output tensor whose value differs from
+tuned's, as written (as large as what the method changed: a dense method changes most of the model).
 
 `base` and `tuned` are the records' fingerprints (`reference`, `revision` for a Hub model, `local`:
 the sha256 of each local folder's weights and config). `surgeon apply` reads the folder, checks that
@@ -24,13 +28,44 @@ from surgeon.errors import InputError
 from surgeon.progress import NullProgress, Progress
 
 FORMAT, VERSION, MANIFEST = "surgeon-patch", 1, "patch.json"
+FILES = {"masks": "masks.safetensors", "tensors": "patch-tensors.safetensors"}
 
 
-def manifest(method: str, described: dict, dtype: str | None, max_shard_bytes: int, tool: dict) -> dict:
-    """patch.json of a mask repair: what to apply, to which models, written how."""
-    return {"format": FORMAT, "version": VERSION, "kind": "masks", "method": method, "masks": "masks.safetensors",
+def manifest(kind: str, method: str, described: dict, dtype: str | None, max_shard_bytes: int, tool: dict) -> dict:
+    """patch.json: what to apply (masks, or tensors by name), to which models, written how."""
+    return {"format": FORMAT, "version": VERSION, "kind": kind, "method": method, "file": FILES[kind],
             "base": described["base"], "tuned": described["tuned"], "output": {"dtype": dtype, "max_shard_size": max_shard_bytes},
             "surgeon": tool}
+
+
+def write_tensor_patch(folder: Path, tuned, get, dtype: str | None, workspace: Path, budget: int) -> int:
+    """patch-tensors.safetensors: each output tensor (as the checkpoint would store it) that differs
+    from tuned's, held in a spill store until the file's header can be written; how many."""
+    import torch
+
+    from surgeon.engine.store import SpillStore
+    from surgeon.io.repaired import planned_dtypes
+    from surgeon.io.writer import TensorEntry, write_file
+
+    planned, store, entries = planned_dtypes(tuned, dtype), SpillStore(budget, workspace / "patch"), []
+    for name in tuned.tensors.names():
+        value = get(name).to(planned[name])
+        if not torch.equal(value, tuned.tensors.get(name).to(planned[name])):
+            store.put(name, value)
+            entries.append(TensorEntry(name, tuple(value.shape), value.dtype))
+    write_file(folder / FILES["tensors"], entries, store.get, {"format": "pt"})
+    store.clear()
+    return len(entries)
+
+
+def patched(file: Path, tuned) -> tuple:
+    """A tensor patch over tuned: each output tensor by name (the patch's where it has one), and the
+    patch's tensor shapes by name."""
+    from safetensors import safe_open
+
+    values = safe_open(str(file), "pt")
+    shapes = {n: tuple(values.get_slice(n).get_shape()) for n in values.keys()}
+    return (lambda n: values.get_tensor(n) if n in shapes else tuned.tensors.get(n)), shapes
 
 
 @dataclass(frozen=True)
@@ -52,8 +87,8 @@ class Patch:
             raise InputError(f"not a surgeon patch (format is not '{FORMAT}')", str(path))
         if data.get("version") != VERSION:
             raise InputError(f"patch format version {data.get('version')!r}; this surgeon reads version {VERSION}", str(path))
-        if data.get("kind") != "masks" or not (folder / str(data.get("masks"))).is_file():
-            raise InputError("the patch names no masks file that is there", str(path))
+        if FILES.get(data.get("kind")) != data.get("file") or not (folder / str(data.get("file"))).is_file():
+            raise InputError("the patch names no masks or tensors file that is there", str(path))
         return cls(folder, data)
 
 
@@ -77,7 +112,7 @@ def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, o
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.preflight import check_compatible
     from surgeon.io.references import resolve_model, tokenizer_folder
-    from surgeon.io.repaired import write_repaired
+    from surgeon.io.repaired import write_checkpoint, write_repaired
     from surgeon.publish.card import render_applied_card
     from surgeon.report import tool_identity, write_report
 
@@ -89,20 +124,30 @@ def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, o
     mismatches = fingerprint_mismatches(patch, described)
     if mismatches and not force:
         raise InputError(f"{'; '.join(mismatches)}; --force applies it anyway (the card says so)", str(patch.folder))
-    masks = MaskSet.load(patch.folder / patch.manifest["masks"])
-    for name, shape in masks.shapes.items():
+    file = patch.folder / patch.manifest["file"]
+    if patch.manifest["kind"] == "masks":
+        masks = MaskSet.load(file)
+        shapes, restored = masks.shapes, masks.count()
+    else:
+        get, shapes = patched(file, tuned_model)
+        restored = None
+    for name, shape in shapes.items():
         if name not in tuned_model.tensors.names() or tuple(tuned_model.tensors.shape(name)) != tuple(shape):
-            raise InputError(f"the patch's mask of {name} has shape {tuple(shape)}; tuned has no tensor of that name and shape", str(patch.folder))
+            raise InputError(f"the patch's {name} has shape {tuple(shape)}; tuned has no tensor of that name and shape", str(patch.folder))
     inputs = [patch.folder, *(f for m in (base_model, tuned_model) for f in (m.folder, *m.content_folders))]
     with AtomicOutputDir(Path(output), overwrite, inputs) as out:
         written = out.temporary
         settings = patch.manifest["output"]
-        shards = write_repaired(written, base_model, tuned_model, masks, settings["dtype"], settings["max_shard_size"],
-                                tokenizer_folder(tuned_model, base_model), progress)
-        (written / patch.manifest["masks"]).write_bytes((patch.folder / patch.manifest["masks"]).read_bytes())
-        (written / MANIFEST).write_text(json.dumps(patch.manifest, indent=2) + "\n")
-        record = {"tool": tool_identity(), "method": "apply", "patch": {"method": patch.manifest["method"], "made_by": patch.manifest["surgeon"]},
-                  "inputs": described, "restored": masks.count(), "forced": bool(mismatches), "mismatches": mismatches,
+        tokenizer = tokenizer_folder(tuned_model, base_model)
+        if patch.manifest["kind"] == "masks":
+            shards = write_repaired(written, base_model, tuned_model, masks, settings["dtype"], settings["max_shard_size"], tokenizer, progress)
+            (written / patch.manifest["file"]).write_bytes(file.read_bytes())  # the output is a patch itself
+            (written / MANIFEST).write_text(json.dumps(patch.manifest, indent=2) + "\n")
+        else:
+            shards = write_checkpoint(written, tuned_model, get, settings["dtype"], settings["max_shard_size"], tokenizer, progress)
+        record = {"tool": tool_identity(), "method": "apply", "patch": {"method": patch.manifest["method"], "kind": patch.manifest["kind"],
+                                                                         "made_by": patch.manifest["surgeon"]},
+                  "inputs": described, "restored": restored, "tensors": len(shapes), "forced": bool(mismatches), "mismatches": mismatches,
                   "output": {"shards": shards, "folder": out.destination.name}}
         write_report(written / "surgeon.json", record)
         (written / "README.md").write_text(render_applied_card(record), encoding="utf-8")

@@ -275,11 +275,12 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
         context.method_done()
         with timer.phase("write"):
             shards = _write_repair(repair, context, output.temporary)
-            if repair.masks is not None and main:  # the repair itself, re-appliable with `surgeon apply`
+            if (repair.masks is not None or recipe.output.write == "patch") and main:  # the repair itself, for `surgeon apply`
                 from surgeon.patch import MANIFEST, manifest
 
+                kind = "masks" if repair.masks is not None else "tensors"
                 (output.temporary / MANIFEST).write_text(json.dumps(
-                    manifest(spec.name, described, recipe.output.dtype, recipe.output.max_shard_size, tool_identity()), indent=2) + "\n")
+                    manifest(kind, spec.name, described, recipe.output.dtype, recipe.output.max_shard_size, tool_identity()), indent=2) + "\n")
         change, changed = repair.summary()
         evaluation = None
         if context.evaluator is not None:
@@ -315,6 +316,12 @@ def _write_repair(repair, context, folder: Path) -> list[str]:
 
     recipe, pair = context.recipe, context.pair
     shard_bytes = recipe.output.max_shard_size
+    if repair.masks is None and recipe.output.write == "patch":
+        from surgeon.patch import write_tensor_patch
+
+        budget = context.settings.budget
+        write_tensor_patch(folder, pair.tuned, repair.tensors, recipe.output.dtype, context.workspace, budget - budget // 2)
+        return []
     if repair.masks is None:
         return write_checkpoint(folder, pair.tuned, repair.tensors, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
     for step, path in repair.checkpoints.items():  # for `surgeon pick`: another checkpoint without a gradient pass
@@ -341,6 +348,14 @@ def _final_evaluation(context, repair, written: Path) -> dict:
         made = pair.candidates.repaired(repair.masks)
         repaired = (lambda: made) if recipe.output.write == "patch" else (lambda: Candidate("repaired", repair.masks, made.fingerprint, lambda: written))
     else:
+        if recipe.output.write == "patch":  # no checkpoint written: the patch applied in the workspace stands for it
+            from surgeon.io.repaired import write_checkpoint
+            from surgeon.patch import FILES, patched
+
+            get, _ = patched(written / FILES["tensors"], pair.tuned)
+            written = context.workspace / "patched"
+            written.mkdir(parents=True, exist_ok=True)
+            write_checkpoint(written, pair.tuned, get, recipe.output.dtype, recipe.output.max_shard_size, pair.tokenizer_files, context.progress)
         own = ModelPair(resolve_model(str(written)), pair.tuned, pair.tokenizer_files, pair.settings, context.workspace / "written")
         repaired_evaluator = own.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign, divergence=True)
         repaired = lambda: replace(own.candidates.base(), name="repaired")

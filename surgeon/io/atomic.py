@@ -26,7 +26,7 @@ _OLD_TAG = ".surgeon-old-"
 _OURS = re.compile(r"^\..+\.surgeon-(tmp|work|old)-\d+$")
 # The files a surgeon output folder holds; anything else in it is the user's, and blocks replacing it.
 _OUTPUT_FILES = {*TOKENIZER_FILES, "config.json", "generation_config.json", "model.safetensors.index.json", "masks.safetensors",
-                 "patch.json", "surgeon.json", "report.md", "README.md", "recipe.yaml", "tradeoff.png"}
+                 "patch.json", "patch-tensors.safetensors", "surgeon.json", "report.md", "README.md", "recipe.yaml", "tradeoff.png"}
 _SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _CHECKPOINT_MASKS = re.compile(r"^masks-step-\d+\.safetensors$")
 # Failures of the disk or its permissions: the user can act on them, so they are not internal errors.

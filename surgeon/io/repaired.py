@@ -22,6 +22,12 @@ def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks:
     return masks.apply(name, tuned.tensors.get(name), lambda indices: base.tensors.gather(name, indices))
 
 
+def planned_dtypes(tuned: ResolvedModel, dtype: str | None) -> dict[str, torch.dtype]:
+    """Each tensor's dtype in the output: output.dtype for floating tensors where set, else tuned's."""
+    out_dtype, source = DTYPES[dtype] if dtype else None, tuned.tensors
+    return {n: out_dtype if out_dtype and source.dtype(n).is_floating_point else source.dtype(n) for n in source.names()}
+
+
 def write_checkpoint(
     folder: Path,
     tuned: ResolvedModel,
@@ -32,10 +38,8 @@ def write_checkpoint(
     progress: Progress = NullProgress(),
 ) -> list[str]:
     """tuned's tensor names and layout, each value from `get`, plus tuned's config and tokenizer."""
-    out_dtype = DTYPES[dtype] if dtype else None
-    source = tuned.tensors
-    entries = [TensorEntry(n, source.shape(n), out_dtype if out_dtype and source.dtype(n).is_floating_point else source.dtype(n)) for n in source.names()]
-    planned = {e.name: e.dtype for e in entries}
+    planned = planned_dtypes(tuned, dtype)
+    entries = [TensorEntry(n, tuned.tensors.shape(n), planned[n]) for n in tuned.tensors.names()]
     shards = write_sharded(folder, entries, lambda n: get(n).to(planned[n]), max_shard_bytes, progress)
     _copy_model_files(folder, tuned, tokenizer_folder, dtype)
     return shards

@@ -31,7 +31,6 @@ class MethodSpec:
     settings: type | None = None  # a pydantic model: the recipe section `<name>:` (built-in sections live in the schema)
     check: Callable[[Any], None] | None = None  # cross-field rules on the whole recipe; raises ValueError
     citation: str | None = None
-    chooses_weights: bool = False  # its Repair is masks: the output can be a patch alone (output.write: patch)
 
     def __post_init__(self):
         if unknown := set(self.needs) - NEEDS:
@@ -99,7 +98,7 @@ PAPER = ("Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM 
 register(MethodSpec(
     "restore", "surgeon.methods.restore:RestoreRun",
     "a gradient-chosen few of tuned's weights restored from base, part of them rolled back where the task suffers",
-    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER, chooses_weights=True,
+    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER,
 ))
 register(MethodSpec(
     "resta", "surgeon.methods.posthoc:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
@@ -115,7 +114,7 @@ register(MethodSpec(
 register(MethodSpec(
     "antidote", "surgeon.methods.posthoc:AntidoteRun",
     "the update's entries with the highest |update| x input norm on harmful prompts pruned back to base, per row",
-    needs=frozenset({"data"}), settings=settings.Antidote, chooses_weights=True,
+    needs=frozenset({"data"}), settings=settings.Antidote,
     citation=("Huang, Bhattacharya, Joshi, Kimball, Liu: *Antidote: Post-fine-tuning Safety Alignment for Large Language Models "
               "against Harmful Fine-tuning*, ICML 2025 ([arXiv 2408.09600](https://arxiv.org/abs/2408.09600))"),
 ))

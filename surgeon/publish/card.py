@@ -66,9 +66,10 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
     )
     lines = ["# Safety-repaired model", "", intro, ""] if harm_measured(report) else \
         ["# Repaired model: harm not measured", "", HARM_NOT_MEASURED_NOTE, "", intro, ""]
-    if report.get("output", {}).get("shards") == [] and report.get("restored"):  # output.write: patch
-        lines += ["**This repository holds a safety patch, not a model**: `masks.safetensors` (the weights taken from base) and "
-                  "`patch.json` (the models it was made from). Write the repaired model with "
+    if report.get("output", {}).get("shards") == []:  # output.write: patch
+        lines += ["**This repository holds a safety patch, not a model**: `masks.safetensors` (the weights taken from base) or "
+                  "`patch-tensors.safetensors` (the tensors the method changed), and `patch.json` (the models it was made from). "
+                  "Write the repaired model with "
                   f"`surgeon apply . --base {base_ref} --tuned {tuned_ref} -o repaired`; the figures below are that model's.", ""]
     other_base = [role for role, described in inputs.items() if described.get("any_base")]
     if other_base:
@@ -168,10 +169,11 @@ def render_applied_card(record: dict) -> str:
     data = ModelCardData(base_model=bases or None, base_model_relation="merge" if bases else None, library_name="transformers",
                          tags=["surgeon", "safety", "alignment"])
     made_by = record["patch"]["made_by"]
+    changed = f"{record['restored']:,} weights taken from `base`" if record["restored"] is not None else f"{record['tensors']} tensors replaced"
     lines = [
         f"# {inputs['tuned']['reference']}, with a surgeon safety patch applied",
         "",
-        f"`tuned` with {record['restored']:,} weights taken from `base`, as the `{record['patch']['method']}` patch made by surgeon "
+        f"`tuned` with {changed}, as the `{record['patch']['method']}` patch made by surgeon "
         f"{made_by.get('version')}{' at ' + made_by['commit'] if made_by.get('commit') else ''} chose them; every other weight is tuned's, bit-exact. "
         "This checkpoint was not evaluated: the patch's own run measured the repair on the models the patch names.",
         "",

@@ -393,7 +393,7 @@ class Output(Strict):
     write_below_floor: bool = False
     """Write the best-scoring checkpoint even when none met the task floor."""
     write: Literal["checkpoint", "patch"] = "checkpoint"
-    """checkpoint: the repaired model, with the patch beside it; patch: the patch alone (masks.safetensors and patch.json, a few MB; `surgeon apply` writes the checkpoint from it), for a method that chooses weights (restore, antidote)."""
+    """checkpoint: the repaired model (a method that chooses weights writes its patch beside it); patch: the patch alone, `surgeon apply` writing the checkpoint from it: masks.safetensors (a few MB) for a method that chooses weights (restore, antidote), else patch-tensors.safetensors, the tensors the method changed."""
 
 
 class Resta(Strict):
@@ -454,9 +454,6 @@ class Recipe(Strict):
             raise ValueError(f"method '{self.method}' needs 'data' (harmful and task prompts)")
         if self.rollback.objective == "answer_loss" and (self.data is None or self.data.task.answer_field is None):
             raise ValueError("rollback.objective answer_loss needs data.task.answer_field: the column of the task prompts' answers")
-        if self.output.write == "patch" and not spec.chooses_weights:
-            users = ", ".join(name for name, other in sorted(methods().items()) if other.chooses_weights)
-            raise ValueError(f"output.write 'patch' needs a method that chooses weights ({users}); '{self.method}' writes tensors")
         if spec.check is not None:
             spec.check(self)
         return self
