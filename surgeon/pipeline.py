@@ -451,7 +451,9 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
     if request.options.safety == "none":
         spec["safety"] = None
     elif request.options.safety:
-        spec["safety"] = {**(spec.get("safety") or {}), "path": request.options.safety, "prompts": None}
+        # another file: the judge and its settings carry over, the columns of the recipe's file do not
+        # (--prompt-field and --category-field name this one's)
+        spec["safety"] = {**(spec.get("safety") or {}), "path": request.options.safety, "prompts": None, "category_field": None, "field": "prompt"}
     if request.options.task:
         spec["task"] = {**(spec.get("task") or {}), "path": request.options.task}
     options = request.options

@@ -309,3 +309,16 @@ def test_answers_come_from_the_answer_column_or_a_conversation_never_from_a_text
         assert "no text or messages field 'response'" in error.one_line()
     else:
         raise AssertionError("a text prompt was taken as its own answer")
+
+
+def test_eval_with_a_recipe_reads_another_safety_file_by_its_own_columns(llama, tmp_path):
+    """The recipe's safety set (the shipped one, with its category column) gives way to --safety's
+    file whole: its judge stays, its columns do not."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nbase: {llama[0]}\ntuned: {llama[1]}\n")
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p} for p in HARMFUL[:2]])
+    result = CliRunner().invoke(main, ["eval", "tuned", "--recipe", str(recipe), "--safety", str(plain), "--benign", "none",
+                                       "--max-new-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["safety_prompts"] == 2 and data["judge"] == "refusal" and data["models"]["tuned"]["harmful_by_category"] is None
