@@ -74,14 +74,25 @@ def test_card_validates_against_the_hub_rules(hub, finished):
     assert hub.requests == ["POST /api/validate-yaml"]
 
 
-def test_push_is_one_commit_with_every_file(hub, finished, tmp_path, monkeypatch):
+def test_push_is_one_commit_with_every_file_surgeon_wrote_and_nothing_else(hub, finished, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     folder = _folder(finished, tmp_path)
+    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    # what a user may keep beside the output, which must never be published
+    (folder / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
+    (folder / ".secret").mkdir()
+    (folder / ".secret" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "notes.txt").write_text("private notes\n")
     url = push(folder, Push(repo_id="org/repaired"), backoff=0)
     assert url.startswith(f"{hub.endpoint}/org/repaired/commit/")
     assert len(hub.commits) == 1 and hub.created["org/repaired"]["private"] is True
-    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    assert hub.commits[0]["files"] == local and hub.commits[0]["branch"] == "main"
+    pushed = hub.commits[0]["files"]
+    assert set(pushed) == set(local) and hub.commits[0]["branch"] == "main"
+    assert all(pushed[name] == local[name] for name in local if name != "recipe.yaml")
+    # the recipe as the card rewrites it: inputs by their published names, no path of this machine
+    assert str(tmp_path) not in pushed["recipe.yaml"].decode() and str(finished.parent) not in pushed["recipe.yaml"].decode()
+    assert "./tuned" in pushed["recipe.yaml"].decode() or "tuned: ./" in pushed["recipe.yaml"].decode()
+    assert not [p for p in folder.parent.iterdir() if "surgeon-push" in p.name]  # the staging folder is gone
     assert any(r.endswith(".git/info/lfs/objects/batch") for r in hub.requests)
     assert all(h.get("authorization") == f"Bearer {TOKEN}" for h in hub.headers if not h["path"].startswith("/lfs-upload/"))
 

@@ -48,6 +48,13 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def output_files(folder: Path) -> list[Path]:
+    """The files of an output folder that a surgeon run writes (by name: weights, masks, patch,
+    config, tokenizer, records); nothing else in it, hidden files included, is surgeon's."""
+    return [p for p in sorted(folder.iterdir())
+            if p.is_file() and not p.is_symlink() and (p.name in _OUTPUT_FILES or _SHARD.match(p.name) or _CHECKPOINT_MASKS.match(p.name))]
+
+
 def checkpoint_masks_name(step: int) -> str:
     """The file an output keeps a scored checkpoint's masks in (`surgeon pick`)."""
     return f"masks-step-{step}.safetensors"
@@ -75,7 +82,8 @@ def check_destination(destination: Path, overwrite: bool, inputs: list[Path] = (
         return
     if not (destination / "surgeon.json").is_file():
         raise OutputError("output folder exists and is not a surgeon output (it has no surgeon.json); choose another output.path", str(destination))
-    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _OUTPUT_FILES or _SHARD.match(p.name) or _CHECKPOINT_MASKS.match(p.name)))]
+    ours = set(output_files(destination))
+    foreign = [p.name for p in entries if p not in ours]
     if foreign:
         raise OutputError(f"output folder holds '{foreign[0]}', which surgeon did not write; move it or choose another output.path", str(destination))
     if not overwrite:

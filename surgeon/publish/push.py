@@ -7,8 +7,12 @@ anything surgeon prints.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from surgeon import __version__
@@ -78,27 +82,51 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
     report = json.loads(report_path.read_text())
     if not force and (reasons := gate(report)):
         raise PushError(f"push refused: {'; '.join(reasons)}. Pass --force to publish anyway", str(folder))
-    files = sum(1 for p in folder.rglob("*") if p.is_file())
-    message = settings.commit_message or f"surgeon {__version__}: safety-repaired model (recipe sha256 {report['recipe_sha256'][:12]})"
+    recipe = f" (recipe sha256 {report['recipe_sha256'][:12]})" if report.get("recipe_sha256") else ""
+    message = settings.commit_message or f"surgeon {__version__}: safety-repaired model{recipe}"
     api = HfApi()
     attempt = 0
-    while True:
-        attempt += 1
-        try:
-            api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
-            if settings.branch != "main":
-                api.create_branch(settings.repo_id, branch=settings.branch, exist_ok=True)
-            progress.log(f"pushing {files} files to {settings.repo_id}@{settings.branch} (attempt {attempt})")
-            # one commit; with prune, its delete operations remove what the folder lacks (never .gitattributes)
-            info = api.upload_folder(repo_id=settings.repo_id, folder_path=folder, commit_message=message, revision=settings.branch,
-                                     create_pr=settings.create_pr, delete_patterns="*" if settings.prune else None)
-            return info.pr_url or info.commit_url
-        except Exception as error:  # classified below: transient ones are retried, the rest end the push
-            if attempt < RETRIES and _transient(error):
-                time.sleep(backoff * 2 ** (attempt - 1))
+    with _published(folder, report) as staged:
+        files = sum(1 for _ in staged.iterdir())
+        while True:
+            attempt += 1
+            try:
+                api.create_repo(settings.repo_id, private=settings.private, exist_ok=True)
+                if settings.branch != "main":
+                    api.create_branch(settings.repo_id, branch=settings.branch, exist_ok=True)
+                progress.log(f"pushing {files} files to {settings.repo_id}@{settings.branch} (attempt {attempt})")
+                # one commit; with prune, its delete operations remove what the folder lacks (never .gitattributes)
+                info = api.upload_folder(repo_id=settings.repo_id, folder_path=staged, commit_message=message, revision=settings.branch,
+                                         create_pr=settings.create_pr, delete_patterns="*" if settings.prune else None)
+                return info.pr_url or info.commit_url
+            except Exception as error:  # classified below: transient ones are retried, the rest end the push
+                if attempt < RETRIES and _transient(error):
+                    time.sleep(backoff * 2 ** (attempt - 1))
+                    continue
+                reason = _scrub((str(error).splitlines() or [type(error).__name__])[0])
+                raise PushError(
+                    f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings, force)}",
+                    settings.repo_id,
+                ) from None
+
+
+@contextmanager
+def _published(folder: Path, report: dict):
+    """What is pushed: only the files surgeon wrote (never hidden files or anything a user put
+    beside them), hard-linked into a staging folder beside the output (no copy of the weights), with
+    recipe.yaml as the card rewrites it: inputs by their published names, no path of this machine."""
+    from surgeon.io.atomic import output_files
+    from surgeon.publish.card import portable_recipe
+
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.surgeon-push-", dir=folder.parent) as staging:
+        staged = Path(staging)
+        for path in output_files(folder):
+            if path.name == "recipe.yaml":
+                text = portable_recipe(path.read_text(), report.get("inputs", {}), report.get("output", {}).get("folder", folder.name))
+                (staged / path.name).write_text(text)
                 continue
-            reason = _scrub((str(error).splitlines() or [type(error).__name__])[0])
-            raise PushError(
-                f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings, force)}",
-                settings.repo_id,
-            ) from None
+            try:
+                os.link(path, staged / path.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, staged / path.name)
+        yield staged
