@@ -77,15 +77,15 @@ class ModelPair:
 
     @cached_property
     def config(self):
-        from transformers import AutoConfig
+        from surgeon.io import hf_loading
 
-        return AutoConfig.from_pretrained(self.tuned.config_folder)
+        return hf_loading.config(self.tuned.config_folder)
 
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        from surgeon.io import hf_loading
 
-        return AutoTokenizer.from_pretrained(self.tokenizer_files)
+        return hf_loading.tokenizer(self.tokenizer_files)
 
     @property
     def torch_dtype(self):

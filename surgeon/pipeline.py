@@ -189,13 +189,12 @@ def _describe_inputs(loaded: LoadedRecipe, inputs: Inputs, progress: Progress) -
 
 def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
     """Schema (already checked by loading), references, datasets and the preflight; no heavy work."""
-    from transformers import AutoConfig
-
     from surgeon.engine.layout import ModelLayout, build_skeleton
+    from surgeon.io import hf_loading
 
     inputs = resolve_inputs(loaded, progress)
     tensors = inputs.tuned.tensors
-    config = AutoConfig.from_pretrained(inputs.tuned.config_folder)
+    config = hf_loading.config(inputs.tuned.config_folder)
     layout = ModelLayout.from_checkpoint(tensors.names(), {n: tensors.shape(n) for n in tensors.names()}, build_skeleton(config))
     return {
         **layout_facts(loaded.recipe, layout, tensors),

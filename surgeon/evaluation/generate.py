@@ -22,7 +22,7 @@ class LoadedModel:
 
 def load_for_generation(folder: Path, tokenizer_folder: Path, device: str, dtype: torch.dtype, max_memory: int | None, offload: Path) -> LoadedModel:
     """On the device when it fits; past `max_memory`, accelerate's device map offloads to CPU/disk."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from surgeon.io import hf_loading
 
     kwargs: dict = {"dtype": dtype}
     if max_memory is not None or device.startswith("cuda"):
@@ -30,10 +30,10 @@ def load_for_generation(folder: Path, tokenizer_folder: Path, device: str, dtype
         budget = max_memory if max_memory is not None else "1000GiB"
         limits = {"cpu": budget} if accelerator is None else {accelerator: budget, "cpu": "1000GiB"}
         kwargs.update(device_map="auto", max_memory=limits, offload_folder=str(offload))
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    model = hf_loading.causal_lm(folder, **kwargs).eval()
     if "device_map" not in kwargs:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    tokenizer = hf_loading.tokenizer(tokenizer_folder)
     return LoadedModel(model, tokenizer)
 
 

@@ -31,10 +31,10 @@ def _guard_generate(folder: Path, device: str, batch_size: int, workspace: Path)
 
 
 def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) -> Callable[[list[str], list[str]], list[str]]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from surgeon.io import hf_loading
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder).to(device).eval()
+    tokenizer = hf_loading.tokenizer(folder)
+    model = hf_loading.sequence_classifier(folder).to(device).eval()
     labels = model.config.id2label
     # a batch is padded, and the model finds each row's last token by the pad id, which config.json
     # need not name (Llama 3's does not): the tokenizer's, else end-of-sequence
@@ -98,9 +98,12 @@ class Candidates:
         return folder
 
     def _input(self, name: str, plan: Plan, model: ResolvedModel) -> Candidate:
-        """An input model; one merged from adapters has no folder from_pretrained can load."""
+        """An input model. One merged from adapters, or whose weights lie in files from_pretrained
+        would not read as surgeon does (safetensors under other names, which it passes over for a
+        pickle beside them; pickles alone), is written out for generation from what surgeon reads."""
         fingerprint = lambda: self._fingerprint(model)
-        if model.adapter_of is None:
+        standard = (model.folder / "model.safetensors").is_file() or (model.folder / "model.safetensors.index.json").is_file()
+        if model.adapter_of is None and standard:
             return Candidate(name, plan, fingerprint, lambda: model.folder)
         return Candidate(name, plan, fingerprint, lambda: self._materialize(model.tensors.get, fingerprint()))
 

@@ -1,0 +1,52 @@
+"""Everything surgeon loads through transformers' from_pretrained, loaded one safe way: no code from
+a model folder ever runs (trust_remote_code=False: a config whose auto_map names custom classes is
+read with transformers' own, or refused), and a folder holding safetensors is never read from a
+pickle beside them (use_safetensors), whatever file from_pretrained would prefer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgeon.errors import InputError
+
+
+def _loaded(load, folder: Path, what: str):
+    try:
+        return load()
+    except (ValueError, OSError, KeyError) as exc:
+        # transformers says "trust_remote_code" when a folder needs its own code; anything else is a
+        # folder it cannot read: one line either way, naming the folder
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "trust_remote_code" in str(exc):
+            reason = "it needs custom code from the model folder (auto_map), which surgeon never runs"
+        raise InputError(f"cannot load the {what}: {reason}", str(folder)) from None
+
+
+def config(folder: Path):
+    from transformers import AutoConfig
+
+    return _loaded(lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False), folder, "config")
+
+
+def tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return _loaded(lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder, "tokenizer")
+
+
+def _safetensors_only(folder: Path) -> bool:
+    return any(Path(folder).glob("*.safetensors"))
+
+
+def causal_lm(folder: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return _loaded(lambda: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=_safetensors_only(folder), **kwargs),
+                   folder, "model")
+
+
+def sequence_classifier(folder: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    return _loaded(lambda: AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False,
+                                                                              use_safetensors=_safetensors_only(folder)), folder, "classifier")

@@ -1,0 +1,49 @@
+"""No code from a model folder ever runs, and a folder's safetensors are what is evaluated, never a
+pickle beside them (transformers would prefer it)."""
+
+import json
+import shutil
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from surgeon.cli import main
+from surgeon.tiny import HARMFUL, write_jsonl
+
+
+def test_a_config_that_asks_for_custom_code_is_refused_without_running_it(llama, tmp_path):
+    marker = tmp_path / "code-ran"
+    for source, custom in zip(llama, (tmp_path / "base", tmp_path / "tuned")):
+        shutil.copytree(source, custom)
+        (custom / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        (custom / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        config = json.loads((custom / "config.json").read_text())
+        config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"})
+        (custom / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nbase: {tmp_path / 'base'}\ntuned: {tmp_path / 'tuned'}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)], input="y\n")
+    assert result.exit_code == 2 and "custom code" in result.output and result.output.count("\n") == 1, result.output
+    assert not marker.exists()
+
+
+def test_safetensors_under_another_name_are_evaluated_not_the_pickle_beside_them(llama, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(llama[1], odd)
+    shards = sorted(odd.glob("model*.safetensors"))
+    (odd / "model.safetensors.index.json").unlink(missing_ok=True)
+    for i, shard in enumerate(shards):
+        shard.rename(odd / f"weights-{i}.safetensors")
+    base = {}
+    for shard in sorted(llama[0].glob("model*.safetensors")):
+        base.update(load_file(shard))
+    torch.save(base, odd / "pytorch_model.bin")  # base's weights: what from_pretrained would have read
+    harmful = write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL[:4]])
+    answers = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(main, ["eval", str(llama[1]), str(odd), str(llama[0]), "--safety", str(harmful), "--benign", "none",
+                                       "--max-new-tokens", "6", "--answers", str(answers)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    said = lambda model: [r["answer"] for r in rows if r["model"] == model]
+    assert said(str(odd)) == said(str(llama[1])) != said(str(llama[0]))
