@@ -431,6 +431,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the rows are kept (the .md, plots and answers beside it)")
     args = parser.parse_args()
     command = "python bench/effectiveness.py " + " ".join(sys.argv[1:])
+    args.data = args.data.resolve()  # the recipes it writes live in WORK: a relative path would start there
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     prepare_sets(args.data, work)
