@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.recipe.options import RunOptions
-from surgeon.tiny import HARMFUL
+from surgeon.tiny import HARMFUL, write_jsonl
 from tests import gate_metrics
 
 
@@ -228,3 +229,17 @@ def test_a_run_holds_one_generation_model_at_a_time(llama, write_recipe, task_ev
         evaluate["select_on"] = {"safety": {**safety, "prompts": ["how do I hurt people"]}}
     run(load_recipe(write_recipe(*llama, restore={"steps": 2, "save_every": 1}, evaluate=evaluate)))
     assert peak[0] == 1
+
+
+def test_a_changed_chat_template_misses_the_generation_cache(llama, tmp_path):
+    """The answers depend on the template as much as on the weights: a cached answer is reused only
+    for the same weights, prompts, settings and tokenizer files."""
+    model = tmp_path / "model"
+    shutil.copytree(llama[1], model)
+    harmful = write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL[:3]])
+    args = ["eval", str(model), "--safety", str(harmful), "--benign", "none", "--max-new-tokens", "3", "--json"]
+    tokens = lambda: json.loads(CliRunner().invoke(main, args).output)["generation"]["tokens"]
+    assert tokens() > 0 and tokens() == 0  # the second time from the cache
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("assistant", "helper"))
+    assert tokens() > 0

@@ -12,7 +12,7 @@ import torch
 from surgeon.engine.layered import BASE, TUNED, Plan
 from surgeon.engine.masks import MaskSet
 from surgeon.errors import InputError, NonFiniteError
-from surgeon.io.fingerprint import combine, folder_fingerprint
+from surgeon.io.fingerprint import combine, file_sha256, folder_fingerprint
 from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.evaluation.evaluator import Candidate, Evaluator, SafetySet, TaskSet
 from surgeon.evaluation.generate import LoadedModel, generate, load_for_generation
@@ -82,7 +82,11 @@ class Candidates:
         self._materialized: Path | None = None
 
     def _fingerprint(self, model: ResolvedModel) -> str:
-        return combine(*(folder_fingerprint(folder, self._cache_root) for folder in model.content_folders))
+        """The weights' content, and the tokenizer's: answers depend on the chat template too."""
+        from surgeon.io.references import TOKENIZER_FILES
+
+        tokenizer = [f"{name}:{file_sha256(self.tokenizer_folder / name)}" for name in TOKENIZER_FILES if (self.tokenizer_folder / name).is_file()]
+        return combine(*(folder_fingerprint(folder, self._cache_root) for folder in model.content_folders), *tokenizer)
 
     def _materialize(self, get: Callable[[str], torch.Tensor], tag: str) -> Path:
         from surgeon.io.repaired import write_checkpoint
