@@ -461,7 +461,7 @@ def _eval_spec(request: EvalRequest) -> Evaluate:
                    "max_new_tokens": options.max_new_tokens, "category_field": options.category_field},
         "task": {"metric": options.metric or (None if (spec.get("task") or {}).get("metric") else "exact_match"),
                  "limit": options.limit, "max_new_tokens": options.max_new_tokens,
-                 "prompt_field": options.prompt_field, "answer_field": options.answer_field},
+                 "prompt_field": options.prompt_field, "answer_field": options.answer_field, "allow_code": options.allow_code or None},
         "benign": {"limit": options.limit, "max_new_tokens": options.max_new_tokens, "field": options.prompt_field},
     }
     for section, values in flags.items():

@@ -13,3 +13,11 @@ def lower_is_better(prompts, answers, references) -> float:
 
 
 lower_is_better.higher_is_better = False
+
+
+def wrong_signature(answers) -> float:
+    return 0.0
+
+
+def not_a_number(prompts, answers, references):
+    return "high"

@@ -58,7 +58,7 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
 def test_gate_driven_by_a_python_metric(llama, write_recipe, task_eval_file, monkeypatch, script, rollback_used, chosen):
     """Scores: tuned first, then each checkpoint in order (warm-up at step 2 of 4)."""
     monkeypatch.setattr(gate_metrics, "SCRIPT", list(script))
-    evaluate = {"task": {"path": str(task_eval_file), "metric": "python:tests.gate_metrics:scripted", "max_new_tokens": 4}}
+    evaluate = {"task": {"path": str(task_eval_file), "metric": "python:tests.gate_metrics:scripted", "max_new_tokens": 4, "allow_code": True}}
     recipe = write_recipe(*llama, rollback={"mode": "auto"}, restore={"steps": 4, "warmup": 2, "save_every": 2}, evaluate=evaluate)
     report = run(load_recipe(recipe))
     assert report["task"]["rollback_used"] is rollback_used

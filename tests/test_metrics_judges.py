@@ -97,6 +97,30 @@ def test_metric_directions_and_user_functions():
     assert user.generates and not user.higher_is_better and user.function(None, [], []) == 0.0
     with pytest.raises(InputError, match="cannot load metric function"):
         parse_metric("python:tests.gate_metrics:absent")
+    # the user's code failing is the recipe's problem, in one line
+    with pytest.raises(InputError, match=r"the metric function failed \(TypeError.*takes \(prompts, answers, references\)"):
+        parse_metric("python:tests.gate_metrics:wrong_signature").function([], [], [])
+    with pytest.raises(InputError, match="returned str, not a number"):
+        parse_metric("python:tests.gate_metrics:not_a_number").function([], [], [])
+
+
+def test_code_runs_only_when_the_recipe_asks_for_it(llama, tmp_path):
+    """A python: metric imports and runs a module: only with allow_code, in the recipe or on the command line."""
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+    from surgeon.tiny import write_jsonl
+
+    base = "base: a\ntuned: b\nmethod: linear\n"
+    with pytest.raises(RecipeValidationError, match="imports and runs your code: set allow_code: true"):
+        parse_recipe(base + "evaluate: {task: {path: t, metric: 'python:os:system'}}\n")
+    assert parse_recipe(base + "evaluate: {task: {path: t, metric: 'python:tests.gate_metrics:scripted', allow_code: true}}\n")
+    task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "response": "b"}])
+    args = ["eval", str(llama[1]), "--safety", "none", "--task", str(task), "--metric", "python:tests.gate_metrics:lower_is_better",
+            "--max-new-tokens", "2"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "--allow-code" in refused.output
+    assert CliRunner().invoke(main, [*args, "--allow-code"]).exit_code == 0
 
 
 def test_recipe_checks_metric_and_judge_settings():

@@ -103,10 +103,24 @@ _MEANS = {"exact_match": _exact, "contains": _contains, "rouge_l": _rouge_l_row}
 def _user_function(spec: str) -> Metric:
     _, module_name, function_name = spec.split(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
+        user = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise InputError(f"cannot load metric function: {exc}", spec) from None
-    return Metric(spec, bool(getattr(function, "higher_is_better", True)), True, function)
+    if not callable(user):
+        raise InputError(f"{module_name}.{function_name} is not a function", spec)
+
+    def function(prompts, answers, references) -> float:
+        # the user's code: what it raises, or returns other than a number, is the recipe's problem, in one line
+        try:
+            score = user(prompts, answers, references)
+        except Exception as exc:
+            raise InputError(f"the metric function failed ({type(exc).__name__}: {exc}); it takes (prompts, answers, references) "
+                             "and returns a float", spec) from None
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise InputError(f"the metric function returned {type(score).__name__}, not a number", spec)
+        return float(score)
+
+    return Metric(spec, bool(getattr(user, "higher_is_better", True)), True, function)
 
 
 def parse_metric(spec: str) -> Metric:

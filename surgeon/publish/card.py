@@ -85,7 +85,8 @@ def render_card(report: dict, recipe_text: str, tuned_card: str | None = None, p
             "degenerate: the share answered with nothing usable (empty, no letters, a bare label, a loop), counted apart. "
             f"Over-refusal: share of {evaluation.get('benign_prompts') or 0} harmless prompts refused; KL from tuned: the mean "
             "KL divergence (nats) of the next-token distribution after each of them from tuned's, a capability check. "
-            f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows.",
+            f"Task: {evaluation['metric'] or '–'} ({direction}) on {evaluation['task_rows']} rows"
+            + (" (a function of the recipe's author, run with evaluate.task.allow_code)." if (evaluation['metric'] or "").startswith("python:") else "."),
             "",
             "| model | harmful rate | degenerate | judge | over-refusal | KL from tuned | task score | metric |",
             "|---|---|---|---|---|---|---|---|",

@@ -44,6 +44,8 @@ class EvalOptions(Strict):
     """Harmless prompts: each model's over-refusal rate (default: the recipe's evaluate.benign, else none; surgeon://benign.jsonl is the shipped set)."""
     metric: str | None = None
     """exact_match, contains, f1:<label>, rouge_l, loss, kl or python:module:function (default: the recipe's, else exact_match)."""
+    allow_code: bool = False
+    """Let a python:module:function --metric run (its module is imported and executed)."""
     judge: Literal["refusal", "harmbench_prefixes", "guard", "classifier"] | None = None
     """How answers to harmful prompts are judged (default: the recipe's, else refusal)."""
     judge_model: str | None = None

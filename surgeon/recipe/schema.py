@@ -111,6 +111,8 @@ class TaskEvalSet(Strict):
     """Tokens generated per answer (generated metrics only)."""
     balance: Balance = "tokens"
     """With metric loss, what weighs the same: every answer token (tokens), or every distinct answer (answers)."""
+    allow_code: bool = False
+    """Let a python:module:function metric run: its module is imported and executed, so it must be asked for here (the card says so)."""
 
     @field_validator("metric")
     @classmethod
@@ -125,6 +127,8 @@ class TaskEvalSet(Strict):
     def _balance_weighs_a_loss(self):
         if self.balance != "tokens" and self.metric != "loss":
             raise ValueError(f"'balance' weighs metric loss's tokens; metric '{self.metric}' has none")
+        if self.metric.startswith("python:") and not self.allow_code:
+            raise ValueError(f"metric '{self.metric}' imports and runs your code: set allow_code: true beside it (surgeon eval: --allow-code)")
         return self
 
 
