@@ -47,3 +47,20 @@ def test_safetensors_under_another_name_are_evaluated_not_the_pickle_beside_them
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     said = lambda model: [r["answer"] for r in rows if r["model"] == model]
     assert said(str(odd)) == said(str(llama[1])) != said(str(llama[0]))
+
+
+def test_a_shard_index_pointing_outside_the_folder_is_refused(llama, tmp_path):
+    """What is read is what is fingerprinted: a shard elsewhere would change the model unrecorded."""
+    tuned = tmp_path / "tuned"
+    shutil.copytree(llama[1], tuned)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    index = json.loads((tuned / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tuned / first).rename(outside / first)
+    index["weight_map"] = {k: (f"../outside/{v}" if v == first else v) for k, v in index["weight_map"].items()}
+    (tuned / "model.safetensors.index.json").write_text(json.dumps(index))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nbase: {llama[0]}\ntuned: {tuned}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 2 and "outside the model folder" in result.output and result.output.count("\n") == 1, result.output
