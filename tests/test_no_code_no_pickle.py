@@ -64,3 +64,17 @@ def test_a_shard_index_pointing_outside_the_folder_is_refused(llama, tmp_path):
     recipe.write_text(f"method: linear\nbase: {llama[0]}\ntuned: {tuned}\n")
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 2 and "outside the model folder" in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_a_snapshot_whose_files_link_to_a_blob_store_reads(llama, tmp_path):
+    """A Hub snapshot's files are links into its blob store: links in the folder are the folder's."""
+    tuned, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(llama[1], tuned)
+    blobs.mkdir()
+    for shard in tuned.glob("model-*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nbase: {llama[0]}\ntuned: {tuned}\n")
+    result = CliRunner().invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output

@@ -172,9 +172,10 @@ class SafetensorsCheckpoint(_FiniteOnce):
             if not all(isinstance(name, str) for name in shards):
                 raise InputError("the shard index names a shard that is not a file name", str(index))
             files = [folder / name for name in shards]
-            # a shard outside the folder would be read but not fingerprinted (the records hash the folder)
-            inside = folder.resolve()
-            if outside := [name for name, f in zip(shards, files) if f.resolve().parent != inside]:
+            # a shard outside the folder would be read but not fingerprinted (the records hash the folder's
+            # files); links in it stay allowed (a Hub snapshot's files link to its blob store)
+            inside = os.path.normpath(folder)
+            if outside := [name for name, f in zip(shards, files) if os.path.dirname(os.path.normpath(f)) != inside]:
                 raise InputError(f"the index names a shard outside the model folder ({outside[0]}); surgeon reads only the folder's own files", str(index))
             if missing := [f.name for f in files if not f.exists()]:
                 raise InputError(f"the index names {len(missing)} missing shard(s), e.g. {missing[0]}", str(index))
