@@ -249,7 +249,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
 
     recipe: Recipe = loaded.recipe
     main = processes.is_main()
-    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs)) as output:
+    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs), lock=main) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
         base, tuned = described["base"].get("local"), described["tuned"].get("local")  # content hashes, now known

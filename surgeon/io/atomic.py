@@ -20,6 +20,7 @@ from surgeon.errors import OutputError
 from surgeon.io.fingerprint import cache_root
 from surgeon.io.references import TOKENIZER_FILES
 
+_LOCK_TAG = ".surgeon-lock"
 _TMP_TAG = ".surgeon-tmp-"
 _WORK_TAG = ".surgeon-work-"
 _OLD_TAG = ".surgeon-old-"
@@ -94,9 +95,42 @@ def _registry() -> Path:
     return cache_root() / "runs"
 
 
-def remove_stale() -> None:
+def lock_path(destination: Path) -> Path:
+    """The lock file of an output path: beside it, held by the run writing it for the whole run."""
+    return destination.parent / f".{destination.name}{_LOCK_TAG}"
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process, in any PID namespace or container sharing the disk, holds the lock
+    (the kernel drops a dead process's lock)."""
+    import fcntl
+
+    try:
+        with open(lock, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def _listing(folder: Path) -> list | None:
+    """What a folder holds, to notice a change: each entry's name, size and modification time."""
+    if not folder.exists():
+        return None
+    try:
+        return sorted((p.name, p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.iterdir()) if folder.is_dir() else [("", 0, folder.lstat().st_mtime_ns)]
+    except OSError:
+        return [("unreadable", 0, 0)]
+
+
+def remove_stale(mine: Path | None = None) -> None:
     """Remove the hidden folders of surgeon processes that are gone. An old output that a killed
-    commit had moved aside goes back in place when nothing replaced it."""
+    commit had moved aside goes back in place when nothing replaced it. `mine`: the lock this
+    process holds (a record of that lock is of a run that died holding it)."""
     registry = _registry()
     if not registry.is_dir():
         return
@@ -106,8 +140,9 @@ def remove_stale() -> None:
             pid, paths = int(entry["pid"]), [Path(p) for p in entry["paths"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if _alive(pid) and pid != os.getpid():
-            continue
+        lock = Path(entry["lock"]) if "lock" in entry else None
+        if (_alive(pid) and pid != os.getpid()) or (lock is not None and lock != mine and _held(lock)):
+            continue  # the pid alone is not proof of death: a run in another PID namespace holds its lock
         for path in paths:
             if not _OURS.match(path.name) or not path.exists():
                 continue
@@ -121,21 +156,69 @@ def remove_stale() -> None:
 
 
 class AtomicOutputDir:
-    def __init__(self, destination: Path, overwrite: bool = False, inputs: list[Path] = ()):
+    """A destination written all at once. `lock` (the process that commits: every one but the
+    followers of a data-parallel run) holds the destination's lock for the whole run: a second run to
+    the same output is refused at once, naming the first; and what the destination holds is noted, so
+    that anything put there meanwhile is kept at the commit, the result going beside it."""
+
+    def __init__(self, destination: Path, overwrite: bool = False, inputs: list[Path] = (), lock: bool = True):
         self.destination = Path(destination).expanduser().resolve()
         check_destination(self.destination, overwrite, inputs)
         self.parent = self.destination.parent
+        self._lock, self._lock_file, self._before = lock, None, None
         pid = os.getpid()
         self.temporary = self.parent / f".{self.destination.name}{_TMP_TAG}{pid}"
         self.workspace = self.parent / f".{self.destination.name}{_WORK_TAG}{pid}"
         self._old = self.parent / f".{self.destination.name}{_OLD_TAG}{pid}"
         self._record = _registry() / f"{pid}.json"
 
+    def _acquire(self) -> None:
+        import fcntl
+        import socket
+
+        path = lock_path(self.destination)
+        while True:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise OutputError(f"another surgeon run ({holder}) is writing this output; wait for it to end or choose another output.path",
+                                  str(self.destination)) from None
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()  # the run that held it removed the file as we opened it: lock the one at the path now
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _release(self) -> None:
+        """The lock file goes with the lock (removed while still held, so that a run which opened it
+        meanwhile sees it gone and locks the next one); SIGKILL leaves it, and the kernel the lock."""
+        if self._lock_file is None:
+            return
+        lock_path(self.destination).unlink(missing_ok=True)
+        self._lock_file.close()
+        self._lock_file = None
+
     def __enter__(self) -> "AtomicOutputDir":
         try:
-            remove_stale()
+            self.parent.mkdir(parents=True, exist_ok=True)
+            if self._lock:
+                self._acquire()
+            self._before = _listing(self.destination)
+            remove_stale(lock_path(self.destination) if self._lock else None)
             self._record.parent.mkdir(parents=True, exist_ok=True)
-            self._record.write_text(json.dumps({"pid": os.getpid(), "paths": [str(p) for p in (self.temporary, self.workspace, self._old)]}))
+            self._record.write_text(json.dumps({"pid": os.getpid(), "lock": str(lock_path(self.destination)),
+                                                "paths": [str(p) for p in (self.temporary, self.workspace, self._old)]}))
             self.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.temporary, ignore_errors=True)
             shutil.rmtree(self.workspace, ignore_errors=True)
@@ -149,6 +232,11 @@ class AtomicOutputDir:
     def commit(self) -> None:
         """Swap the finished folder into place; an old destination is removed only after. Ctrl-C,
         SIGTERM and SIGHUP wait until the swap is done, so it is never left half made."""
+        if _listing(self.destination) != self._before:
+            # something was put at the destination during the run: it stays; the result goes beside it
+            aside = self.parent / f"{self.destination.name}.surgeon-{os.getpid()}"
+            os.rename(self.temporary, aside)
+            raise OutputError(f"the destination changed during the run and was left as it is; the result is in {aside}", str(self.destination))
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _COMMIT_SIGNALS)
         try:
             if self.destination.exists():
@@ -162,6 +250,7 @@ class AtomicOutputDir:
         shutil.rmtree(self.workspace, ignore_errors=True)
         shutil.rmtree(self.temporary, ignore_errors=True)
         self._record.unlink(missing_ok=True)
+        self._release()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._cleanup()
