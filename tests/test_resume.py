@@ -184,3 +184,17 @@ def test_a_run_killed_after_its_schedule_ended_does_not_run_more_steps(llama, wr
     report = json.loads((tmp_path / "out" / "surgeon.json").read_text())
     assert report["task"]["stopped"] == "stop_at" and report["task"]["chosen_step"] == 4
     assert _bytes(tmp_path / "out") == _bytes(tmp_path / "whole")
+
+
+def test_a_damaged_saved_state_starts_over_in_one_line(llama, write_recipe, tmp_path, monkeypatch):
+    """A torn write empties the tensors file: the rerun says so and starts over, no internal error."""
+    recipe = write_recipe(*llama, output={"path": str(tmp_path / "out")}, rollback={"mode": "never"},
+                          restore={"steps": 3, "warmup": 0, "save_every": 1})
+    _fail_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(main, ["run", str(recipe), "-q"]).exit_code == 130
+    (tensors,) = (tmp_path / ".out.surgeon-state").glob("tensors-*.safetensors")
+    tensors.write_bytes(b"")
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "starting over: the saved state is damaged (tensors-" in result.output and "resuming" not in result.output

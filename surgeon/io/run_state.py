@@ -46,6 +46,19 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+def _damaged(folder: Path, saved: dict) -> str | None:
+    """Why a saved state's files cannot be resumed from (a torn or emptied write), or None."""
+    for name in (saved.get("tensors"), saved.get("masks") and f"checkpoints/{saved['masks']}"):
+        if not name:
+            continue
+        try:
+            with safe_open(str(folder / name), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for a bad header or a short file
+            return f"{name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+    return None
+
+
 class RunState:
     def __init__(self, folder: Path, key: dict, progress: dict | None, writer: bool = True):
         self.folder, self.key, self.saved, self.writer = folder, key, progress, writer
@@ -69,6 +82,9 @@ class RunState:
                 saved = None
             elif old_key != key:
                 progress.log(f"starting over: the saved state is for another run ({_changed(old_key, key)})")
+                saved = None
+            elif saved is not None and (damage := _damaged(folder, saved)):
+                progress.log(f"starting over: the saved state is damaged ({damage})")
                 saved = None
             if saved is None:  # also when the earlier run stopped before its first checkpoint
                 shutil.rmtree(folder)
