@@ -48,6 +48,9 @@ class LoraMergedSource(DerivedSource):
             raise InputError(f"only LoRA adapters can be merged, this one is {peft_type}", str(config_path))
         if config.use_dora:
             raise InputError("DoRA adapters are not supported yet; merge it with peft first", str(config_path))
+        for field, value in (("r", config.r), ("lora_alpha", config.lora_alpha)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise InputError(f"{field} is {value!r}; it must be a positive number", str(config_path))
         weights = self._open_weights(allow_pickle)
         self._deltas: dict[str, tuple[str, str, float]] = {}
         self._replaced: dict[str, str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,29 @@ def _read_config(folder: Path, reference: str) -> dict:
         raise InputError(f"config.json is not valid JSON: {exc}", reference) from None
 
 
+_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size", "head_dim")
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+def check_config(config: dict, tensors: TensorSource, where: str) -> None:
+    """config.json's sizes against the checkpoint, before anything is built from them: a wrong one
+    would hang building a billion layers or allocate a vocabulary of 10^12 rows. Each is a positive
+    whole number; the layer count is the checkpoint's; the vocabulary is an embedding's row count."""
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in _SIZES:
+        value = text_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise InputError(f"config.json: {key} is {value!r}; it must be a positive whole number", where)
+    names = tensors.names()
+    layers = {int(m.group(1)) for name in names if (m := _LAYER_INDEX.search(name))}
+    declared = text_config.get("num_hidden_layers")
+    if layers and declared is not None and declared != max(layers) + 1:
+        raise InputError(f"config.json says {declared} decoder layers; the checkpoint holds {max(layers) + 1}", where)
+    vocabulary = text_config.get("vocab_size")
+    if vocabulary is not None and not any(len(tensors.shape(n)) == 2 and tensors.shape(n)[0] == vocabulary for n in names):
+        raise InputError(f"config.json: vocab_size {vocabulary} is the row count of no embedding in the checkpoint", where)
+
+
 def _checkpoint(folder: Path, reference: str, allow_pickle: bool) -> TensorSource:
     if sorted(folder.glob("*.safetensors")):
         return SafetensorsCheckpoint.from_folder(folder)
@@ -175,10 +199,10 @@ def resolve_model(reference: str, allow_pickle: bool = False, base: ResolvedMode
             config=base.config, config_folder=base.config_folder, revision=revision, adapter_of=base.reference,
             content_folders=base.content_folders + (folder,),
         )
-    return ResolvedModel(
-        reference=reference, folder=folder, tensors=_checkpoint(folder, reference, allow_pickle),
-        config=_read_config(folder, reference), config_folder=folder, revision=revision,
-    )
+    tensors = _checkpoint(folder, reference, allow_pickle)
+    config = _read_config(folder, reference)
+    check_config(config, tensors, str(folder / "config.json"))
+    return ResolvedModel(reference=reference, folder=folder, tensors=tensors, config=config, config_folder=folder, revision=revision)
 
 
 def tokenizer_folder(tuned: ResolvedModel, base: ResolvedModel) -> Path:
