@@ -43,6 +43,7 @@ in effectiveness-v0.2.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -437,14 +438,11 @@ def main() -> None:
     prepare_sets(args.data, work)
     scenario = SCENARIOS[args.scenario]
     aligned = scenario.aligned(work)
-    example = []
-
+    @functools.cache
     def refusal() -> dict:
         """The one-example control's example, made once per run (the first probe prompt and the aligned base's answer)."""
-        if not example:
-            prompt = jsonl(args.data / "beavertails_recovery_64.jsonl")[0]["prompt"]
-            example.append(one_example.refusal_example(one_example.materialize(aligned, work / f"{args.scenario}-aligned-model"), prompt))
-        return example[0]
+        prompt = jsonl(args.data / "beavertails_recovery_64.jsonl")[0]["prompt"]
+        return one_example.refusal_example(one_example.materialize(aligned, work / f"{args.scenario}-aligned-model"), prompt)
 
     rows = load(args.results)
     have = lambda *key: any(cell(r) == key for r in rows)

@@ -28,7 +28,7 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
     from surgeon.io.repaired import write_repaired
     from surgeon.methods.restore import masks_summary
     from surgeon.patch import Patch, fingerprint_mismatches
-    from surgeon.pipeline import SHOWN_ROWS, _input_paths, _write_records, destination, resolve_inputs
+    from surgeon.pipeline import SHOWN_ROWS, input_paths, write_records, destination, resolve_inputs
     from surgeon.recipe.options import RunOptions
 
     recipe = loaded.recipe
@@ -51,7 +51,7 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
         raise InputError(f"{'; '.join(mismatches)}: the recipe's models changed since the run", str(loaded.path))
 
     masks = MaskSet.load(folder / checkpoint_masks_name(step))
-    with AtomicOutputDir(folder, True, _input_paths(loaded, inputs)) as out:
+    with AtomicOutputDir(folder, True, input_paths(loaded, inputs)) as out:
         written = out.temporary
         for name in [p.name for p in folder.iterdir() if p.name.startswith("masks-step-") or p.name == "patch.json"]:
             shutil.copyfile(folder / name, written / name)
@@ -77,6 +77,6 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
             if "repaired" in evaluation.get("examples", {}):
                 evaluation["examples"]["repaired"] = evaluator.examples(candidate, SHOWN_ROWS)
             evaluator.release()
-        _write_records(written, report, loaded, inputs.tuned)
+        write_records(written, report, loaded, inputs.tuned)
         out.commit()
     return report

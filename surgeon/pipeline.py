@@ -164,7 +164,7 @@ def _local_data(loaded: LoadedRecipe) -> dict[str, Path]:
     return {field: path for field, path in paths.items() if path.exists()}
 
 
-def _input_paths(loaded: LoadedRecipe, inputs: Inputs) -> list[Path]:
+def input_paths(loaded: LoadedRecipe, inputs: Inputs) -> list[Path]:
     """Everything a run reads, which its output may never replace, contain or sit inside."""
     models = [m for m in (inputs.base, inputs.tuned, inputs.unaligned) if m is not None]
     return [loaded.path, *_local_data(loaded).values(), *(f for m in models for f in (m.folder, *m.content_folders))]
@@ -249,7 +249,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
 
     recipe: Recipe = loaded.recipe
     main = processes.is_main()
-    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, _input_paths(loaded, inputs), lock=main) as output:
+    with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, input_paths(loaded, inputs), lock=main) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
         base, tuned = described["base"].get("local"), described["tuned"].get("local")  # content hashes, now known
@@ -303,7 +303,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
         processes.barrier()  # every process is past the saved checkpoints before they go
         if not main:
             return report
-        _write_records(output.temporary, report, loaded, inputs.tuned)
+        write_records(output.temporary, report, loaded, inputs.tuned)
         output.commit()
         state.remove()
     return _push(recipe, report, output.destination, overrides, progress)
@@ -407,7 +407,7 @@ def _shared(reported: list, other: list) -> int:
     return sum(same(p) in held for p in reported)
 
 
-def _write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
+def write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
     """The recipe as written, surgeon.json, report.md and the model card, beside the weights."""
     from surgeon.publish.card import render_card, tuned_card
     from surgeon.publish.plot import PLOT_NAME, write_tradeoff_plot

@@ -31,14 +31,14 @@ def test_a_second_run_to_a_locked_output_is_refused_naming_the_first(llama, writ
 def test_a_folder_made_at_the_destination_during_the_run_is_kept(llama, write_recipe, tmp_path, monkeypatch):
     recipe = write_recipe(*llama)
     destination = tmp_path / "repaired"
-    write_records = pipeline._write_records
+    write_records = pipeline.write_records
 
     def user_makes_the_folder(*args, **kwargs):
         destination.mkdir()
         (destination / "mine.txt").write_text("the user's\n")
         return write_records(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_write_records", user_makes_the_folder)
+    monkeypatch.setattr(pipeline, "write_records", user_makes_the_folder)
     with pytest.raises(OutputError, match="the destination changed during the run and was left as it is; the result is in"):
         pipeline.run(load_recipe(recipe))
     assert sorted(p.name for p in destination.iterdir()) == ["mine.txt"]

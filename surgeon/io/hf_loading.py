@@ -34,14 +34,14 @@ def tokenizer(folder: Path):
     return _loaded(lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder, "tokenizer")
 
 
-def _safetensors_only(folder: Path) -> bool:
+def _has_safetensors(folder: Path) -> bool:
     return any(Path(folder).glob("*.safetensors"))
 
 
 def causal_lm(folder: Path, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return _loaded(lambda: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=_safetensors_only(folder), **kwargs),
+    return _loaded(lambda: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, use_safetensors=_has_safetensors(folder), **kwargs),
                    folder, "model")
 
 
@@ -49,4 +49,4 @@ def sequence_classifier(folder: Path):
     from transformers import AutoModelForSequenceClassification
 
     return _loaded(lambda: AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False,
-                                                                              use_safetensors=_safetensors_only(folder)), folder, "classifier")
+                                                                              use_safetensors=_has_safetensors(folder)), folder, "classifier")
