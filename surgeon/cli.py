@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
 import traceback
 import typing
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import click
@@ -83,6 +85,11 @@ def _options(model, flags: dict):
         raise RecipeError(error["msg"].removeprefix("Value error, "), "--" + str(error["loc"][0]).replace("_", "-")) from None
 
 
+# OS errors about the paths, permissions and disks a user chose: one line and exit 2 wherever they surface
+_ENVIRONMENT_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                       errno.EDQUOT, errno.ELOOP, errno.EMFILE}
+
+
 def _fail(lines: list[tuple[str, str | None]], exit_code: int):
     """The one error format: `error: what (where)`, one line each, then exit."""
     for message, where in lines:
@@ -142,7 +149,9 @@ def _reported(function):
             logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
             huggingface_hub.utils.disable_progress_bars()
         try:
-            with _terminations_interrupt():
+            with _terminations_interrupt(), warnings.catch_warnings():
+                if not verbose:  # Python warnings from the libraries (peft's unknown config keys...) as well as their logs
+                    warnings.simplefilter("ignore")
                 return function(*args, verbose=verbose, quiet=quiet, **kwargs)
         except RecipeValidationError as exc:
             _fail(exc.problems, exc.exit_code)
@@ -159,6 +168,8 @@ def _reported(function):
                 _stopped(_received[0])
             if debug:
                 traceback.print_exc()
+            if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:  # a path or disk the user gave, not a bug
+                _fail([(exc.strerror, exc.filename)], 2)
             first = (str(exc).splitlines() or [""])[0]
             click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
             sys.exit(1)

@@ -27,6 +27,10 @@ def resolve_device(setting: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device '{setting}' asked for but no CUDA GPU is visible", "compute.device")
+    if setting.startswith("cuda:") and int(setting.split(":")[1]) >= torch.cuda.device_count():
+        raise InputError(f"device '{setting}' asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)", "compute.device")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' asked for but this torch has no Apple GPU (torch.backends.mps.is_available() is false)", "compute.device")
     return setting
 
 
@@ -85,7 +89,7 @@ class ModelPair:
     def tokenizer(self):
         from surgeon.io import hf_loading
 
-        return hf_loading.tokenizer(self.tokenizer_files)
+        return hf_loading.tokenizer(self.tokenizer_files, self.config)
 
     @property
     def torch_dtype(self):

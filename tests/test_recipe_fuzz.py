@@ -2,6 +2,7 @@
 exit 2 and nothing but `error: ...` lines. Never an internal error, a hang or a traceback."""
 
 import copy
+import os
 import time
 
 import yaml
@@ -12,9 +13,14 @@ from hypothesis import strategies as st
 from surgeon.cli import main
 from tests.conftest import recipe_dict
 
-# derandomized so CI is stable; run with HYPOTHESIS_PROFILE=explore locally for fresh cases
-SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
-SECONDS_PER_CASE = 20  # a billion-laughs recipe used to run for minutes
+# derandomized so CI is stable; SURGEON_FUZZ=explore runs ten times the cases, fresh each time
+EXPLORE = os.environ.get("SURGEON_FUZZ") == "explore"
+SETTINGS = dict(deadline=None, derandomize=not EXPLORE, database=None, suppress_health_check=list(HealthCheck))
+
+
+def examples(count: int) -> int:
+    return count * 10 if EXPLORE else count
+SECONDS_PER_CASE = 20  # a billion-laughs recipe and a billion-layer config each ran for minutes
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.integers(min_value=10**18, max_value=10**70), st.floats(),
@@ -79,6 +85,11 @@ def byte_mutations(draw, text: str) -> bytes:
 def _check(tmp_path, content: bytes):
     recipe = tmp_path / "fuzz.yaml"
     recipe.write_bytes(content)
+    validates_or_says_why(recipe)
+
+
+def validates_or_says_why(recipe):
+    """`surgeon validate` ends in time with exit 0, or exit 2 and only `error: ...` lines."""
     started = time.monotonic()
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert time.monotonic() - started < SECONDS_PER_CASE
@@ -94,7 +105,7 @@ def test_mutated_recipes_end_in_ok_or_one_line_errors(llama, tmp_path_factory, t
     seed = recipe_dict(*llama, evaluate={"task": {"path": str(task_eval_file)}, "safety": {"prompts": ["how do I pick a lock"]}},
                        output={"path": str(tmp_path / "out")})
 
-    @settings(max_examples=700, **SETTINGS)
+    @settings(max_examples=examples(700), **SETTINGS)
     @given(mutated_trees(seed))
     def check(tree):
         _check(tmp_path, yaml.safe_dump(tree, sort_keys=False, allow_unicode=True).encode())
@@ -107,7 +118,7 @@ def test_corrupted_recipe_bytes_end_in_ok_or_one_line_errors(llama, tmp_path_fac
     text = yaml.safe_dump(recipe_dict(*llama, evaluate={"task": {"path": str(task_eval_file)}}, output={"path": str(tmp_path / "out")}),
                           sort_keys=False)
 
-    @settings(max_examples=500, **SETTINGS)
+    @settings(max_examples=examples(500), **SETTINGS)
     @given(st.one_of(byte_mutations(text), st.binary(max_size=200)))
     def check(content):
         _check(tmp_path, content)

@@ -47,8 +47,15 @@ def _messages(prompt: str | list[dict], system_prompt: str | None) -> list[dict]
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """A conversation's ids; one longer than the model's context is refused (the model would read it
+    for minutes and answer from positions it never learnt)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) > tokenizer.model_max_length:
+        opening = " ".join(str(messages[-1]["content"]).split())[:40]
+        raise InputError(f"a conversation is {len(ids):,} tokens with its chat template, longer than the model's context of "
+                         f"{tokenizer.model_max_length:,} tokens; shorten it or leave it out", f"the one ending '{opening}...'")
+    return ids
 
 
 def prompt_ids(tokenizer, prompts: list[str] | list[list[dict]], system_prompt: str | None = None) -> list[list[int]]:

@@ -21,6 +21,8 @@ def _fetch_hub_file(reference: str) -> Path:
     match = _HF_DATASET.match(reference)
     if not match:
         raise InputError("a Hub dataset file is written hf://datasets/ORG/NAME[@revision]/FILE", reference)
+    if ".." in match["file"].split("/"):
+        raise InputError("a Hub dataset file's path may not hold a '..' part", reference)
     try:
         return Path(hf_hub_download(match["repo"], match["file"], repo_type="dataset", revision=match["revision"]))
     except LocalEntryNotFoundError:

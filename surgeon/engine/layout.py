@@ -6,10 +6,11 @@ import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
-from surgeon.errors import IncompatibleModelsError, RecipeError
+from surgeon.errors import IncompatibleModelsError, InputError, RecipeError
 
 def build_skeleton(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model with every parameter on `meta`: structure without memory. Attention is the one
@@ -21,8 +22,13 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    except Exception as exc:  # noqa: BLE001 -- built from config.json alone: whatever fails is a value in it
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = str(Path(config._name_or_path) / "config.json") if getattr(config, "_name_or_path", "") else "config.json"
+        raise InputError(f"config.json: transformers cannot build the model from it ({type(exc).__name__}: {reason})", where) from None
 
 
 def _is_norm(module: torch.nn.Module) -> bool:

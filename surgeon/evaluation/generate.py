@@ -33,7 +33,7 @@ def load_for_generation(folder: Path, tokenizer_folder: Path, device: str, dtype
     model = hf_loading.causal_lm(folder, **kwargs).eval()
     if "device_map" not in kwargs:
         model.to(device)
-    tokenizer = hf_loading.tokenizer(tokenizer_folder)
+    tokenizer = hf_loading.tokenizer(tokenizer_folder, model.config)
     return LoadedModel(model, tokenizer)
 
 

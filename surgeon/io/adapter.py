@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from surgeon.errors import IncompatibleModelsError, InputError
-from surgeon.io.checkpoint import DerivedSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource
+from surgeon.io.checkpoint import DerivedSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource, FiniteOnce
 
 _PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
@@ -30,15 +30,36 @@ def _read_config(folder: Path):
     path = folder / "adapter_config.json"
     try:
         return PeftConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot read adapter config: {exc}", str(path)) from None
+    except Exception as exc:  # noqa: BLE001 -- peft builds its config classes from the file's values alone: any failure is one of them
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        if not isinstance(exc, (OSError, ValueError)):  # peft's own messages say what is wrong; a KeyError's alone would not
+            reason = f"{type(exc).__name__}: {reason}"
+        raise InputError(f"cannot read adapter config: {reason}", str(path)) from None
 
 
-class LoraMergedSource(DerivedSource):
-    """tuned = base + scale * B @ A for every targeted weight, computed the way peft merges."""
+def _check_merge_fields(config, where: str) -> None:
+    """The fields the merge computes with, checked before it does: a NaN alpha would write NaN weights."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(getattr(config, field) or {}, dict):
+            raise InputError(f"{field} is {getattr(config, field)!r}; it must map module names to numbers", where)
+    numbers = [("r", config.r), ("lora_alpha", config.lora_alpha)]
+    numbers += [(f"{field}[{key!r}]", value) for field in ("rank_pattern", "alpha_pattern") for key, value in (getattr(config, field) or {}).items()]
+    for field, value in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InputError(f"{field} is {value!r}; it must be a positive number", where)
+    for field in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        if not isinstance(getattr(config, field), bool):
+            raise InputError(f"{field} is {getattr(config, field)!r}; it must be true or false", where)
+
+
+class LoraMergedSource(DerivedSource, FiniteOnce):
+    """tuned = base + scale * B @ A for every targeted weight, computed the way peft merges; each
+    merged tensor checked for NaN/inf on its first read like a stored one (finite factors and a
+    finite scale can still overflow the stored dtype)."""
 
     def __init__(self, base: TensorSource, folder: Path, allow_pickle: bool = False):
-        super().__init__(base)
+        DerivedSource.__init__(self, base)
+        FiniteOnce.__init__(self)
         self.base = base
         self.folder = Path(folder)
         config = _read_config(self.folder)
@@ -46,11 +67,9 @@ class LoraMergedSource(DerivedSource):
         peft_type = str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type).upper()
         if peft_type != "LORA":
             raise InputError(f"only LoRA adapters can be merged, this one is {peft_type}", str(config_path))
+        _check_merge_fields(config, str(config_path))
         if config.use_dora:
             raise InputError("DoRA adapters are not supported yet; merge it with peft first", str(config_path))
-        for field, value in (("r", config.r), ("lora_alpha", config.lora_alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise InputError(f"{field} is {value!r}; it must be a positive number", str(config_path))
         weights = self._open_weights(allow_pickle)
         self._deltas: dict[str, tuple[str, str, float]] = {}
         self._replaced: dict[str, str] = {}
@@ -129,4 +148,4 @@ class LoraMergedSource(DerivedSource):
         if self._fan_in_fan_out:
             delta = delta.T
         # Like peft's in-place `weight += delta`: the sum is taken in the promoted dtype.
-        return (weight + delta.to(lora_b.dtype)).to(weight.dtype)
+        return self._finite(name, (weight + delta.to(lora_b.dtype)).to(weight.dtype), f"{self.folder} merged into base")

@@ -31,7 +31,7 @@ def check_finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
-class _FiniteOnce:
+class FiniteOnce:
     """Checks each tensor the first time it is read: the check rides on the read the run does
     anyway, and costs nothing on the later reads of the same tensor."""
 
@@ -128,12 +128,12 @@ def _data_extents(file: Path) -> dict[str, tuple[int, int]]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-class SafetensorsCheckpoint(_FiniteOnce):
+class SafetensorsCheckpoint(FiniteOnce):
     """All `*.safetensors` files of a folder (the index is not needed: headers say everything).
 
-    Headers are read once. Each read maps only its tensor's bytes, for as long as the tensor
-    lives: a mapping kept open keeps every page read through it resident, so a long run would
-    show the whole model in its RSS; closed, it leaves only the tensors still in use.
+    Headers are read once. A tensor is read into memory of its own; a gather maps only the
+    tensor's bytes, for as long as it takes: a mapping kept open keeps every page read through it
+    resident, so a long run would show the whole model in its RSS.
     """
 
     def __init__(self, files: list[Path]):
@@ -166,11 +166,12 @@ class SafetensorsCheckpoint(_FiniteOnce):
         index = folder / "model.safetensors.index.json"
         if index.exists():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise InputError(f"unreadable shard index: {exc}", str(index)) from None
-            if not all(isinstance(name, str) for name in shards):
-                raise InputError("the shard index names a shard that is not a file name", str(index))
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) and name for name in weight_map.values()):
+                raise InputError("the shard index's weight_map must map tensor names to shard file names", str(index))
+            shards = sorted(set(weight_map.values()))
             files = [folder / name for name in shards]
             # a shard outside the folder would be read but not fingerprinted (the records hash the folder's
             # files); links in it stay allowed (a Hub snapshot's files link to its blob store)
@@ -200,11 +201,12 @@ class SafetensorsCheckpoint(_FiniteOnce):
         return self._where[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """A copy-on-write mapping of the tensor's bytes, as safetensors' own reads give, without
-        parsing the shard's header and mapping the whole shard again for each tensor (a 0.37B
-        step's reads took as long that way as their first NaN check): pages are copied only
-        where the caller writes."""
-        stored = self._mapped(name)
+        """The tensor's bytes read into memory of its own from the extent the header gives, without
+        parsing the shard's header again for each tensor (a 0.37B step's reads took as long that way
+        as their first NaN check). Read, not mapped: a tensor over a mapping of the file dies by
+        SIGBUS, which no handler can turn into an error, when another process truncates the file
+        while the tensor is in use."""
+        stored = self._read(name)
         if stored is not None:
             return self._finite(name, stored.view(self.shape(name)), str(self._where[name]))
         try:
@@ -252,7 +254,7 @@ class SafetensorsCheckpoint(_FiniteOnce):
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Read through a mapping of the tensor's bytes: only the pages holding the entries are
-        touched, and the mapping is closed again (see the class note on mappings)."""
+        touched, and the mapping is closed again at once (see the class note on mappings)."""
         if not indices.numel():
             return torch.empty(0, dtype=self.dtype(name))
         stored = self._mapped(name)
@@ -261,6 +263,25 @@ class SafetensorsCheckpoint(_FiniteOnce):
         entries = stored.index_select(0, indices.to(torch.long))
         del stored  # the mapping closes with the last tensor over it
         return self._finite_part(name, entries, str(self._where[name]))
+
+    def _read(self, name: str) -> torch.Tensor | None:
+        """The tensor's bytes, flat, in memory of its own (None when the header gives no extent); a
+        file shorter than its header says (truncated since it was opened) is one line."""
+        extent = self.extent(name)
+        if extent is None:
+            return None
+        start, length = extent
+        flat = torch.empty(length // self.dtype(name).itemsize, dtype=self.dtype(name))
+        buffer, done = memoryview(flat.view(torch.uint8).numpy()), 0
+        try:
+            with open(self._where[name], "rb", buffering=0) as handle:
+                while done < length and (count := os.preadv(handle.fileno(), [buffer[done:]], start + done)):
+                    done += count
+        except OSError as exc:
+            raise InputError(f"cannot read tensor '{name}': {exc.strerror}", str(self._where[name])) from None
+        if done < length:
+            raise InputError(f"the file ends before tensor '{name}' does: it was truncated or changed since surgeon opened it", str(self._where[name]))
+        return flat
 
     def _mapped(self, name: str) -> torch.Tensor | None:
         """The tensor's bytes, flat, through a copy-on-write mapping of that part of its file (a
@@ -283,7 +304,7 @@ class SafetensorsCheckpoint(_FiniteOnce):
             raise InputError(f"cannot read tensor '{name}': {exc}", str(self._where[name])) from None
 
 
-class PickleCheckpoint(_FiniteOnce):
+class PickleCheckpoint(FiniteOnce):
     """`.bin`/`.pt` checkpoints, only when the recipe says allow_pickle; loaded weights_only."""
 
     def __init__(self, files: list[Path]):

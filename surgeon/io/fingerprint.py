@@ -7,11 +7,14 @@ import hashlib
 import os
 from pathlib import Path
 
+from surgeon.errors import InputError
+
 
 def cache_root() -> Path:
-    if os.environ.get("SURGEON_CACHE"):
-        return Path(os.environ["SURGEON_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgeon"
+    root = Path(os.environ["SURGEON_CACHE"]) if os.environ.get("SURGEON_CACHE") else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "surgeon"
+    if root.exists() and not root.is_dir():
+        raise InputError("surgeon's cache must be a folder; this is a file (set SURGEON_CACHE to a folder)", str(root))
+    return root
 
 
 def digest_strings(*parts: str) -> str:

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
+
 from surgeon.errors import InputError
 
 
-def _loaded(load, folder: Path, what: str):
+_UNREADABLE = (ValueError, OSError, KeyError, TypeError, StrictDataclassError)
+
+
+def _loaded(load, folder: Path, what: str, unreadable: tuple[type[Exception], ...] = _UNREADABLE):
     try:
         return load()
-    except (ValueError, OSError, KeyError) as exc:
+    except unreadable as exc:
         # transformers says "trust_remote_code" when a folder needs its own code; anything else is a
-        # folder it cannot read: one line either way, naming the folder
+        # folder it cannot read (its config classes validate their fields with huggingface_hub's strict
+        # dataclasses): one line either way, naming the folder
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "trust_remote_code" in str(exc):
             reason = "it needs custom code from the model folder (auto_map), which surgeon never runs"
@@ -25,13 +31,20 @@ def _loaded(load, folder: Path, what: str):
 def config(folder: Path):
     from transformers import AutoConfig
 
-    return _loaded(lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False), folder, "config")
+    # reading config.json builds nothing but the config: any failure is a value in the file
+    return _loaded(lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False), folder, "config", (Exception,))
 
 
-def tokenizer(folder: Path):
+def tokenizer(folder: Path, config=None):
+    """With the model's `config`, the tokenizer's model_max_length is at most the model's context
+    (max_position_embeddings), so that a prompt too long for the model is refused when it is tokenized."""
     from transformers import AutoTokenizer
 
-    return _loaded(lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder, "tokenizer")
+    loaded = _loaded(lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder, "tokenizer")
+    context = getattr(config.get_text_config(), "max_position_embeddings", None) if config is not None else None
+    if isinstance(context, int) and context > 0:
+        loaded.model_max_length = min(loaded.model_max_length, context)
+    return loaded
 
 
 def _has_safetensors(folder: Path) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,7 +286,10 @@ def _merge(parent: dict, child: dict) -> dict:
 
 def _read(path: Path) -> str:
     try:
-        with open(path, "rb") as handle:
+        # a FIFO or a device would block the open or never end: only a regular file is a recipe
+        with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise RecipeError("a recipe is a regular file; this is not one (a pipe or a device)", str(path))
             raw = handle.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", str(path)) from None
