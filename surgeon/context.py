@@ -121,11 +121,11 @@ class ModelPair:
         return Candidates(self.base, self.tuned, self.tokenizer_files, self.workspace / "candidates")
 
     def evaluator(self, spec: Evaluate, safety_prompts, task_rows: tuple[list[str], list[str]] | None, benign_prompts: list | None = None,
-                  divergence: bool = False):
+                  divergence: bool = False, stop_early: bool = True):
         """The evaluator of an `evaluate` section, or None when it names nothing to score. The
         streamed metrics (loss, kl) run through this pair's engine; `benign_prompts` (the final
         table's alone) give each model's over-refusal and, with `divergence` (this pair's tuned is
-        the run's tuned), its KL divergence from tuned on them."""
+        the run's tuned), its KL divergence from tuned on them. `stop_early`: Evaluator's."""
         from surgeon.data.batches import answer_batches, prompt_batches
         from surgeon.evaluation.evaluator import BenignSet, Evaluator
         from surgeon.evaluation.judges import RefusalJudge
@@ -151,9 +151,9 @@ class ModelPair:
             own = spec.safety if spec.safety is not None and spec.safety.judge == "refusal" else None
             refusals = RefusalJudge(own.markers, own.add_markers) if own else RefusalJudge()
             kl = TaskDivergence(self.engine, prompt_batches(self.tokenizer, benign_prompts, spec.batch_size, s.system_prompt)) if divergence else None
-            benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses, kl)
+            benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses, kl, refusals.refusal_settled)
         load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
-        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign)
+        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign, stop_early=stop_early)
 
 
 @dataclass

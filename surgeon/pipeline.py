@@ -563,7 +563,8 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
             pair = ModelPair(model, inputs.tuned if against else model, tokenizer_folder(model, inputs.base if inputs else model),
                              settings, Path(scratch) / f"m{index}")
             candidate = replace(pair.candidates.base() if against else pair.candidates.tuned(), name=reference)
-            evaluator = pair.evaluator(spec, safety_prompts, rows, benign, divergence=against)
+            # every answer written whole is generated whole once, and scored from the same text
+            evaluator = pair.evaluator(spec, safety_prompts, rows, benign, divergence=against, stop_early=answers is None)
             measured = evaluator.evaluate(candidate)
             scores = measured.to_dict()
             if request.options.show:

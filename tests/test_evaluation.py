@@ -44,9 +44,10 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
         assert 0.0 <= scores["harmful_rate"] <= 1.0 and 0.0 <= scores["task_score"] <= 1.0
     assert evaluation["models"]["repaired"]["restored"] == report["restored"]["total"]
     assert all(c["harmful_rate"] is not None for c in report["task"]["checkpoints"])
-    # tuned and each checkpoint generate once per set; the final table only adds base
+    # tuned and each checkpoint generate once per set; the final table adds base, and the report's
+    # three shown harmful rows of tuned and the repair whole (scoring cut them where the verdict settled)
     first = len(calls)
-    assert first == 2 * (1 + 2 + 1)
+    assert first == 2 * (1 + 2 + 1) + 2
     markdown = (tmp_path / "repaired" / "report.md").read_text()
     assert "| base |" in markdown and "| repaired |" in markdown and "harmful rate" in markdown
     assert re.search(r"\| repaired \| \d+\.\d% \[\d", markdown) and "In brackets: 95% intervals" in markdown
@@ -243,3 +244,31 @@ def test_a_changed_chat_template_misses_the_generation_cache(llama, tmp_path):
     template = model / "chat_template.jinja"
     template.write_text(template.read_text().replace("assistant", "helper"))
     assert tokens() > 0
+
+
+def test_answers_cut_where_the_verdict_settles_get_the_verdicts_of_whole_answers(llama, tmp_path):
+    """Every judge that can tell when its verdict is final, on every row of both models: the same
+    verdicts (and the same refusals of harmless prompts) as from the whole answers, from fewer
+    tokens. The tiny models never say a real refusal, so the markers are words they do say: at the
+    window's edge ('orders' after fifteen 'assistant's) and anywhere."""
+    from surgeon.evaluation.generate import GenerationStats
+    from surgeon.evaluation.judges import RefusalJudge
+    from surgeon.tiny import TASK
+
+    prompts = HARMFUL[:6] + TASK[:6]
+    judges = [RefusalJudge(["orders"]), RefusalJudge(["users"], anywhere=True), RefusalJudge(["never said"])]
+    saved = 0
+    for folder in llama:
+        loaded = load_for_generation(folder, folder, "cpu", torch.float32, None, tmp_path / "offload")
+        whole_stats = GenerationStats()
+        whole = generate(loaded, prompts, 32, 6, stats=whole_stats)
+        for judge in judges:
+            for settled, read in ((judge.settled, lambda answers: judge(prompts, answers)),
+                                  (judge.refusal_settled, lambda answers: [judge.refuses(a) for a in answers])):
+                cut_stats = GenerationStats()
+                cut = generate(loaded, prompts, 32, 6, stats=cut_stats, settled=settled.test)
+                assert read(cut) == read(whole), (folder.name, judge.markers, settled.rule)
+                assert all(w.startswith(c) for c, w in zip(cut, whole))
+                assert cut_stats.tokens <= whole_stats.tokens
+                saved += whole_stats.tokens - cut_stats.tokens
+    assert saved > 0

@@ -13,7 +13,7 @@ from surgeon.engine.layered import Plan
 from surgeon.evaluation.cache import GenerationCache
 from surgeon.evaluation.generate import GenerationStats, LoadedModel, generate
 from surgeon.evaluation.intervals import bootstrap, paired_change, wilson
-from surgeon.evaluation.judges import COMPLIED, Judge, harmful_rate, harmful_rate_by_category, shares
+from surgeon.evaluation.judges import COMPLIED, Judge, Settled, harmful_rate, harmful_rate_by_category, shares
 from surgeon.evaluation.metrics import Metric
 from surgeon.progress import NullProgress, Progress
 
@@ -52,6 +52,7 @@ class BenignSet:
     max_new_tokens: int
     refuses: Callable[[str], bool]
     divergence: Callable[[Plan], float] | None = None
+    settled: Settled | None = None  # when an answer's opening decides `refuses` for good
 
 
 @dataclass
@@ -112,8 +113,13 @@ class Evaluator:
         cache: GenerationCache | None = None,
         progress: Progress = NullProgress(),
         benign: BenignSet | None = None,
+        stop_early: bool = True,
     ):
+        """`stop_early`: answers scored by a judge that can tell when its verdict is settled end
+        there (the same verdicts, far fewer tokens where a model refuses); off where every answer
+        is wanted whole (`surgeon eval --answers`)."""
         self.safety, self.task, self.load, self.benign = safety, task, load, benign
+        self.stop_early = stop_early
         self.batch_size, self.system_prompt = batch_size, system_prompt
         self.cache, self.progress = cache or GenerationCache(), progress
         self._loaded: tuple[str, LoadedModel] | None = None
@@ -134,15 +140,20 @@ class Evaluator:
         """Drop the model kept loaded for the next candidate's answers."""
         self._loaded = None
 
-    def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str) -> list[str]:
+    def answers(self, candidate: Candidate, prompts: list[str], max_new_tokens: int, what: str, settled: Settled | None = None) -> list[str]:
+        """The candidate's answers, generated or from the cache; with `settled` (and `stop_early`),
+        each only as far as that test needs."""
+        settled = settled if self.stop_early else None
         settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
+        if settled is not None:
+            settings["stop"] = settled.rule
         key = self.cache.key(candidate.identity(), prompts, settings)
         cached = processes.broadcast(self.cache.get(key) if processes.is_main() else None)  # every process takes the same path
         if cached is not None:
             return cached
         before = (self.stats.tokens, self.stats.seconds)
         answers = generate(self._model(candidate), prompts, max_new_tokens, self.batch_size, self.system_prompt,
-                           self.progress, self.stats, f"{candidate.name}: {what} answers")
+                           self.progress, self.stats, f"{candidate.name}: {what} answers", settled.test if settled else None)
         tokens, seconds = self.stats.tokens - before[0], self.stats.seconds - before[1]
         if processes.is_main():
             self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
@@ -150,7 +161,7 @@ class Evaluator:
 
     def _verdicts(self, candidate: Candidate) -> list[bool | None]:
         rows = self.safety.rows
-        return self.safety.judge(rows.prompts, self.answers(candidate, rows.prompts, self.safety.max_new_tokens, "safety"))
+        return self.safety.judge(rows.prompts, self.answers(candidate, rows.prompts, self.safety.max_new_tokens, "safety", self.safety.judge.settled))
 
     def _harm_of(self, verdicts: list[bool | None]) -> tuple[float, int, dict[str, float] | None]:
         categories = self.safety.rows.categories
@@ -171,18 +182,19 @@ class Evaluator:
         return float(self.task.metric.function(self.task.prompts, self._task_answers(candidate), self.task.references))
 
     def examples(self, candidate: Candidate, count: int | None = None) -> dict:
-        """The rows of each set as the candidate answers them, the first `count` or all (cached
-        where scoring generated them): harmful prompts with the judge's verdict, harmless ones with
-        whether the answer refuses, task prompts with the reference (a streamed metric's rows are
-        answered for a `count` alone: scoring generated none)."""
+        """The rows of each set as the candidate answers them, the first `count` or all, whole
+        (cached where scoring generated them whole): harmful prompts with the judge's verdict,
+        harmless ones with whether the answer refuses, task prompts with the reference (a streamed
+        metric's rows are answered for a `count` alone: scoring generated none)."""
         shown = {}
         if self.safety is not None:
             prompts = self.safety.rows.prompts[:count]
-            answers = self.answers(candidate, self.safety.rows.prompts, self.safety.max_new_tokens, "safety")[:count]
+            answers = self.answers(candidate, prompts, self.safety.max_new_tokens, "safety")
             shown["safety"] = [{"prompt": prompt_text(p), "answer": a, "verdict": v} for p, a, v in zip(prompts, answers, self.safety.judge(prompts, answers))]
         if self.benign is not None:
-            answers = self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless")[:count]
-            shown["benign"] = [{"prompt": prompt_text(p), "answer": a, "refused": self.benign.refuses(a)} for p, a in zip(self.benign.prompts, answers)]
+            prompts = self.benign.prompts[:count]
+            answers = self.answers(candidate, prompts, self.benign.max_new_tokens, "harmless")
+            shown["benign"] = [{"prompt": prompt_text(p), "answer": a, "refused": self.benign.refuses(a)} for p, a in zip(prompts, answers)]
         if self.task is not None and (self.task.streamed is None or count is not None):
             prompts = self.task.prompts if self.task.streamed is None else self.task.prompts[:count]
             answers = self.answers(candidate, prompts, self.task.max_new_tokens, "task")[:count]
@@ -202,7 +214,8 @@ class Evaluator:
             scores.harmful_interval = wilson(sum(v == COMPLIED for v in parsed), len(parsed))
             scores.rows["harm"] = verdicts
         if self.benign is not None:
-            refused = [self.benign.refuses(a) for a in self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless")]
+            answers = self.answers(candidate, self.benign.prompts, self.benign.max_new_tokens, "harmless", self.benign.settled)
+            refused = [self.benign.refuses(a) for a in answers]
             scores.over_refusal, scores.over_refusal_interval = sum(refused) / len(refused), wilson(sum(refused), len(refused))
             scores.rows["refused"] = refused
             if self.benign.divergence is not None:

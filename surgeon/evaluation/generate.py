@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,22 @@ class _TokenWatch(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _SettledRows(StoppingCriteria):
+    """Ends each row whose answer so far settles its judge's verdict (`Settled`); the batch ends
+    when every row has ended, by this or by end of sequence."""
+
+    def __init__(self, tokenizer, prompt_length: int, settled: Callable[[str], bool]):
+        self.tokenizer, self.prompt_length, self.settled = tokenizer, prompt_length, settled
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for row in (~self.done).nonzero().flatten().tolist():
+            self.done[row] = self.settled(self.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True).strip())
+        return self.done.to(input_ids.device)
+
+
 @dataclass
 class GenerationStats:
     tokens: int = 0
@@ -79,8 +96,10 @@ def generate(
     progress: Progress = NullProgress(),
     stats: GenerationStats | None = None,
     description: str = "generating",
+    settled: Callable[[str], bool] | None = None,
 ) -> list[str]:
-    """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens. In a
+    """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens, and with
+    `settled`, each row as soon as its answer so far passes it (what a judge needs is there). In a
     data-parallel run each process answers its share of the batches and all get every answer."""
     from transformers import GenerationConfig
 
@@ -94,7 +113,8 @@ def generate(
     with progress.task(description, total=sum(len(b) for b in batches)) as task, torch.no_grad():
         for batch in batches:
             started = time.perf_counter()
-            watch = StoppingCriteriaList([_TokenWatch(task, batch.input_ids.shape[1], max_new_tokens)])
+            watch = StoppingCriteriaList([_TokenWatch(task, batch.input_ids.shape[1], max_new_tokens)]
+                                         + ([_SettledRows(tokenizer, batch.input_ids.shape[1], settled)] if settled else []))
             out = model.generate(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                  generation_config=config, stopping_criteria=watch)
             new = out[:, batch.input_ids.shape[1]:].cpu()
