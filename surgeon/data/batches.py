@@ -102,10 +102,21 @@ def left_padded(sequences: list[list[int]], pad_id: int, labels: list[list[int]]
     return Batch(ids, mask, label_tensor, weight_tensor)
 
 
-def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
+def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None,
+                   order: list[int] | None = None) -> list[Batch]:
+    """Batches of the prompts in file order, or in `order` (indices into `prompts`)."""
     ids = prompt_ids(tokenizer, prompts, system_prompt)
+    if order is not None:
+        ids = [ids[i] for i in order]
     pad = _pad_id(tokenizer)
     return [left_padded(ids[i : i + batch_size], pad) for i in range(0, len(ids), batch_size)]
+
+
+def by_length(tokenizer, prompts: list[str] | list[list[dict]], system_prompt: str | None = None) -> list[int]:
+    """The prompts' indices, shortest templated prompt first (ties in file order): batched so,
+    a batch pads its rows to nearly the same length instead of to the longest of any 16."""
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts, system_prompt)]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
 
 
 def answer_weights(answers: list[str], answer_tokens: list[int]) -> list[float]:

@@ -144,7 +144,8 @@ class Evaluator:
         """The candidate's answers, generated or from the cache; with `settled` (and `stop_early`),
         each only as far as that test needs."""
         settled = settled if self.stop_early else None
-        settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
+        # batches by prompt length: a row's padding, and so its last bits, differ from file-order batches
+        settings = {"max_new_tokens": max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy", "batches": "by length"}
         if settled is not None:
             settings["stop"] = settled.rule
         key = self.cache.key(candidate.identity(), prompts, settings)

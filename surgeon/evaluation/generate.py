@@ -11,7 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from surgeon import processes
-from surgeon.data.batches import prompt_batches
+from surgeon.data.batches import by_length, prompt_batches
 from surgeon.progress import NullProgress, Progress, ProgressTask
 
 
@@ -109,7 +109,8 @@ def generate(
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     device = input_device(model)
     answers, tokens = [], 0
-    batches = processes.share(list(prompt_batches(tokenizer, prompts, batch_size, system_prompt)))
+    order = by_length(tokenizer, prompts, system_prompt)
+    batches = processes.share(list(prompt_batches(tokenizer, prompts, batch_size, system_prompt, order)))
     with progress.task(description, total=sum(len(b) for b in batches)) as task, torch.no_grad():
         for batch in batches:
             started = time.perf_counter()
@@ -127,4 +128,7 @@ def generate(
             task.advance(len(batch))
     if stats is not None:
         stats.tokens += sum(processes.gather([tokens]))
-    return processes.gather(answers)
+    in_order = [""] * len(prompts)
+    for index, answer in zip(order, processes.gather(answers)):
+        in_order[index] = answer
+    return in_order
