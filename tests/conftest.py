@@ -102,3 +102,16 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-token"))
     yield server
     server.close()
+
+
+# fixtures that build tiny models: a test that asks for one runs the engine or a whole pipeline
+_MODEL_FIXTURES = {"llama", "llama_fp32", "model_pairs"}
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (`pytest -m "not slow"`) is every test that needs no model: recipes, judges,
+    metrics, intervals, masks, top-k, records. Tests that build a model, and the subprocess ones
+    that mark themselves, are `slow`; CI runs both."""
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -48,6 +48,7 @@ def test_overrides_are_checked_like_the_cli_set(llama, tmp_path):
         surgeon.Recipe.load(path).override({"linear.alhpa": 0.3})
 
 
+@pytest.mark.slow  # builds a model or runs a subprocess
 def test_the_python_example_runs(tmp_path):
     for name in ("harmful.jsonl", "task.jsonl"):
         shutil.copy(ROOT / "examples" / "tiny" / name, tmp_path / name)

@@ -123,6 +123,7 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
     assert not graphs().keys() - earlier.keys()
 
 
+@pytest.mark.slow  # builds a model or runs a subprocess
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_gradient_pass_reads_the_weights_it_ran_with(tmp_path, monkeypatch, dtype):
     """`current` gives where(mask, base, tuned) as stored, kept graphs or recomputed layers: from the
@@ -230,6 +231,7 @@ def test_streamed_task_loss_equals_the_whole_model_loss(model_pairs, tmp_path, a
     assert sum(count for *_, count in rows) > len(TASK) and streamed == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # builds a model or runs a subprocess
 def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, write_recipe):
     """Stored bf16, computed in fp32: the same entries as the reference, copied as stored."""
     from surgeon.tiny import make_pair

@@ -29,6 +29,7 @@ def test_inputs_are_not_modified(llama, write_recipe, task_eval_file):
     assert [_digest(f) for f in llama] == before
 
 
+@pytest.mark.slow  # builds a model or runs a subprocess
 def test_kill_during_writing_leaves_nothing_at_the_destination(tmp_path):
     destination = tmp_path / "out"
     script = textwrap.dedent(f"""

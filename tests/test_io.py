@@ -347,6 +347,7 @@ def test_read_ahead_names_the_bytes_of_each_tensor_and_the_next_layer(llama, tmp
         assert advised == ["1", "1", "2", "2"] + backward
 
 
+@pytest.mark.slow  # builds a model or runs a subprocess
 def test_a_tensor_read_before_its_file_is_truncated_stays_usable(tmp_path):
     """Another process truncating a shard during the run killed surgeon by SIGBUS (exit 135,
     nothing printed) when a tensor read earlier lay over a mapping of the file: a read tensor is
