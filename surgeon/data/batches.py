@@ -102,21 +102,24 @@ def left_padded(sequences: list[list[int]], pad_id: int, labels: list[list[int]]
     return Batch(ids, mask, label_tensor, weight_tensor)
 
 
-def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None,
-                   order: list[int] | None = None) -> list[Batch]:
-    """Batches of the prompts in file order, or in `order` (indices into `prompts`)."""
-    ids = prompt_ids(tokenizer, prompts, system_prompt)
-    if order is not None:
-        ids = [ids[i] for i in order]
+def _batched(tokenizer, ids: list[list[int]], batch_size: int) -> list[Batch]:
     pad = _pad_id(tokenizer)
     return [left_padded(ids[i : i + batch_size], pad) for i in range(0, len(ids), batch_size)]
 
 
-def by_length(tokenizer, prompts: list[str] | list[list[dict]], system_prompt: str | None = None) -> list[int]:
-    """The prompts' indices, shortest templated prompt first (ties in file order): batched so,
-    a batch pads its rows to nearly the same length instead of to the longest of any 16."""
-    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts, system_prompt)]
-    return sorted(range(len(prompts)), key=lengths.__getitem__)
+def prompt_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int, system_prompt: str | None = None) -> list[Batch]:
+    """Batches of the prompts in file order (a gradient pass's order is the method's)."""
+    return _batched(tokenizer, prompt_ids(tokenizer, prompts, system_prompt), batch_size)
+
+
+def length_sorted_batches(tokenizer, prompts: list[str] | list[list[dict]], batch_size: int,
+                          system_prompt: str | None = None) -> tuple[list[Batch], list[int]]:
+    """Batches of the prompts shortest templated prompt first (ties in file order), and that order
+    as indices into `prompts`: a batch pads its rows to nearly one length instead of to the longest
+    of any `batch_size` (for generation, whose answers go back to prompt order)."""
+    ids = prompt_ids(tokenizer, prompts, system_prompt)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return _batched(tokenizer, [ids[i] for i in order], batch_size), order
 
 
 def answer_weights(answers: list[str], answer_tokens: list[int]) -> list[float]:

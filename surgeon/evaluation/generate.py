@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from surgeon import processes
-from surgeon.data.batches import by_length, prompt_batches
+from surgeon.data.batches import length_sorted_batches
 from surgeon.progress import NullProgress, Progress, ProgressTask
 
 
@@ -109,8 +109,8 @@ def generate(
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     device = input_device(model)
     answers, tokens = [], 0
-    order = by_length(tokenizer, prompts, system_prompt)
-    batches = processes.share(list(prompt_batches(tokenizer, prompts, batch_size, system_prompt, order)))
+    batches, order = length_sorted_batches(tokenizer, prompts, batch_size, system_prompt)
+    batches = processes.share(batches)
     with progress.task(description, total=sum(len(b) for b in batches)) as task, torch.no_grad():
         for batch in batches:
             started = time.perf_counter()
