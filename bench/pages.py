@@ -30,35 +30,30 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def real_models_table(figures: dict) -> list[str]:
-    lines = ["| model | layers (E) | vocabulary | tied head | `surgeon run` | peak RSS | entries restored, engine / in-memory reference | masks equal | streamed task loss vs full forward (relative) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for m in figures["models"]:
-        lines.append(f"| {NAMES.get(m['model'], m['model'])} | {m['layers']} ({m['probe_layer']}) | {m['vocab_size']:,} | {'yes' if m['tied'] else 'no'} "
-                     f"| {m['run_seconds']:.0f} s | {m['run_peak_rss_gib']:.2f} GiB | {m['restored']:,} / {m['reference_restored']:,} "
-                     f"| {'yes' if m['masks_equal'] else 'NO'} | {m['relative_difference']:.1e} |")
-    return lines
+    return _table(["model", "layers (E)", "vocabulary", "tied head", "`surgeon run`", "peak RSS", "entries restored, engine / in-memory reference",
+                   "masks equal", "streamed task loss vs full forward (relative)"],
+                  [[NAMES.get(m["model"], m["model"]), f"{m['layers']} ({m['probe_layer']})", f"{m['vocab_size']:,}", "yes" if m["tied"] else "no",
+                    f"{m['run_seconds']:.0f} s", f"{m['run_peak_rss_gib']:.2f} GiB", f"{m['restored']:,} / {m['reference_restored']:,}",
+                    "yes" if m["masks_equal"] else "NO", f"{m['relative_difference']:.1e}"] for m in figures["models"]])
 
 
 def scale_table(figures: dict) -> list[str]:
-    lines = ["| pair and budget | checkpoint | wall time | peak RSS | one restore step | in-memory step | layers kept with graphs |",
-             "|---|---|---|---|---|---|---|"]
-    for name, run in figures["runs"].items():
-        in_memory = run.get("in_memory") or {}
-        lines.append(f"| {name} | {run['checkpoint_bytes'] / 1e9:.2f} GB | {run['wall_seconds']:.1f} s | {run['peak_rss_gib']:.2f} GiB "
-                     f"| {run['step_seconds']:.1f} s | {'–' if not in_memory else format(in_memory['step_seconds'], '.1f') + ' s'} "
-                     f"| {run['memory']['graphs_kept']['layers']} |")
-    return lines
+    in_memory = lambda run: f"{run['in_memory']['step_seconds']:.1f} s" if run.get("in_memory") else "–"
+    return _table(["pair and budget", "checkpoint", "wall time", "peak RSS", "one restore step", "in-memory step", "layers kept with graphs"],
+                  [[name, f"{run['checkpoint_bytes'] / 1e9:.2f} GB", f"{run['wall_seconds']:.1f} s", f"{run['peak_rss_gib']:.2f} GiB",
+                    f"{run['step_seconds']:.1f} s", in_memory(run), str(run["memory"]["graphs_kept"]["layers"])] for name, run in figures["runs"].items()])
 
 
 def judging_table(figures: dict) -> list[str]:
-    lines = ["| model | prompts | rows | verdicts equal | tokens per answer, whole / cut | ratio | seconds, whole / cut | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in figures["rows"]:
-        lines.append(f"| {r['model']} | {r['set']} | {r['rows']} | {'yes' if r['same_verdicts'] else 'NO'} "
-                     f"| {r['whole_tokens_per_answer']:.1f} / {r['cut_tokens_per_answer']:.1f} | {r['token_ratio']:.2f}x "
-                     f"| {r['whole_seconds']:.0f} / {r['cut_seconds']:.0f} | {r['time_ratio']:.2f}x |")
-    return lines
+    return _table(["model", "prompts", "rows", "verdicts equal", "tokens per answer, whole / cut", "ratio", "seconds, whole / cut", "ratio"],
+                  [[r["model"], r["set"], str(r["rows"]), "yes" if r["same_verdicts"] else "NO",
+                    f"{r['whole_tokens_per_answer']:.1f} / {r['cut_tokens_per_answer']:.1f}", f"{r['token_ratio']:.2f}x",
+                    f"{r['whole_seconds']:.0f} / {r['cut_seconds']:.0f}", f"{r['time_ratio']:.2f}x"] for r in figures["rows"]])
 
 
 def effectiveness_lines(rows: list[dict] | None) -> list[str]:

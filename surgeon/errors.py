@@ -7,6 +7,11 @@ def one_line(message: str, where: str | None = None) -> str:
     return " ".join(part.strip() for part in text.splitlines())
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's message as one line can quote it: its first line, else its type's name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class SurgeonError(Exception):
     """Base class. `exit_code` 2 means bad input the user can fix."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import IncompatibleModelsError, InputError, RecipeError
+from surgeon.errors import IncompatibleModelsError, InputError, RecipeError, first_line
 
 def build_skeleton(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model with every parameter on `meta`: structure without memory. Attention is the one
@@ -26,7 +26,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None) -> torch.nn.Module:
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     except Exception as exc:  # noqa: BLE001 -- built from config.json alone: whatever fails is a value in it
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         where = str(Path(config._name_or_path) / "config.json") if getattr(config, "_name_or_path", "") else "config.json"
         raise InputError(f"config.json: transformers cannot build the model from it ({type(exc).__name__}: {reason})", where) from None
 

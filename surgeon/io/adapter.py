@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from surgeon.errors import IncompatibleModelsError, InputError
+from surgeon.errors import IncompatibleModelsError, InputError, first_line
 from surgeon.io.checkpoint import DerivedSource, PickleCheckpoint, SafetensorsCheckpoint, TensorSource, FiniteOnce
 
 _PREFIX = "base_model.model."
@@ -31,7 +31,7 @@ def _read_config(folder: Path):
     try:
         return PeftConfig.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 -- peft builds its config classes from the file's values alone: any failure is one of them
-        reason = (str(exc).strip().splitlines() or [""])[0]
+        reason = first_line(exc)
         if not isinstance(exc, (OSError, ValueError)):  # peft's own messages say what is wrong; a KeyError's alone would not
             reason = f"{type(exc).__name__}: {reason}"
         raise InputError(f"cannot read adapter config: {reason}", str(path)) from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 
-from surgeon.errors import InputError
+from surgeon.errors import InputError, first_line
 
 
 _UNREADABLE = (ValueError, OSError, KeyError, TypeError, StrictDataclassError)
@@ -22,7 +22,7 @@ def _loaded(load, folder: Path, what: str, unreadable: tuple[type[Exception], ..
         # transformers says "trust_remote_code" when a folder needs its own code; anything else is a
         # folder it cannot read (its config classes validate their fields with huggingface_hub's strict
         # dataclasses): one line either way, naming the folder
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         if "trust_remote_code" in str(exc):
             reason = "it needs custom code from the model folder (auto_map), which surgeon never runs"
         raise InputError(f"cannot load the {what}: {reason}", str(folder)) from None

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 
+from surgeon.errors import first_line
 from surgeon.io.writer import TensorEntry, write_file
 from surgeon.progress import NullProgress, Progress
 
@@ -55,7 +56,7 @@ def _damaged(folder: Path, saved: dict) -> str | None:
             with safe_open(str(folder / name), framework="pt", device="cpu") as handle:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own error types for a bad header or a short file
-            return f"{name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
+            return f"{name}: {first_line(exc)}"
     return None
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from surgeon import __version__
-from surgeon.errors import PushError
+from surgeon.errors import PushError, first_line
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe.schema import Push
 
@@ -103,7 +103,7 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
                 if attempt < RETRIES and _transient(error):
                     time.sleep(backoff * 2 ** (attempt - 1))
                     continue
-                reason = _scrub((str(error).splitlines() or [type(error).__name__])[0])
+                reason = _scrub(first_line(error))
                 raise PushError(
                     f"push failed after {attempt} attempt(s): {reason}. The local output is intact; resume with: {resume_command(folder, settings, force)}",
                     settings.repo_id,
