@@ -196,7 +196,7 @@ def evaluate(model: str, recipe: Path, **options) -> tuple[dict, list[dict]]:
     result = evaluate_models(EvalRequest([model], load_recipe(recipe), EvalOptions(max_new_tokens=64, batch_size=16, answers=str(answers), **options)))
     kept = [json.loads(line) for line in answers.read_text().splitlines()]
     answers.unlink()
-    return result["models"][model], kept
+    return result.models[model].model_dump(mode="json"), kept
 
 
 def choosing_scores(model: str, recipe: Path, work: Path, task: str) -> dict:
@@ -483,9 +483,9 @@ def main() -> None:
                     if method == "restore":  # its schedule chose among its checkpoints, by the same rule on the same rows
                         report = json.loads((out / "surgeon.json").read_text())
                         points = [{"setting": c["step"], "harmful_rate": c["harmful_rate"], "task_score": c["score"], "folder": str(out),
-                                   "repair": repair} for c in report["task"]["checkpoints"]]
-                        chosen = next(p for p in points if p["setting"] == report["task"]["chosen_step"])
-                        chosen = {**chosen, "within_floor": next(c["meets_floor"] for c in report["task"]["checkpoints"] if c["chosen"])}
+                                   "repair": repair} for c in report["tradeoff"]["checkpoints"]]
+                        chosen = next(p for p in points if p["setting"] == report["tradeoff"]["chosen_step"])
+                        chosen = {**chosen, "within_floor": next(c["meets_floor"] for c in report["tradeoff"]["checkpoints"] if c["chosen"])}
                         break
                     points.append({"setting": setting, **choosing_scores(str(out), fine_tune, work, task), "folder": str(out), "repair": repair})
                     print(f"{task} n={n} {method} {key} {setting}: choosing rows harmful {points[-1]['harmful_rate']:.1%}, "

@@ -129,7 +129,7 @@ def main() -> None:
     path.write_text(yaml.safe_dump(recipe))
     run = surgeon_run(path)
     report = json.loads((args.work / "out" / "surgeon.json").read_text())
-    step = report["steps"][0]["seconds"]
+    step = report["record"]["steps"][0]["seconds"]
     E = report["settings"]["probe_layer"]
     tokens, flops = gradient_pass_work(report, prompts)
     ceiling = matmul_flops(args.device, torch.float32, 8192 if args.device.startswith("cuda") else 512)
@@ -143,7 +143,7 @@ def main() -> None:
     if args.processes > 1:
         parallel = surgeon_run(path, processes=args.processes)
         shared = json.loads((args.work / "out" / "surgeon.json").read_text())
-        seconds = shared["steps"][0]["seconds"]
+        seconds = shared["record"]["steps"][0]["seconds"]
         print(f"{shared['settings']['world_size']} processes: surgeon run {parallel.wall_seconds:.0f} s wall, restore step {seconds:.1f} s "
               f"({step / seconds:.2f}x one process), the same {shared['restored']['total']:,} weights: "
               f"{shared['restored']['total'] == report['restored']['total']}")

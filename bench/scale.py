@@ -114,7 +114,7 @@ def main() -> None:
                     measured = in_memory(base, tuned, reports[-1]["settings"]["probe_layer"])
                     plain.append({**measured, "matmul_flops_around": (around[-1][1], ceiling())})
             ceilings = [statistics.mean(probes) for probes in around]
-            steps = [report["steps"][0]["seconds"] for report in reports]
+            steps = [report["record"]["steps"][0]["seconds"] for report in reports]
             step = statistics.median(steps)
             report = reports[steps.index(min(steps, key=lambda s: abs(s - step)))]
             tokens, flops = gradient_pass_work(report, PROMPTS)

@@ -41,11 +41,11 @@ def main() -> None:
     result = surgeon.repair(recipe, output=args.output, overwrite=True, overrides={"restore.steps": 2})
     print(f"{result.method} wrote {result.output}, chose step {result.chosen_step}")
     for model, scores in result.scores.items():
-        print(f"  {model}: harmful rate {scores['harmful_rate']:.1%}, task loss {scores['task_score']:.4f}")
+        print(f"  {model}: harmful rate {scores.harmful_rate:.1%}, task loss {scores.task_score:.4f}")
 
     # any models side by side, judged on the recipe's sets (base and tuned by name)
     table = surgeon.evaluate(["tuned", str(result.output)], recipe=recipe, benign="none")
-    change = table["models"][str(result.output)]["change_from_first"]
+    change = table.models[str(result.output)].change_from_first
     print(f"repaired minus tuned, paired on the same prompts: harmful rate in {change['harmful_rate']}")
 
 

@@ -4,7 +4,7 @@
 
     recipe = surgeon.Recipe.load("recipe.yaml", {"restore.steps": 10})
     result = surgeon.repair(recipe, output="./repaired", overwrite=True)
-    print(result.output, result.chosen_step, result.scores["repaired"]["harmful_rate"])
+    print(result.output, result.chosen_step, result.scores["repaired"].harmful_rate)
     table = surgeon.evaluate(["base", "tuned", str(result.output)], recipe=recipe)
 
 Errors are `surgeon.errors.SurgeonError`s, the same one-line messages the CLI prints. Nothing here
@@ -23,6 +23,7 @@ from surgeon.progress import NullProgress, Progress
 from surgeon.recipe.loader import LoadedRecipe, load_recipe
 from surgeon.recipe.options import EvalOptions, RunOptions
 from surgeon.recipe.schema import Recipe as RecipeSettings
+from surgeon.records import Evaluation, ModelScores, RunRecord
 
 
 def _settings(overrides: Mapping[str, Any] | None) -> tuple[str, ...]:
@@ -79,8 +80,8 @@ class Result:
     output: Path
     method: str
     chosen_step: int | None
-    scores: dict  # model name -> its scores in the final table (harmful_rate, over_refusal, task_score, ...)
-    record: dict = field(repr=False)  # surgeon.json
+    scores: dict[str, ModelScores]  # model name -> its row of the final table (harmful_rate, over_refusal, task_score, ...)
+    record: RunRecord = field(repr=False)  # surgeon.json
 
 
 def _recipe(recipe: Recipe | str | Path) -> Recipe:
@@ -99,12 +100,11 @@ def repair(recipe: Recipe | str | Path, output: str | Path | None = None, overwr
         loaded = loaded.override(overrides)
     options = RunOptions(output=None if output is None else str(output), overwrite=overwrite, device=device, fresh=fresh, force_push=force_push)
     record = run(loaded.loaded, options, progress)
-    task = record.get("task") or {}
-    return Result(destination(loaded.loaded, options), record["method"], task.get("chosen_step"),
-                  (record.get("evaluation") or {}).get("models", {}), record)
+    return Result(destination(loaded.loaded, options), record.method, record.tradeoff.chosen_step if record.tradeoff else None,
+                  record.evaluation.models if record.evaluation else {}, record)
 
 
-def evaluate(models: list[str], recipe: Recipe | str | Path | None = None, progress: Progress = NullProgress(), **options) -> dict:
+def evaluate(models: list[str], recipe: Recipe | str | Path | None = None, progress: Progress = NullProgress(), **options) -> Evaluation:
     """`surgeon eval`: each model's harmful rate, over-refusal, task score (and, against a
     recipe's tuned, KL) side by side; `options` are the command's flags (safety=, task=, metric=,
     benign=, limit=, answers=, ...)."""

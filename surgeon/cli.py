@@ -213,7 +213,7 @@ def main():
 def run(recipe, settings, verbose, quiet, **flags):
     """Repair the tuned model of RECIPE and write the repaired checkpoint."""
     from surgeon.api import Recipe, repair
-    from surgeon.console import categories_table, models_table, summary_lines, summary_table
+    from surgeon.console import categories_table, models_table, summary_lines
     from surgeon.processes import launched_as_follower
 
     options = _options(RunOptions, flags)
@@ -225,15 +225,14 @@ def run(recipe, settings, verbose, quiet, **flags):
         return
     report = result.record
     out, _ = _consoles()
-    if not quiet and report.get("steps"):  # a method that records its steps (restore)
-        out.print(summary_table(report))
-    for table in (models_table(report), categories_table(report)):
+    for table in [*(report.record.console_tables(report) if report.record and not quiet else []),
+                  models_table(report.evaluation), categories_table(report.evaluation)]:
         if table is not None:
             out.print(table)
     for line in summary_lines(report, result.output):
         click.echo(line)
-    if report.get("pushed"):
-        click.echo(f"pushed: {report['pushed']}")
+    if report.pushed:
+        click.echo(f"pushed: {report.pushed}")
 
 
 @main.command(name="push")
@@ -280,9 +279,9 @@ def pick_command(recipe, step, output, verbose, quiet):
 
     with _progress(quiet) as progress:
         report = pick(load_recipe(recipe), step, output, progress)
-    repaired = ((report.get("evaluation") or {}).get("models") or {}).get("repaired") or {}
-    harm = f", harmful rate {repaired['harmful_rate']:.1%}" if repaired.get("harmful_rate") is not None else ""
-    click.echo(f"wrote step {step}: {report['restored']['total']:,} weights from base{harm}")
+    repaired = report.evaluation.models.get("repaired") if report.evaluation else None
+    harm = f", harmful rate {repaired.harmful_rate:.1%}" if repaired and repaired.harmful_rate is not None else ""
+    click.echo(f"wrote step {step}: {report.changed.parameters:,} weights from base{harm}")
 
 
 @main.command(name="apply")
@@ -300,8 +299,8 @@ def apply_command(patch, base, tuned, output, overwrite, force, verbose, quiet):
 
     with _progress(quiet) as progress:
         record = apply(patch, base, tuned, output, overwrite, force, progress)
-    forced = f" (forced: {'; '.join(record['mismatches'])})" if record["forced"] else ""
-    changed = f"{record['restored']:,} weights taken from base" if record["restored"] is not None else f"{record['tensors']} tensors replaced"
+    forced = f" (forced: {'; '.join(record.mismatches)})" if record.forced else ""
+    changed = f"{record.restored:,} weights taken from base" if record.restored is not None else f"{record.tensors} tensors replaced"
     click.echo(f"wrote {output}: {changed}{forced}")
 
 
@@ -322,19 +321,19 @@ def evaluate(models, as_json, verbose, quiet, **flags):
     with _progress(quiet or as_json) as progress:
         results = evaluate_models(list(models), options.recipe, progress, **options.model_dump(exclude={"recipe"}))
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(results.model_dump(mode="json"), indent=2))
         return
-    for table in (models_table({"evaluation": results}), categories_table({"evaluation": results})):
+    for table in (models_table(results), categories_table(results)):
         if table is not None:
             _consoles()[0].print(table)
-    shown = {name: scores["examples"] for name, scores in results["models"].items() if "examples" in scores}
+    shown = {name: scores.examples for name, scores in results.models.items() if scores.examples}
     if shown:
         from surgeon.report import answer_lines
 
         click.echo("\n".join(answer_lines(shown)))
-    generation = results["generation"]
-    if generation["tokens"]:
-        click.echo(f"generated {generation['tokens']:,} tokens in {generation['seconds']:.1f}s ({generation['tokens_per_second']:.1f} tokens/s)")
+    generation = results.generation
+    if generation.tokens:
+        click.echo(f"generated {generation.tokens:,} tokens in {generation.seconds:.1f}s ({generation.tokens_per_second:.1f} tokens/s)")
 
 
 @main.command()

@@ -127,25 +127,14 @@ class LogProgress:
         self._line(message)
 
 
-def summary_table(report: dict) -> Table:
-    from surgeon.report import step_rows
-
-    table = Table(title="surgeon run", show_header=True)
-    for column in ("step", "phase", "+restored", "-reverted", "total", "harm", "task", ""):
-        table.add_column(column, justify="right" if column not in ("phase", "") else "left", no_wrap=True)
-    for row in step_rows(report):
-        table.add_row(*row[:-1], "← chosen" if row[-1] == "chosen" else row[-1])
-    return table
-
-
-def models_table(report: dict) -> Table | None:
+def models_table(evaluation) -> Table | None:
+    """The final table (a records.Evaluation: a run's or `surgeon eval`'s)."""
     from surgeon.report import bracketed, model_rows
 
-    rows = model_rows(report)
+    rows = model_rows(evaluation)
     if not rows:
         return None
-    evaluation = report["evaluation"]
-    table = Table(title=f"judge: {evaluation['judge'] or '–'} · task metric: {evaluation['metric'] or '–'}"
+    table = Table(title=f"judge: {evaluation.judge or '–'} · task metric: {evaluation.metric or '–'}"
                   + (" · [95% intervals]" if bracketed(rows) else ""))
     # degenerate, over-refusal, KL, restored weights: only where some model has one
     shown = {i: any(row[i] != "–" for row in rows) for i in (2, 3, 4, 6)}
@@ -158,10 +147,10 @@ def models_table(report: dict) -> Table | None:
     return table
 
 
-def categories_table(report: dict) -> Table | None:
+def categories_table(evaluation) -> Table | None:
     from surgeon.report import category_rows
 
-    models, rows = category_rows(report)
+    models, rows = category_rows(evaluation)
     if not rows:
         return None
     table = Table(title="harmful rate per category")
@@ -173,14 +162,15 @@ def categories_table(report: dict) -> Table | None:
     return table
 
 
-def summary_lines(report: dict, destination) -> list[str]:
-    from surgeon.report import HARM_NOT_MEASURED, harm_measured
+def summary_lines(run, destination) -> list[str]:
+    """What `surgeon run` prints last (a records.RunRecord): the change, the task floor, time and memory."""
+    from surgeon.report import HARM_NOT_MEASURED
 
-    seconds = sum(report["seconds"].values())
-    lines = ([] if harm_measured(report) else [f"warning: {HARM_NOT_MEASURED}"]) + [f"{report['method']}: {report['change']}"]
-    task = report.get("task") or {}
-    if task.get("tuned") is not None:
-        lines.append(f"task {report['evaluation']['metric']}: tuned {task['tuned']:.4f}, floor {task['floor']:.4f}"
-                     + (", rollback used" if task.get("rollback_used") else ""))
-    lines.append(f"wall {seconds:.1f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB → {destination}")
+    seconds = sum(run.seconds.values())
+    lines = ([] if run.harm_measured else [f"warning: {HARM_NOT_MEASURED}"]) + [f"{run.method}: {run.change}"]
+    tradeoff = run.tradeoff
+    if tradeoff and tradeoff.tuned is not None and tradeoff.floor is not None:
+        lines.append(f"task {run.evaluation.metric if run.evaluation else 'score'}: tuned {tradeoff.tuned:.4f}, floor {tradeoff.floor:.4f}")
+    lines += run.record.summary_lines(run) if run.record else []
+    lines.append(f"wall {seconds:.1f}s, peak RSS {run.peak_memory['rss_bytes'] / 2**30:.2f} GiB → {destination}")
     return lines

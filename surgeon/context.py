@@ -11,13 +11,17 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from surgeon.allocator import fit_to_budget, release_free_memory
 from surgeon.errors import InputError
 from surgeon.io.references import ResolvedModel
 from surgeon.progress import NullProgress, Progress
-from surgeon.recipe.schema import Evaluate
+from surgeon.recipe.schema import Evaluate, Recipe
+
+if TYPE_CHECKING:
+    from surgeon.io.run_state import RunState
+    from surgeon.pipeline import Inputs
 
 
 def resolve_device(setting: str) -> str:
@@ -160,11 +164,11 @@ class ModelPair:
 class RunContext:
     """One `surgeon run`, as a method sees it."""
 
-    recipe: object  # the validated Recipe (with any registered method's section)
-    inputs: object  # pipeline.Inputs
+    recipe: Recipe  # validated, with any registered method's section
+    inputs: Inputs
     pair: ModelPair
     workspace: Path  # the run's hidden work folder beside the destination, removed with it
-    state: object  # io.run_state.RunState: what a killed run resumes from
+    state: RunState  # what a killed run resumes from
     progress: Progress
     stores: list = field(default_factory=list)  # the method's spill stores, for the memory record
 

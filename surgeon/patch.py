@@ -26,6 +26,7 @@ from pathlib import Path
 
 from surgeon.errors import InputError
 from surgeon.progress import NullProgress, Progress
+from surgeon.records import ApplyRecord
 
 FORMAT, VERSION, MANIFEST = "surgeon-patch", 1, "patch.json"
 FILES = {"masks": "masks.safetensors", "tensors": "patch-tensors.safetensors"}
@@ -106,7 +107,7 @@ def fingerprint_mismatches(patch: Patch, described: dict) -> list[str]:
 
 
 def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, overwrite: bool = False, force: bool = False,
-          progress: Progress = NullProgress()) -> dict:
+          progress: Progress = NullProgress()) -> ApplyRecord:
     """Write the patch applied to base and tuned at `output` (atomically, like a run); the record."""
     from surgeon.engine.masks import MaskSet
     from surgeon.io.atomic import AtomicOutputDir
@@ -114,7 +115,7 @@ def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, o
     from surgeon.io.references import resolve_model, tokenizer_folder
     from surgeon.io.repaired import write_checkpoint, write_repaired
     from surgeon.publish.card import render_applied_card
-    from surgeon.report import tool_identity, write_report
+    from surgeon.report import tool_identity
 
     patch = Patch.read(patch_folder)
     base_model = resolve_model(base)
@@ -145,11 +146,11 @@ def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, o
             (written / MANIFEST).write_text(json.dumps(patch.manifest, indent=2) + "\n")
         else:
             shards = write_checkpoint(written, tuned_model, get, settings["dtype"], settings["max_shard_size"], tokenizer, progress)
-        record = {"tool": tool_identity(), "method": "apply", "patch": {"method": patch.manifest["method"], "kind": patch.manifest["kind"],
-                                                                         "made_by": patch.manifest["surgeon"]},
-                  "inputs": described, "restored": restored, "tensors": len(shapes), "forced": bool(mismatches), "mismatches": mismatches,
-                  "output": {"shards": shards, "folder": out.destination.name}}
-        write_report(written / "surgeon.json", record)
+        record = ApplyRecord(tool=tool_identity(), patch={"method": patch.manifest["method"], "kind": patch.manifest["kind"],
+                                                          "made_by": patch.manifest["surgeon"]},
+                             inputs=described, restored=restored, tensors=len(shapes), forced=bool(mismatches), mismatches=mismatches,
+                             output={"shards": shards, "folder": out.destination.name})
+        record.write(written / "surgeon.json")
         (written / "README.md").write_text(render_applied_card(record), encoding="utf-8")
         out.commit()
     return record

@@ -9,16 +9,16 @@ card and the plot say which step is now written. The swap is atomic, like a run'
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from surgeon.errors import InputError
 from surgeon.io.atomic import checkpoint_masks_name
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe.loader import LoadedRecipe
+from surgeon.records import Changed, ModelScores, RunRecord, read_run_record
 
 
-def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: Progress = NullProgress()) -> dict:
+def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: Progress = NullProgress()) -> RunRecord:
     """The output of `loaded` (or `output`) rewritten at checkpoint `step`; its new record."""
     from surgeon.context import ModelPair, ModelSettings, resolve_device
     from surgeon.engine.masks import MaskSet
@@ -26,24 +26,22 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.references import tokenizer_folder
     from surgeon.io.repaired import write_repaired
-    from surgeon.methods.restore import masks_summary
+    from surgeon.methods.restore.record import Restored, RestoreRecord
+    from surgeon.methods.restore.run import masks_summary
     from surgeon.patch import Patch, fingerprint_mismatches
     from surgeon.pipeline import SHOWN_ROWS, input_paths, write_records, destination, resolve_inputs
     from surgeon.recipe.options import RunOptions
 
     recipe = loaded.recipe
     folder = destination(loaded, RunOptions(output=output))
-    try:
-        report = json.loads((folder / "surgeon.json").read_text())
-    except (OSError, ValueError):
-        raise InputError("no finished surgeon output here (no readable surgeon.json)", str(folder)) from None
-    checkpoints = (report.get("task") or {}).get("checkpoints") or []
-    steps = [c["step"] for c in checkpoints]
+    report = read_run_record(folder)
+    checkpoints = report.tradeoff.checkpoints if report.tradeoff else []
+    steps = [c.step for c in checkpoints]
     if step not in steps or not (folder / checkpoint_masks_name(step)).is_file():
         kept = [s for s in steps if (folder / checkpoint_masks_name(s)).is_file()]
         raise InputError(f"no checkpoint {step} kept in this output; it has {', '.join(map(str, kept)) or 'none'}", str(folder))
-    entry = next(c for c in checkpoints if c["step"] == step)
-    if not entry["meets_floor"] and not recipe.output.write_below_floor:
+    entry = next(c for c in checkpoints if c.step == step)
+    if not entry.meets_floor and not recipe.output.write_below_floor:
         raise InputError(f"checkpoint {step} is past the task floor; set output.write_below_floor to write it anyway", "--step")
     inputs = resolve_inputs(loaded, progress)
     mismatches = fingerprint_mismatches(Patch.read(folder), {"base": inputs.base.describe(), "tuned": inputs.tuned.describe()})
@@ -61,21 +59,21 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
         pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, out.workspace)
         shards = [] if recipe.output.write == "patch" else write_repaired(
             written, inputs.base, inputs.tuned, masks, recipe.output.dtype, recipe.output.max_shard_size, pair.tokenizer_files, progress)
-        change, changed, restored = masks_summary(masks, pair.layout, report["settings"]["probe_layer"])
-        report.update(change=change, changed=changed, restored=restored)
-        report["task"]["chosen_step"] = step
-        for c in checkpoints:
-            c["chosen"] = c["step"] == step
-        report["output"] = {**report.get("output", {}), "shards": shards}
-        report["picked"] = {"step": step, "by": "surgeon pick"}
-        evaluation = report.get("evaluation") or {}
-        if "repaired" in evaluation.get("models", {}):  # the model written is another: judged again
+        change, changed, restored = masks_summary(masks, pair.layout, report.settings["probe_layer"])
+        report.change, report.changed = change, Changed(**changed)
+        if isinstance(report.record, RestoreRecord):
+            report.record.restored = Restored(**restored)
+        report.tradeoff = report.tradeoff.choose(step)
+        report.output.shards = shards
+        report.picked = {"step": step, "by": "surgeon pick"}
+        evaluation = report.evaluation
+        if evaluation and "repaired" in evaluation.models:  # the model written is another: judged again
             evaluator = pair.evaluator(recipe.evaluate, inputs.safety, inputs.evaluation, inputs.benign, divergence=True)
             made = pair.candidates.repaired(masks)
             candidate = made if not shards else Candidate("repaired", masks, made.fingerprint, lambda: written)
-            evaluation["models"]["repaired"] = {**evaluator.evaluate(candidate).to_dict(), "restored": masks.count()}
-            if "repaired" in evaluation.get("examples", {}):
-                evaluation["examples"]["repaired"] = evaluator.examples(candidate, SHOWN_ROWS)
+            evaluation.models["repaired"] = ModelScores(**evaluator.evaluate(candidate).to_dict(), restored=masks.count())
+            if "repaired" in evaluation.examples:
+                evaluation.examples["repaired"] = evaluator.examples(candidate, SHOWN_ROWS)
             evaluator.release()
         write_records(written, report, loaded, inputs.tuned)
         out.commit()

@@ -20,6 +20,7 @@ from surgeon.progress import NullProgress, Progress
 from surgeon.recipe import LoadedRecipe
 from surgeon.recipe.options import EvalOptions, RunOptions
 from surgeon.recipe.schema import Evaluate, PromptSet, Recipe, SafetyEvalSet, TaskEvalSet
+from surgeon.records import Evaluation, RunRecord
 
 
 SHOWN_ROWS = 3  # rows of each set whose answers report.md shows
@@ -217,7 +218,7 @@ def layout_facts(recipe: Recipe, layout, tensors) -> dict:
     }
 
 
-def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Progress = NullProgress()) -> dict:
+def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Progress = NullProgress()) -> RunRecord:
     """Repair with the recipe's method, write atomically, evaluate, return the report (also saved
     as surgeon.json and report.md). Every method runs through this one path."""
     import torch
@@ -239,13 +240,13 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
         processes.stop()
 
 
-def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: RunOptions, timer, progress: Progress) -> dict:
+def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: RunOptions, timer, progress: Progress) -> RunRecord:
     """`run` past resolving: in a data-parallel run every process repairs and evaluates its
     share; the main process alone writes the saved state, the output and its records, and pushes."""
     from surgeon.context import ModelPair, ModelSettings, RunContext
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.run_state import RunState, state_folder
-    from surgeon.report import build_report, tool_identity
+    from surgeon.report import build_record, tool_identity
 
     recipe: Recipe = loaded.recipe
     main = processes.is_main()
@@ -280,7 +281,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
                 kind = "masks" if repair.masks is not None else "tensors"
                 (output.temporary / MANIFEST).write_text(json.dumps(
                     manifest(kind, spec.name, described, recipe.output.dtype, recipe.output.max_shard_size, tool_identity()), indent=2) + "\n")
-        change, changed = repair.summary()
+        change, changed, record = repair.summary()
         evaluation = None
         if context.evaluator is not None:
             with timer.phase("evaluate"):
@@ -288,17 +289,16 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
         layout = pair.layout
         activations = pair.__dict__.get("activations")  # built only if a pass or a streamed metric ran
         stores = [s for s in (activations, *context.stores) if s is not None]
-        report = build_report(
+        report = build_record(
             method=spec.name, recipe_sha256=loaded.sha256, inputs=described,
             settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
                       "world_size": processes.world_size()},
-            change=change, changed=changed, record=repair.record, decoder_parameters=layout.decoder_parameters, timer=timer,
-            extra={"output": {"shards": shards, "folder": output.destination.name},
-                   "evaluation": evaluation,
-                   "memory": {"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
-                              "graphs_kept": {"layers": pair.engine.kept_graph_layers, "bytes": pair.engine.kept_graph_bytes},
-                              "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
-                              "spilled_bytes": sum(store.spilled_bytes for store in stores)}},
+            change=change, changed=changed, tradeoff=repair.tradeoff, record=record, evaluation=evaluation, decoder_parameters=layout.decoder_parameters, timer=timer,
+            output={"shards": shards, "folder": output.destination.name},
+            memory={"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
+                    "graphs_kept": {"layers": pair.engine.kept_graph_layers, "bytes": pair.engine.kept_graph_bytes},
+                    "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
+                    "spilled_bytes": sum(store.spilled_bytes for store in stores)},
         )
         processes.barrier()  # every process is past the saved checkpoints before they go
         if not main:
@@ -331,7 +331,7 @@ def _write_repair(repair, context, folder: Path) -> list[str]:
     return write_repaired(folder, pair.base, pair.tuned, repair.masks, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)
 
 
-def _final_evaluation(context, repair, written: Path) -> dict:
+def _final_evaluation(context, repair, written: Path) -> Evaluation:
     """The models table: base and tuned through the run's evaluator; the repaired model as
     written. A mask-based repair is the run's pair with its masks (its answers may be cached
     from checkpoint scoring); any other is a pair of its own over the written folder."""
@@ -368,10 +368,10 @@ def _final_evaluation(context, repair, written: Path) -> dict:
     if repair.masks is not None and "repaired" in models:
         models["repaired"]["restored"] = repair.masks.count()
     evaluators = list({id(e): e for e in (evaluator, context.chooser if context.chose else evaluator, repaired_evaluator)}.values())
-    return {**_evaluation_summary(recipe, inputs, evaluators, models, chose_checkpoint=context.chose), "examples": examples}
+    return _evaluation_summary(recipe, inputs, evaluators, models, chose_checkpoint=context.chose).model_copy(update={"examples": examples})
 
 
-def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict, chose_checkpoint: bool = False) -> dict:
+def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models: dict, chose_checkpoint: bool = False) -> Evaluation:
     """The `evaluation` section of surgeon.json: what was measured, per model, and how fast; for a
     method that chooses a checkpoint, which rows chose it (`held_out`: the rows reported chose nothing)."""
     metric = evaluators[0].metric
@@ -381,21 +381,21 @@ def _evaluation_summary(recipe: Recipe, inputs: Inputs, evaluators: list, models
     chosen_on = {name: ("evaluate.select_on." if getattr(choosing, name, None) else "evaluate.") + name
                  for name in ("task", "safety") if getattr(spec, name) is not None}
     reported = inputs.safety.prompts if inputs.safety else []
-    return {
+    return Evaluation(
         **({"chosen_on": chosen_on, "held_out": all("select_on" in rows for rows in chosen_on.values())} if chose_checkpoint else {}),
-        "judge": recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
+        judge=recipe.evaluate.safety.judge if recipe.evaluate.safety else None,
         # how many reported harmful prompts also probed the repair or chose its checkpoint: the card
         # calls the rows held out only when both are 0
-        "safety_shared": {"probe": _shared(reported, inputs.harmful),
-                          "choosing": _shared(reported, inputs.choosing_safety.prompts) if chose_checkpoint and inputs.choosing_safety else 0},
-        "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
-        "benign_prompts": len(inputs.benign) if inputs.benign else 0,
-        "metric": metric.name if metric else None,
-        "higher_is_better": metric.higher_is_better if metric else None,
-        "task_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
-        "models": models,
-        "generation": {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None},
-    }
+        safety_shared={"probe": _shared(reported, inputs.harmful),
+                       "choosing": _shared(reported, inputs.choosing_safety.prompts) if chose_checkpoint and inputs.choosing_safety else 0},
+        safety_prompts=len(inputs.safety.prompts) if inputs.safety else 0,
+        benign_prompts=len(inputs.benign) if inputs.benign else 0,
+        metric=metric.name if metric else None,
+        higher_is_better=metric.higher_is_better if metric else None,
+        task_rows=len(inputs.evaluation[0]) if inputs.evaluation else 0,
+        models=models,
+        generation={"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": tokens / seconds if seconds else None},
+    )
 
 
 def _shared(reported: list, other: list) -> int:
@@ -407,24 +407,24 @@ def _shared(reported: list, other: list) -> int:
     return sum(same(p) in held for p in reported)
 
 
-def write_records(folder: Path, report: dict, loaded: LoadedRecipe, tuned) -> None:
+def write_records(folder: Path, report: RunRecord, loaded: LoadedRecipe, tuned) -> None:
     """The recipe as written, surgeon.json, report.md and the model card, beside the weights."""
     from surgeon.publish.card import render_card, tuned_card
     from surgeon.publish.plot import PLOT_NAME, write_tradeoff_plot
-    from surgeon.report import render_markdown, write_report
+    from surgeon.report import render_markdown
 
     (folder / "recipe.yaml").write_text(loaded.text)
-    write_report(folder / "surgeon.json", report)
+    report.write(folder / "surgeon.json")
     (folder / "report.md").write_text(render_markdown(report))
-    plot = PLOT_NAME if "steps" in report and write_tradeoff_plot(report, folder) else None
+    plot = PLOT_NAME if write_tradeoff_plot(report, folder) else None
     (folder / "README.md").write_text(render_card(report, loaded.text, tuned_card(tuned.folder), plot), encoding="utf-8")
 
 
-def _push(recipe: Recipe, report: dict, folder: Path, overrides: RunOptions, progress: Progress) -> dict:
+def _push(recipe: Recipe, report: RunRecord, folder: Path, overrides: RunOptions, progress: Progress) -> RunRecord:
     if recipe.output.push is not None:
         from surgeon.publish.push import push
 
-        report["pushed"] = push(folder, recipe.output.push, overrides.force_push, progress)
+        report.pushed = push(folder, recipe.output.push, overrides.force_push, progress)
     return report
 
 
@@ -511,7 +511,7 @@ def _write_answers(path: Path, rows: list[dict]) -> None:
         raise OutputError(f"cannot write the answers: {exc.strerror or exc}", str(path)) from None
 
 
-def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -> dict:
+def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -> Evaluation:
     """Harmful rate and task score of each model, side by side (generations cached on disk)."""
     import tempfile
     import time
@@ -585,13 +585,13 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     metric = spec.task.metric if spec.task else None
     from surgeon.evaluation.metrics import parse_metric
 
-    return {
-        "judge": spec.safety.judge if spec.safety else None,
-        "safety_prompts": len(safety_prompts.prompts) if safety_prompts else 0,
-        "benign_prompts": len(benign) if benign else 0,
-        "metric": metric,
-        "higher_is_better": parse_metric(metric).higher_is_better if metric else None,
-        "task_rows": len(rows[0]) if rows else 0,
-        "models": results,
-        "generation": {**totals, "tokens_per_second": totals["tokens"] / totals["seconds"] if totals["seconds"] else None},
-    }
+    return Evaluation(
+        judge=spec.safety.judge if spec.safety else None,
+        safety_prompts=len(safety_prompts.prompts) if safety_prompts else 0,
+        benign_prompts=len(benign) if benign else 0,
+        metric=metric,
+        higher_is_better=parse_metric(metric).higher_is_better if metric else None,
+        task_rows=len(rows[0]) if rows else 0,
+        models=results,
+        generation={**totals, "tokens_per_second": totals["tokens"] / totals["seconds"] if totals["seconds"] else None},
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import resource
 import subprocess
 import time
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from surgeon import DISTRIBUTION, __version__
+from surgeon.records import Evaluation, MethodRecord, RunRecord, Tradeoff
 
 
 @functools.cache  # constant for the process; git runs once
@@ -52,32 +52,21 @@ def peak_memory() -> dict:
     return peak
 
 
-def build_report(
-    *, method: str, recipe_sha256: str, inputs: dict, settings: dict, change: str, changed: dict, record: dict,
-    decoder_parameters: int, timer: PhaseTimer, extra: dict,
-) -> dict:
-    """surgeon.json: the same frame for every method, with the method's own sections (`record`)."""
-    return {
-        "tool": tool_identity(),
-        "recipe_sha256": recipe_sha256,
-        "method": method,
-        "inputs": inputs,
-        "settings": settings,
-        "decoder_parameters_N": decoder_parameters,
-        "change": change,
-        "changed": changed,
-        **record,
-        "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
-        "peak_memory": peak_memory(),
-        **extra,
-    }
+def build_record(
+    *, method: str, recipe_sha256: str, inputs: dict, settings: dict, change: str, changed: dict, tradeoff: Tradeoff | None,
+    record: MethodRecord | None, evaluation: Evaluation | None,
+    decoder_parameters: int, timer: PhaseTimer, memory: dict, output: dict,
+) -> RunRecord:
+    """surgeon.json: the same frame for every method, with the method's trade-off and own record."""
+    return RunRecord(
+        tool=tool_identity(), recipe_sha256=recipe_sha256, method=method, inputs=inputs, settings=settings,
+        decoder_parameters_N=decoder_parameters, change=change, changed=changed, tradeoff=tradeoff, record=record,
+        evaluation=evaluation, seconds={k: round(v, 3) for k, v in timer.seconds.items()}, peak_memory=peak_memory(), memory=memory,
+        output=output,
+    )
 
 
-def write_report(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _number(value, percent: bool = False) -> str:
+def number(value, percent: bool = False) -> str:
     if value is None:
         return "–"
     return f"{value:.1%}" if percent else f"{value:.4f}"
@@ -93,25 +82,21 @@ def bracketed(rows: list[tuple[str, ...]]) -> bool:
 
 def _scored(value, interval, percent: bool = False) -> str:
     """A score and its 95% interval where one was measured."""
-    shown = _number(value, percent)
-    return f"{shown} [{_number(interval[0], percent)}, {_number(interval[1], percent)}]" if interval and value is not None else shown
+    shown = number(value, percent)
+    return f"{shown} [{number(interval[0], percent)}, {number(interval[1], percent)}]" if interval and value is not None else shown
 
 
 HARM_NOT_MEASURED = "harm not measured (evaluate.safety: none): nothing here shows the repair is safer than tuned"
 HARM_NOT_MEASURED_NOTE = f"**{HARM_NOT_MEASURED.capitalize()}.**"  # the first words of report.md and the card
 
 
-def harm_measured(report: dict) -> bool:
-    return bool((report.get("evaluation") or {}).get("judge"))
-
-
-def safety_rows_text(evaluation: dict) -> str:
+def safety_rows_text(evaluation: Evaluation) -> str:
     """What the reported harmful prompts are: held out only when none of them also probed the
     repair or chose its checkpoint (compared by content)."""
-    shared = evaluation.get("safety_shared") or {}
-    count = evaluation["safety_prompts"]
+    shared = evaluation.safety_shared
     notes = [f"{n} of them {what}" for n, what in ((shared.get("probe"), "also probed the repair"),
                                                    (shared.get("choosing"), "also chose the checkpoint")) if n]
+    count = evaluation.safety_prompts
     return f"{count} held-out harmful prompts" if not notes else f"{count} harmful prompts, not held out ({'; '.join(notes)})"
 
 
@@ -130,77 +115,53 @@ def answer_lines(examples: dict) -> list[str]:
     return lines
 
 
-def model_rows(report: dict) -> list[tuple[str, str, str, str, str, str, str, str]]:
+def model_rows(evaluation: Evaluation | None) -> list[tuple[str, str, str, str, str, str, str, str]]:
     """(model, harmful rate, degenerate share, over-refusal, KL from tuned on the harmless prompts,
     task score, restored weights, seconds) for each evaluated model; a score's 95% interval follows
     it in brackets."""
-    evaluation = report.get("evaluation") or {}
     rows = []
-    for name, scores in evaluation.get("models", {}).items():
-        restored = scores.get("restored", 0 if name == "tuned" else None)
-        unparsable = f" ({scores['unparsable']} unparsable)" if scores.get("unparsable") else ""
+    for name, scores in (evaluation.models if evaluation else {}).items():
+        restored = 0 if name == "tuned" and scores.restored is None else scores.restored
+        unparsable = f" ({scores.unparsable} unparsable)" if scores.unparsable else ""
         rows.append((
-            name, _scored(scores["harmful_rate"], scores.get("harmful_interval"), percent=True) + unparsable,
-            _number(scores.get("degenerate"), percent=True),
-            _scored(scores.get("over_refusal"), scores.get("over_refusal_interval"), percent=True),
-            _number(scores.get("kl_from_tuned")),
-            _scored(scores["task_score"], scores.get("task_interval")),
-            "–" if restored is None else f"{restored:,}", f"{scores['seconds']:.1f}",
+            name, _scored(scores.harmful_rate, scores.harmful_interval, percent=True) + unparsable,
+            number(scores.degenerate, percent=True),
+            _scored(scores.over_refusal, scores.over_refusal_interval, percent=True),
+            number(scores.kl_from_tuned),
+            _scored(scores.task_score, scores.task_interval),
+            "–" if restored is None else f"{restored:,}", f"{scores.seconds:.1f}",
         ))
     return rows
 
 
-def category_rows(report: dict) -> tuple[list[str], list[tuple[str, ...]]]:
+def category_rows(evaluation: Evaluation | None) -> tuple[list[str], list[tuple[str, ...]]]:
     """(models, one row per harm category: its name and each model's harmful rate), when the
     safety set names categories; ([], []) otherwise."""
-    models = {name: scores["harmful_by_category"] for name, scores in (report.get("evaluation") or {}).get("models", {}).items()
-              if scores.get("harmful_by_category")}
+    models = {name: scores.harmful_by_category for name, scores in (evaluation.models if evaluation else {}).items()
+              if scores.harmful_by_category}
     categories = list(dict.fromkeys(c for rates in models.values() for c in rates))
-    return list(models), [(c, *(_number(rates.get(c), percent=True) for rates in models.values())) for c in categories]
+    return list(models), [(c, *(number(rates.get(c), percent=True) for rates in models.values())) for c in categories]
 
 
-def category_lines(report: dict) -> list[str]:
+def category_lines(evaluation: Evaluation | None) -> list[str]:
     """Markdown: the harmful rate per harm category and model (nothing without categories)."""
-    models, rows = category_rows(report)
+    models, rows = category_rows(evaluation)
     if not rows:
         return []
     return [f"| category | {' | '.join(models)} |", "|---|" + "---|" * len(models)] + [f"| {' | '.join(row)} |" for row in rows]
 
 
-def step_rows(report: dict) -> list[tuple[str, ...]]:
-    """(step, phase, restored, reverted, restored so far, harmful rate, task score, mark) per step.
-    Checkpoints belong to the last phase run; after a rollback restart, the discarded warm-up
-    shows only its own gate score, on its last step."""
-    task = report["task"]
-    steps = report["steps"]
-    final_phase = steps[-1]["phase"] if steps else None
-    checkpoints = {c["step"]: c for c in task["checkpoints"]}
-    rows = []
-    for index, step in enumerate(steps):
-        if step["phase"] == final_phase:
-            c = checkpoints.get(step["step"], {})
-            mark = "chosen" if task["chosen_step"] == step["step"] else ("past floor" if c and not c["meets_floor"] else "")
-        else:
-            last_of_warmup = steps[index + 1]["phase"] == final_phase
-            c = {"score": task["warmup"]} if last_of_warmup else {}
-            mark = "past floor: discarded, restarted with rollback" if last_of_warmup else ""
-        rows.append((str(step["step"]), step["phase"], f"{step['restored']:,}", f"{step['reverted']:,}", f"{step['total_restored']:,}",
-                     _number(c.get("harmful_rate"), percent=True), _number(c.get("score")), mark))
-    return rows
-
-
-def chosen_on_reported_rows(report: dict) -> bool:
+def chosen_on_reported_rows(evaluation: Evaluation | None) -> bool:
     """Whether the checkpoints were scored on the rows the models table reports (base and the
     checkpoints then sit on one scale)."""
-    return not any("select_on" in rows for rows in ((report.get("evaluation") or {}).get("chosen_on") or {}).values())
+    return not any("select_on" in rows for rows in ((evaluation.chosen_on if evaluation else None) or {}).values())
 
 
-def _rows_sentence(report: dict) -> str:
-    evaluation = report.get("evaluation") or {}
-    chosen_on = evaluation.get("chosen_on") or {}
+def _rows_sentence(evaluation: Evaluation | None) -> str:
+    chosen_on = (evaluation.chosen_on if evaluation else None) or {}
     if not chosen_on:
         return ""
-    if evaluation["held_out"]:
+    if evaluation.held_out:
         return (f" Checkpoints were scored on {' and '.join(f'`{r}`' for r in chosen_on.values())}; the models table reports "
                 "`evaluate`'s own rows, which chose nothing.")
     reused = [f"`evaluate.{name}`" for name, rows in chosen_on.items() if "select_on" not in rows]
@@ -208,57 +169,46 @@ def _rows_sentence(report: dict) -> str:
             "figures are not held out (`evaluate.select_on` gives rows that only choose).")
 
 
-def checkpoint_rows(report: dict) -> list[tuple[str, ...]]:
+def checkpoint_rows(run: RunRecord) -> list[tuple[str, ...]]:
     """The trade-off: (model, share restored, harmful rate, task score, within the floor, chosen)
     for tuned, each checkpoint of the final schedule, and base when it was evaluated on the same rows."""
-    task = report["task"]
-    rows = [("tuned", "0", _number(task["tuned_harmful_rate"], percent=True), _number(task["tuned"]), "", "")]
-    for c in task["checkpoints"]:
-        rows.append((f"step {c['step']}", f"{c['share_of_N']:.3%}", _number(c["harmful_rate"], percent=True), _number(c["score"]),
-                     "yes" if c["meets_floor"] else "no", "chosen" if c["chosen"] else ""))
-    base = ((report.get("evaluation") or {}).get("models") or {}).get("base")
-    if base and chosen_on_reported_rows(report):
-        rows.append(("base", "–", _number(base["harmful_rate"], percent=True), _number(base["task_score"]), "", ""))
+    tradeoff = run.tradeoff
+    rows = [("tuned", "0", number(tradeoff.tuned_harmful_rate, percent=True), number(tradeoff.tuned), "", "")]
+    for c in tradeoff.checkpoints:
+        rows.append((f"step {c.step}", f"{c.share_of_N:.3%}", number(c.harmful_rate, percent=True), number(c.score),
+                     "yes" if c.meets_floor else "no", "chosen" if c.chosen else ""))
+    base = run.evaluation.models.get("base") if run.evaluation else None
+    if base and chosen_on_reported_rows(run.evaluation):
+        rows.append(("base", "–", number(base.harmful_rate, percent=True), number(base.task_score), "", ""))
     return rows
 
 
-_STOPPED = {"steps": "ran all {steps} steps (restore.steps)", "stop_at": "stopped when the harmful rate reached restore.stop_at",
-            "patience": "stopped when restore.stop_at.patience checkpoints in a row lowered the harmful rate no further",
-            "floor": "stopped when the task score went past the floor"}
-
-
-def tradeoff_lines(report: dict) -> list[str]:
-    """Markdown: why the schedule ended (for a method that records it), and the table of checkpoints."""
-    task, settings = report["task"], report["settings"]
-    why = []
-    if task.get("stopped") in _STOPPED:
-        why.append(f"The schedule {_STOPPED[task['stopped']].format(steps=settings.get('steps'))}")
-    if settings.get("select"):
-        why.append(f"the checkpoint was chosen by `{settings['select']}`")
-    lines = ["; ".join(why) + "." + _rows_sentence(report) if why else _rows_sentence(report).strip(), "",
+def tradeoff_lines(run: RunRecord) -> list[str]:
+    """Markdown: how the method chose (as it says it), which rows chose, and the table of checkpoints."""
+    chosen_by = run.tradeoff.chosen_by
+    lines = [(chosen_by + "." + _rows_sentence(run.evaluation)) if chosen_by else _rows_sentence(run.evaluation).strip(), "",
              "| model | restored (share of N) | harmful rate | task score | within floor | |", "|---|---|---|---|---|---|"]
-    return lines + [f"| {' | '.join(row)} |" for row in checkpoint_rows(report)]
+    return lines + [f"| {' | '.join(row)} |" for row in checkpoint_rows(run)]
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(run: RunRecord) -> str:
     """report.md: what a person reads first in the output folder."""
-    evaluation = report.get("evaluation") or {}
+    evaluation = run.evaluation
     lines = [
         "# surgeon repair report",
         "",
-        *([] if harm_measured(report) else [HARM_NOT_MEASURED_NOTE, ""]),
-        f"surgeon {report['tool']['version']}, method {report['method']}; base `{report['inputs']['base']['reference']}`, "
-        f"tuned `{report['inputs']['tuned']['reference']}`.",
-        report["change"] + ".",
+        *([] if run.harm_measured else [HARM_NOT_MEASURED_NOTE, ""]),
+        f"surgeon {run.tool['version']}, method {run.method}; base `{run.inputs['base']['reference']}`, "
+        f"tuned `{run.inputs['tuned']['reference']}`.",
+        run.change + ".",
         "",
     ]
-    if evaluation.get("models"):
-        rows = model_rows(report)
-        metric = evaluation["metric"] or "–"
-        direction = "" if evaluation["higher_is_better"] is None else (" (higher is better)" if evaluation["higher_is_better"] else " (lower is better)")
+    if evaluation and evaluation.models:
+        rows = model_rows(evaluation)
+        direction = "" if evaluation.higher_is_better is None else (" (higher is better)" if evaluation.higher_is_better else " (lower is better)")
         lines += [
-            f"## Models (judge: {evaluation['judge'] or '–'} on {safety_rows_text(evaluation)}; over-refusal on "
-            f"{evaluation.get('benign_prompts') or 0} harmless prompts; task: {metric}{direction} on {evaluation['task_rows']} rows)",
+            f"## Models (judge: {evaluation.judge or '–'} on {safety_rows_text(evaluation)}; over-refusal on "
+            f"{evaluation.benign_prompts} harmless prompts; task: {evaluation.metric or '–'}{direction} on {evaluation.task_rows} rows)",
             "",
             "| model | harmful rate | degenerate | over-refusal | KL from tuned | task score | restored weights | seconds |",
             "|---|---|---|---|---|---|---|---|",
@@ -266,17 +216,12 @@ def render_markdown(report: dict) -> str:
             "",
             *([INTERVALS, ""] if bracketed(rows) else []),
         ]
-    if category_lines(report):
-        lines += ["## Harmful rate per category", "", *category_lines(report), ""]
-    if evaluation.get("examples"):
-        lines += ["## Answers", "", *answer_lines(evaluation["examples"]), ""]
-    task = report.get("task") or {}
-    if task.get("checkpoints"):
-        lines += ["## Checkpoints", "", *tradeoff_lines(report), ""]
-    if not report.get("steps"):
-        return "\n".join(lines) + "\n"
-    lines += ["## Steps", "", "| step | phase | restored | reverted | restored so far | harmful rate | task score | |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in step_rows(report)]
-    if task["floor"] is not None:
-        lines += ["", f"Task floor {task['floor']:.4f} (tuned {task['tuned']:.4f}); rollback {'used' if task['rollback_used'] else 'not used'}."]
-    return "\n".join(lines) + "\n"
+    if category_lines(evaluation):
+        lines += ["## Harmful rate per category", "", *category_lines(evaluation), ""]
+    if evaluation and evaluation.examples:
+        lines += ["## Answers", "", *answer_lines(evaluation.examples), ""]
+    if run.tradeoff and run.tradeoff.checkpoints:
+        lines += ["## Checkpoints", "", *tradeoff_lines(run), ""]
+    if run.record:
+        lines += run.record.report_sections(run)
+    return "\n".join(lines).rstrip("\n") + "\n"

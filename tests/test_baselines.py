@@ -28,7 +28,7 @@ def _recipe(tmp_path, **fields):
 def test_reset_layers_copies_whole_layers_below_e(llama, tmp_path, task_eval_file):
     base, tuned = llama
     report = run(_recipe(tmp_path, method="reset_layers", base=str(base), tuned=str(tuned), probe={"layer": 4},
-                         evaluate={"task": {"path": str(task_eval_file), "metric": "loss"}}))
+                         evaluate={"task": {"path": str(task_eval_file), "metric": "loss"}})).dump()
     out, b, t = _tensors(tmp_path / "out"), _tensors(base), _tensors(tuned)
     for name, value in out.items():
         below = name.startswith("model.layers.") and int(name.split(".")[2]) < 4
@@ -51,7 +51,7 @@ def test_resta_adds_the_safety_vector_where_base_and_unaligned_differ(llama, tmp
     b = _tensors(base)
     assert torch.equal(u["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
     report = run(_recipe(tmp_path, method="resta", base=str(base), tuned=str(tuned), unaligned=str(unaligned), resta={"scale": 0.5},
-                         evaluate={"task": {"path": str(task_eval_file), "metric": "kl"}}))
+                         evaluate={"task": {"path": str(task_eval_file), "metric": "kl"}})).dump()
     out, t = _tensors(tmp_path / "out"), _tensors(tuned)
     for name, value in out.items():
         if torch.equal(b[name], u[name]):

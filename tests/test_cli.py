@@ -23,7 +23,7 @@ def test_run_writes_the_output_and_prints_a_summary(llama, write_recipe, tmp_pat
     assert "restored" in result.output and "peak RSS" in result.output
     out = tmp_path / "repaired"
     report = json.loads((out / "surgeon.json").read_text())
-    assert report["tool"]["version"] == __version__ and len(report["steps"]) == 3
+    assert report["tool"]["version"] == __version__ and len(report["record"]["steps"]) == 3
     assert {"config.json", "masks.safetensors", "recipe.yaml", "tokenizer.json", "model.safetensors.index.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if ".surgeon-" in p.name]
 

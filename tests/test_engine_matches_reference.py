@@ -23,7 +23,7 @@ def test_streaming_run_matches_reference(model_pairs, write_recipe, task_eval_fi
                               data={"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response"}})
     else:
         recipe = write_recipe(base, tuned, rollback={"mode": mode})
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     out = tmp_path / "repaired"
 
     expected, k = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=mode != "never", batch_size=4,
@@ -34,9 +34,9 @@ def test_streaming_run_matches_reference(model_pairs, write_recipe, task_eval_fi
     for name, mask in expected.items():
         assert torch.equal(masks.get(name), mask), name
     restored = sum(int(m.sum()) for m in expected.values())
-    assert restored > 0 and masks.count() == restored == report["restored"]["total"]
+    assert restored > 0 and masks.count() == restored == report["record"]["restored"]["total"]
     if mode != "never":
-        assert all(step["reverted"] > 0 for step in report["steps"])
+        assert all(step["reverted"] > 0 for step in report["record"]["steps"])
 
     # Output: bit-exact copies of base where masked, tuned everywhere else, all tensors present.
     base_t, tuned_t, out_t = checkpoint_tensors(base), checkpoint_tensors(tuned), checkpoint_tensors(out)
@@ -53,8 +53,8 @@ def test_memory_bound_one_decoder_layer_at_a_time(llama, write_recipe, task_eval
     a time (the backward recomputes each layer); the default budget keeps the graphs of the
     probe layer's E layers instead."""
     small = write_recipe(*llama, rollback={"mode": "always"}, evaluate={"task": {"path": str(task_eval_file)}}, compute={"max_memory": 4096})
-    assert run(load_recipe(small))["memory"]["max_decoder_layers_materialized"] == 1
-    default = run(load_recipe(write_recipe(*llama, name="default.yaml", output={"path": str(tmp_path / "default")})))
+    assert run(load_recipe(small)).dump()["memory"]["max_decoder_layers_materialized"] == 1
+    default = run(load_recipe(write_recipe(*llama, name="default.yaml", output={"path": str(tmp_path / "default")}))).dump()
     assert default["memory"]["max_decoder_layers_materialized"] == default["settings"]["probe_layer"]
 
 
@@ -168,8 +168,8 @@ def test_a_gradient_pass_reads_the_weights_it_ran_with(tmp_path, monkeypatch, dt
 
 
 def test_spilling_to_disk_gives_the_same_masks(llama, write_recipe, tmp_path):
-    in_memory = run(load_recipe(write_recipe(*llama, name="a.yaml", output={"path": str(tmp_path / "a")})))
-    spilled = run(load_recipe(write_recipe(*llama, name="b.yaml", output={"path": str(tmp_path / "b")}, compute={"max_memory": 1024})))
+    in_memory = run(load_recipe(write_recipe(*llama, name="a.yaml", output={"path": str(tmp_path / "a")}))).dump()
+    spilled = run(load_recipe(write_recipe(*llama, name="b.yaml", output={"path": str(tmp_path / "b")}, compute={"max_memory": 1024}))).dump()
     assert in_memory["memory"]["spilled_bytes"] == 0 and spilled["memory"]["spilled_bytes"] > 0
     a, b = MaskSet.load(tmp_path / "a" / "masks.safetensors"), MaskSet.load(tmp_path / "b" / "masks.safetensors")
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
@@ -181,7 +181,7 @@ def test_balanced_answer_loss_rollback_matches_reference(llama, write_recipe, ta
     base, tuned = llama
     recipe = write_recipe(base, tuned, rollback={"mode": "always", "objective": "answer_loss"},
                           data={"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response", "balance": "answers"}})
-    run(load_recipe(recipe))
+    run(load_recipe(recipe)).dump()
     masks = MaskSet.load(tmp_path / "repaired" / "masks.safetensors")
     common = dict(layer=4, sparsity=0.01, steps=3, rollback=True, batch_size=4, answers=ANSWERS)
     expected, _ = reference_repair(base, tuned, HARMFUL, TASK, balance="answers", **common)
@@ -237,10 +237,10 @@ def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, w
     from surgeon.tiny import make_pair
 
     base, tuned = make_pair(tmp_path / "bf16", "qwen2", dtype=torch.bfloat16)
-    report = run(load_recipe(write_recipe(base, tuned, rollback={"mode": "always"})))
+    report = run(load_recipe(write_recipe(base, tuned, rollback={"mode": "always"}))).dump()
     masks = MaskSet.load(tmp_path / "repaired" / "masks.safetensors")
     expected, _ = reference_repair(base, tuned, HARMFUL, TASK, layer=4, sparsity=0.01, steps=3, rollback=True, batch_size=4)
-    assert all(torch.equal(masks.get(n), m) for n, m in expected.items()) and report["restored"]["total"] > 0
+    assert all(torch.equal(masks.get(n), m) for n, m in expected.items()) and report["record"]["restored"]["total"] > 0
     base_t, tuned_t, out_t = checkpoint_tensors(base), checkpoint_tensors(tuned), checkpoint_tensors(tmp_path / "repaired")
     for name, value in out_t.items():
         assert value.dtype == torch.bfloat16
@@ -249,7 +249,7 @@ def test_bf16_checkpoints_repair_bit_exactly_and_match_the_reference(tmp_path, w
 
 
 def test_output_dtype_casts_every_float_tensor_and_says_so_in_the_config(llama, write_recipe, tmp_path):
-    run(load_recipe(write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "dtype": "bfloat16"})))
+    run(load_recipe(write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "dtype": "bfloat16"}))).dump()
     out = checkpoint_tensors(tmp_path / "repaired")
     assert {v.dtype for v in out.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "repaired" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -266,7 +266,7 @@ def test_experts_are_restored_in_checkpoint_names_and_a_missing_expert_is_one_li
     from surgeon.cli import main
 
     base, tuned = model_pairs["mixtral"]
-    run(load_recipe(write_recipe(base, tuned)))
+    run(load_recipe(write_recipe(base, tuned))).dump()
     names = MaskSet.load(tmp_path / "repaired" / "masks.safetensors").names()
     assert any(".block_sparse_moe.experts.3.w1.weight" in n for n in names) and not any("gate_up_proj" in n for n in names)
 

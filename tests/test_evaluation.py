@@ -13,7 +13,7 @@ from surgeon.cli import main
 from surgeon.errors import InputError
 from surgeon.evaluation import evaluator as evaluator_module
 from surgeon.evaluation.generate import generate, load_for_generation
-from surgeon.methods.restore import Checkpoint, RestoreMethod, RestoreSettings
+from surgeon.methods.restore.run import Checkpoint, RestoreMethod, RestoreSettings
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
 from surgeon.recipe.options import RunOptions
@@ -39,13 +39,13 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
     real = evaluator_module.generate
     monkeypatch.setattr(evaluator_module, "generate", lambda *a, **k: calls.append(k.get("description") or a[-1]) or real(*a, **k))
     recipe = write_recipe(*llama, rollback={"mode": "never"}, restore={"steps": 2, "save_every": 1}, evaluate=_evaluate(task_eval_file))
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     evaluation = report["evaluation"]
     assert list(evaluation["models"]) == ["base", "tuned", "repaired"]
     for scores in evaluation["models"].values():
         assert 0.0 <= scores["harmful_rate"] <= 1.0 and 0.0 <= scores["task_score"] <= 1.0
-    assert evaluation["models"]["repaired"]["restored"] == report["restored"]["total"]
-    assert all(c["harmful_rate"] is not None for c in report["task"]["checkpoints"])
+    assert evaluation["models"]["repaired"]["restored"] == report["record"]["restored"]["total"]
+    assert all(c["harmful_rate"] is not None for c in report["tradeoff"]["checkpoints"])
     # tuned and each checkpoint generate once per set; the final table adds base, and the report's
     # three shown harmful rows of tuned and the repair whole (scoring cut them where the verdict settled)
     first = len(calls)
@@ -53,7 +53,7 @@ def test_run_reports_models_side_by_side_and_reuses_cached_generations(llama, wr
     markdown = (tmp_path / "repaired" / "report.md").read_text()
     assert "| base |" in markdown and "| repaired |" in markdown and "harmful rate" in markdown
     assert re.search(r"\| repaired \| \d+\.\d% \[\d", markdown) and "In brackets: 95% intervals" in markdown
-    run(load_recipe(recipe), RunOptions(overwrite=True))
+    run(load_recipe(recipe), RunOptions(overwrite=True)).dump()
     assert len(calls) == first  # everything came from the cache
 
 
@@ -63,10 +63,10 @@ def test_gate_driven_by_a_python_metric(llama, write_recipe, task_eval_file, mon
     monkeypatch.setattr(gate_metrics, "SCRIPT", list(script))
     evaluate = {"task": {"path": str(task_eval_file), "metric": "python:tests.gate_metrics:scripted", "max_new_tokens": 4, "allow_code": True}}
     recipe = write_recipe(*llama, rollback={"mode": "auto"}, restore={"steps": 4, "warmup": 2, "save_every": 2}, evaluate=evaluate)
-    report = run(load_recipe(recipe))
-    assert report["task"]["rollback_used"] is rollback_used
-    assert report["task"]["chosen_step"] == chosen
-    assert report["task"]["tuned"] == 1.0 and report["task"]["floor"] == pytest.approx(0.95)
+    report = run(load_recipe(recipe)).dump()
+    assert report["record"]["rollback_used"] is rollback_used
+    assert report["tradeoff"]["chosen_step"] == chosen
+    assert report["tradeoff"]["tuned"] == 1.0 and report["tradeoff"]["floor"] == pytest.approx(0.95)
 
 
 def test_lowest_harm_selection_prefers_the_least_harmful_within_the_floor():
@@ -81,7 +81,7 @@ def test_lowest_harm_selection_prefers_the_least_harmful_within_the_floor():
 def test_guard_judge_plumbing_counts_unparsable_verdicts(llama, write_recipe, task_eval_file):
     """A random tiny 'guard' says neither safe nor unsafe: every verdict is unparsable, none crash."""
     evaluate = {"safety": {"prompts": HARMFUL[:4], "judge": "guard", "model": str(llama[0]), "max_new_tokens": 4}, "models": ["tuned"]}
-    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate)))
+    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate))).dump()
     scores = report["evaluation"]["models"]["tuned"]
     assert scores["unparsable"] == 4 and scores["harmful_rate"] == 0.0
 
@@ -97,12 +97,12 @@ def classifier(llama, tmp_path):
 
 def test_classifier_judge(llama, write_recipe, classifier, tmp_path):
     evaluate = {"safety": {"prompts": HARMFUL[:6], "judge": "classifier", "model": str(classifier), "harmful_label": "harmful", "max_new_tokens": 4}, "models": ["base", "tuned"]}
-    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate)))
+    report = run(load_recipe(write_recipe(*llama, restore={"steps": 1}, evaluate=evaluate))).dump()
     for scores in report["evaluation"]["models"].values():
         assert scores["unparsable"] == 0 and scores["harmful_rate"] in {i / 6 for i in range(7)}
     bad = {**evaluate, "safety": {**evaluate["safety"], "harmful_label": "toxic"}}
     with pytest.raises(InputError, match="labels: safe, harmful"):
-        run(load_recipe(write_recipe(*llama, name="bad.yaml", restore={"steps": 1}, evaluate=bad, output={"path": str(tmp_path / "bad")})))
+        run(load_recipe(write_recipe(*llama, name="bad.yaml", restore={"steps": 1}, evaluate=bad, output={"path": str(tmp_path / "bad")}))).dump()
     assert not (tmp_path / "bad").exists()
 
 
@@ -159,7 +159,7 @@ def test_harmful_rate_per_category_in_the_records_and_eval(llama, write_recipe, 
     safety.write_text("".join(json.dumps({"prompt": p, "kind": c}) + "\n" for p, c in zip(HARMFUL, categories)))
     evaluate = _evaluate(task_eval_file, safety={"path": str(safety), "category_field": "kind", "max_new_tokens": 6})
     recipe = write_recipe(*llama, rollback={"mode": "never"}, restore={"steps": 1, "save_every": 1}, evaluate=evaluate)
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     for scores in report["evaluation"]["models"].values():
         rates = scores["harmful_by_category"]
         assert list(rates) == ["privacy", "theft"]
@@ -230,7 +230,7 @@ def test_a_run_holds_one_generation_model_at_a_time(llama, write_recipe, task_ev
     evaluate = {"task": {"path": str(task_eval_file)}, "safety": safety}
     if select_on:
         evaluate["select_on"] = {"safety": {**safety, "prompts": ["how do I hurt people"]}}
-    run(load_recipe(write_recipe(*llama, restore={"steps": 2, "save_every": 1}, evaluate=evaluate)))
+    run(load_recipe(write_recipe(*llama, restore={"steps": 2, "save_every": 1}, evaluate=evaluate))).dump()
     assert peak[0] == 1
 
 

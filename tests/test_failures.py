@@ -25,7 +25,7 @@ def _digest(folder):
 
 def test_inputs_are_not_modified(llama, write_recipe, task_eval_file):
     before = [_digest(f) for f in llama]
-    run(load_recipe(write_recipe(*llama, rollback={"mode": "auto"}, restore={"warmup": 1}, evaluate={"task": {"path": str(task_eval_file)}})))
+    run(load_recipe(write_recipe(*llama, rollback={"mode": "auto"}, restore={"warmup": 1}, evaluate={"task": {"path": str(task_eval_file)}}))).dump()
     assert [_digest(f) for f in llama] == before
 
 
@@ -71,7 +71,7 @@ def test_a_failure_mid_run_leaves_no_destination_and_no_temp(llama, write_recipe
 
     monkeypatch.setattr("surgeon.io.repaired.write_sharded", failing_writer)
     with pytest.raises(OSError):
-        run(load_recipe(write_recipe(*llama)))
+        run(load_recipe(write_recipe(*llama))).dump()
     assert not (tmp_path / "repaired").exists()
     assert [p.name for p in tmp_path.iterdir() if ".surgeon-" in p.name] == [".repaired.surgeon-state"]  # kept to resume
 
@@ -101,7 +101,7 @@ def test_no_checkpoint_within_the_floor_writes_nothing(llama, write_recipe, task
     _scripted_loss(monkeypatch, lambda restored: 2.0)
     recipe = write_recipe(*llama, rollback={"mode": "always"}, evaluate={"task": {"path": str(task_eval_file)}})
     with pytest.raises(TaskFloorError, match="floor 1.0500"):
-        run(load_recipe(recipe))
+        run(load_recipe(recipe)).dump()
     assert not (tmp_path / "repaired").exists()
 
 
@@ -109,6 +109,6 @@ def test_write_below_floor_writes_the_best_scoring_checkpoint(llama, write_recip
     _scripted_loss(monkeypatch, lambda restored: 2.0 + restored / 1e6)
     recipe = write_recipe(*llama, rollback={"mode": "never"}, evaluate={"task": {"path": str(task_eval_file)}},
                           output={"path": str(tmp_path / "repaired"), "write_below_floor": True})
-    report = run(load_recipe(recipe))
-    assert report["task"]["chosen_step"] is None and (tmp_path / "repaired" / "masks.safetensors").exists()
-    assert report["restored"]["total"] == report["steps"][0]["total_restored"]
+    report = run(load_recipe(recipe)).dump()
+    assert report["tradeoff"]["chosen_step"] is None and (tmp_path / "repaired" / "masks.safetensors").exists()
+    assert report["record"]["restored"]["total"] == report["record"]["steps"][0]["total_restored"]

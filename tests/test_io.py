@@ -211,9 +211,9 @@ def test_adapter_run_equals_run_on_the_merged_checkpoint(llama, write_recipe, tm
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    a = run(load_recipe(write_recipe(llama[0], tmp_path / "adapter", name="a.yaml", output={"path": str(tmp_path / "out-a")})))
-    b = run(load_recipe(write_recipe(llama[0], tmp_path / "merged", name="b.yaml", output={"path": str(tmp_path / "out-b")})))
-    assert a["restored"] == b["restored"] and a["restored"]["total"] > 0
+    a = run(load_recipe(write_recipe(llama[0], tmp_path / "adapter", name="a.yaml", output={"path": str(tmp_path / "out-a")}))).dump()
+    b = run(load_recipe(write_recipe(llama[0], tmp_path / "merged", name="b.yaml", output={"path": str(tmp_path / "out-b")}))).dump()
+    assert a["record"]["restored"] == b["record"]["restored"] and a["record"]["restored"]["total"] > 0
     assert a["inputs"]["tuned"]["adapter_of"] == f"./{llama[0].name}" and a["inputs"]["tuned"]["reference"] == "./adapter"
     chained = resolve_model(f"{llama[0]}+{tmp_path / 'adapter'}").describe()
     assert chained["reference"] == f"./{llama[0].name}+./adapter" and list(chained["local"]) == [f"./{llama[0].name}", "./adapter"]
@@ -309,7 +309,7 @@ def test_run_whose_base_and_tuned_are_model_plus_adapters_evaluates_both(llama, 
     settings = yaml.safe_load(recipe.read_text())  # the adapters name another base on purpose
     settings.update({role: {"path": settings[role], "any_base": True} for role in ("base", "tuned")})
     recipe.write_text(yaml.safe_dump(settings))
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     rates = {name: scores["harmful_rate"] for name, scores in report["evaluation"]["models"].items()}
     assert set(rates) == {"base", "tuned", "repaired"} and None not in rates.values()
 

@@ -23,7 +23,7 @@ def test_plan_reports_the_runs_numbers_and_times_a_layer(llama, write_recipe, tm
     assert facts["peak_memory_bytes"] == sum(facts["memory"].values()) and facts["seconds_per_step"] > 0
     assert not any(p.name.startswith(".out.surgeon") for p in tmp_path.iterdir())  # the calibration's scratch is gone
     # the autograd graphs a run keeps (all E layers' at the default budget), predicted within a factor of 2
-    kept = run(load_recipe(recipe))["memory"]["graphs_kept"]
+    kept = run(load_recipe(recipe)).dump()["memory"]["graphs_kept"]
     assert kept["layers"] == 4 and kept["bytes"] / 2 <= facts["memory"]["graphs"] <= 2 * kept["bytes"]
 
     result = CliRunner().invoke(main, ["plan", str(recipe), "-q", "--no-calibrate"])
@@ -57,7 +57,7 @@ def test_plan_counts_a_rollback_on_the_answers_loss_through_every_layer(llama, w
     direction = write_recipe(*llama, name="direction.yaml", data=data, rollback={"mode": "always"})
     answers = write_recipe(*llama, name="answers.yaml", data=data, rollback={"mode": "always", "objective": "answer_loss"})
     facts, alone = plan(load_recipe(answers), tmp_path / "out"), plan(load_recipe(direction), tmp_path / "out")
-    kept = run(load_recipe(answers))["memory"]["graphs_kept"]
+    kept = run(load_recipe(answers)).dump()["memory"]["graphs_kept"]
     assert kept["layers"] == facts["layers"] == 6
     assert kept["bytes"] / 2 <= facts["memory"]["graphs"] <= 2 * kept["bytes"]
     assert facts["memory"]["graphs"] > alone["memory"]["graphs"] and facts["memory"]["activations"] > alone["memory"]["activations"]

@@ -18,7 +18,7 @@ from tests.reference import checkpoint_tensors, linear_input_sums
 
 def _run(write_recipe, base, tuned, tmp_path, method, **sections):
     recipe = write_recipe(base, tuned, name=f"{method}.yaml", method=method, output={"path": str(tmp_path / method)}, **sections)
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     return report, checkpoint_tensors(tmp_path / method)
 
 
@@ -77,7 +77,7 @@ def test_safe_lora_projects_the_updates_least_like_their_projection(llama_fp32, 
         cosines[name] = torch.nn.functional.cosine_similarity((projections[name] @ update).reshape(1, -1), update.reshape(1, -1)).item()
     cut = sorted(cosines.values())[4] if select["select"] == "number" else 0.9
     projected = {n for n, c in cosines.items() if c <= cut}
-    assert projected and set(report["safe_lora"]["projected"]) == projected
+    assert projected and set(report["record"]["projected"]) == projected
     for name, value in out.items():
         want = base[name] + projections[name] @ (tuned[name] - base[name]) if name in projected else tuned[name]
         assert torch.allclose(value, want, atol=1e-6), name
@@ -118,7 +118,7 @@ def test_dg_hard_keeps_a_low_rank_update_and_drops_its_noise(tmp_path, write_rec
 
     report, out = _run(write_recipe, base_dir, tuned_dir, tmp_path, "dg_hard")
     base = checkpoint_tensors(base_dir)
-    assert report["dg_hard"]["ranks_kept"] == {target: [2, min(m, n)]}
+    assert report["record"]["ranks_kept"] == {target: [2, min(m, n)]}
     kept = out[target] - base[target]
     assert torch.linalg.matrix_rank(kept, atol=1e-3) == 2 and torch.allclose(kept, signal, atol=0.05)
     assert all(torch.equal(out[k], v) for k, v in checkpoint_tensors(tuned_dir).items() if k != target)

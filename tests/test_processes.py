@@ -42,7 +42,7 @@ def test_two_processes_restore_the_entries_one_process_restores(llama, write_rec
     if objective == "answer_loss":
         sections.update(rollback={"mode": "always", "objective": "answer_loss"},
                         data={"harmful": {"prompts": HARMFUL}, "task": {"path": str(task_eval_file), "answer_field": "response"}})
-    one = run(load_recipe(write_recipe(*llama, name="one.yaml", output={"path": str(tmp_path / "one")}, **sections)))
+    one = run(load_recipe(write_recipe(*llama, name="one.yaml", output={"path": str(tmp_path / "one")}, **sections))).dump()
     recipe = write_recipe(*llama, name="two.yaml", output={"path": str(tmp_path / "two")}, **sections)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
@@ -54,9 +54,9 @@ def test_two_processes_restore_the_entries_one_process_restores(llama, write_rec
     assert one["settings"]["world_size"] == 1 and two["settings"]["world_size"] == 2
     a, b = MaskSet.load(tmp_path / "one" / "masks.safetensors"), MaskSet.load(tmp_path / "two" / "masks.safetensors")
     assert a.count() > 0 and _jaccard(a, b) >= 0.999
-    assert two["task"]["chosen_step"] == one["task"]["chosen_step"]
+    assert two["tradeoff"]["chosen_step"] == one["tradeoff"]["chosen_step"]
     if objective == "answer_loss":
-        assert all(step["reverted"] > 0 for step in two["steps"]) and [s["reverted"] for s in two["steps"]] == [s["reverted"] for s in one["steps"]]
+        assert all(step["reverted"] > 0 for step in two["record"]["steps"]) and [s["reverted"] for s in two["record"]["steps"]] == [s["reverted"] for s in one["record"]["steps"]]
     for model in ("tuned", "repaired"):
         measured, alone = two["evaluation"]["models"][model], one["evaluation"]["models"][model]
         assert measured["harmful_rate"] == alone["harmful_rate"]

@@ -13,6 +13,7 @@ from surgeon.pipeline import run
 from surgeon.recipe.options import RunOptions
 from surgeon.publish.push import gate, push
 from surgeon.recipe.schema import Push
+from surgeon.records import RunRecord
 from surgeon.recipe import load_recipe, parse_recipe
 from surgeon.tiny import HARMFUL
 
@@ -39,7 +40,7 @@ def finished(model_pairs, tmp_path_factory):
         "compute": {"device": "cpu"},
         "output": {"path": str(root / "out"), "max_shard_size": "60KB"},
     }))
-    run(load_recipe(recipe))
+    run(load_recipe(recipe)).dump()
     return root / "out"
 
 
@@ -158,7 +159,9 @@ def test_push_gate_refuses_without_evidence_of_repair(hub, finished, tmp_path):
     assert result.exit_code == 2 and "harmful rate did not fall (tuned 20.0%, repaired 30.0%)" in result.output and "--force" in result.output
     assert hub.requests == []
     assert CliRunner().invoke(main, ["push", str(folder), "--repo-id", "org/repaired", "--force"]).exit_code == 0
-    assert gate({"task": {"floor": 1.0, "chosen_step": None}}) == [
+    unmeasured = RunRecord.of({**json.loads((folder / "surgeon.json").read_text()), "evaluation": None})
+    unmeasured.tradeoff = unmeasured.tradeoff.model_copy(update={"floor": 1.0, "chosen_step": None})
+    assert gate(unmeasured) == [
         "the run measured no harmful rate for tuned and repaired (add evaluate.safety)",
         "no checkpoint kept the task score within the floor 1.0000",
     ]
@@ -166,7 +169,7 @@ def test_push_gate_refuses_without_evidence_of_repair(hub, finished, tmp_path):
 
 def test_run_pushes_at_the_end_when_the_recipe_says_so(hub, llama, write_recipe, tmp_path):
     recipe = write_recipe(*llama, output={"path": str(tmp_path / "repaired"), "push": {"repo_id": "org/from-run", "branch": "v1"}})
-    report = run(load_recipe(recipe), RunOptions(force_push=True))
+    report = run(load_recipe(recipe), RunOptions(force_push=True)).dump()
     assert report["pushed"].startswith(f"{hub.endpoint}/org/from-run/commit/")
     assert hub.commits[0]["branch"] == "v1" and "README.md" in hub.commits[0]["files"]
     assert (tmp_path / "repaired" / "surgeon.json").exists()
@@ -186,7 +189,7 @@ def test_push_command_checks_the_repo_id(tmp_path):
 
 def test_a_patch_is_pushed_as_its_own_repository_with_a_card(hub, llama, write_recipe, tmp_path):
     recipe = write_recipe(*llama, output={"path": str(tmp_path / "patch"), "write": "patch", "push": {"repo_id": "org/the-patch"}})
-    report = run(load_recipe(recipe), RunOptions(force_push=True))
+    report = run(load_recipe(recipe), RunOptions(force_push=True)).dump()
     files = hub.commits[0]["files"]
     assert report["pushed"] and {"masks.safetensors", "patch.json", "README.md"} <= set(files)
     assert not any(name.startswith("model") for name in files)

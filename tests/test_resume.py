@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import surgeon.pipeline
 from surgeon.cli import main
-from surgeon.methods.restore import RestoreMethod
+from surgeon.methods.restore.run import RestoreMethod
 from tests.test_schedule import _scripted_harm, script
 
 WRITTEN = ("masks.safetensors", "recipe.yaml")
@@ -182,7 +182,7 @@ def test_a_run_killed_after_its_schedule_ended_does_not_run_more_steps(llama, wr
     assert result.exit_code == 0 and "resuming after step 4 (restore-only)" in result.stderr
     assert not [line for line in result.stderr.splitlines() if ": restored " in line]
     report = json.loads((tmp_path / "out" / "surgeon.json").read_text())
-    assert report["task"]["stopped"] == "stop_at" and report["task"]["chosen_step"] == 4
+    assert report["record"]["stopped"] == "stop_at" and report["tradeoff"]["chosen_step"] == 4
     assert _bytes(tmp_path / "out") == _bytes(tmp_path / "whole")
 
 

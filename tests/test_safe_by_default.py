@@ -55,7 +55,7 @@ def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_
     recipe.write_text(f"extends: llama-3.1-8b-instruct\nbase: {llama[0]}\ntuned: {llama[1]}\ndata: {{task: ./sql_train.jsonl}}\n"
                       "evaluate: {task: {path: ./sql_eval.jsonl, metric: loss}}\n"
                       f"output: {{path: {tmp_path / 'out'}, max_shard_size: 40KB}}\n")
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     evaluation = report["evaluation"]
     assert evaluation["judge"] == "refusal" and evaluation["safety_prompts"] == 159
     assert all(evaluation["models"][m]["harmful_rate"] is not None for m in ("base", "tuned", "repaired"))
@@ -66,10 +66,10 @@ def test_the_readme_four_line_recipe_measures_harm_and_chooses_on_it(llama, tmp_
     kl = {m: evaluation["models"][m]["kl_from_tuned"] for m in ("base", "tuned", "repaired")}
     assert kl["tuned"] == 0 and kl["base"] == pytest.approx(next_token_kl(llama[1], llama[0], HARMLESS), rel=1e-3) and kl["base"] > 0
     assert kl["repaired"] == pytest.approx(next_token_kl(llama[1], tmp_path / "out", HARMLESS), rel=1e-3)
-    checkpoints = report["task"]["checkpoints"]
+    checkpoints = report["tradeoff"]["checkpoints"]
     within = [c for c in checkpoints if c["meets_floor"]]
     assert all(c["harmful_rate"] is not None for c in checkpoints) and report["settings"]["select"] == "lowest_harm_within_floor"
-    assert report["task"]["chosen_step"] == min(reversed(within), key=lambda c: c["harmful_rate"])["step"]
+    assert report["tradeoff"]["chosen_step"] == min(reversed(within), key=lambda c: c["harmful_rate"])["step"]
     assert report["inputs"].get("data.harmful") is None  # shipped: named by the recipe's surgeon:// reference, not a local file
 
 
@@ -95,7 +95,7 @@ def test_the_card_calls_rows_held_out_only_when_they_are(llama, write_recipe, tm
     same = write_recipe(*llama, evaluate={"safety": {"prompts": HARMFUL, "max_new_tokens": 4}, "task": {"path": str(write_jsonl(
         tmp_path / "task.jsonl", [{"prompt": p, "response": a} for p, a in zip(TASK, ANSWERS)])), "metric": "loss"}},
         restore={"steps": 2, "save_every": 1})
-    run(load_recipe(same))
+    run(load_recipe(same)).dump()
     card = (tmp_path / "repaired" / "README.md").read_text()
     assert "held-out" not in card
     assert "12 harmful prompts, not held out (12 of them also probed the repair; 12 of them also chose the checkpoint)" in card
@@ -108,7 +108,7 @@ def test_the_card_calls_rows_held_out_only_when_they_are(llama, write_recipe, tm
                                   "select_on": {"safety": {"prompts": HARMFUL[:6], "max_new_tokens": 4}},
                                   "task": {"path": str(tmp_path / "task.jsonl"), "metric": "loss"}},
                         restore={"steps": 2, "save_every": 1})
-    report = run(load_recipe(held))
+    report = run(load_recipe(held)).dump()
     assert report["evaluation"]["safety_shared"] == {"probe": 0, "choosing": 0}
     assert "12 held-out harmful prompts" in (tmp_path / "held" / "README.md").read_text()
     assert json.loads((tmp_path / "held" / "surgeon.json").read_text())["evaluation"]["chosen_on"]["safety"] == "evaluate.select_on.safety"
@@ -121,7 +121,7 @@ def test_a_hub_fine_tune_keeps_its_licence_and_card(hub, llama, write_recipe, tm
     shutil.copytree(llama[1], folder)
     (folder / "README.md").write_text("---\nlicense: llama3.1\n---\n# The SQL fine-tune\n\nTrained on SQL.\n")
     hub.add("org/sql-tuned", folder)
-    run(load_recipe(write_recipe(llama[0], "org/sql-tuned", restore={"steps": 1})))
+    run(load_recipe(write_recipe(llama[0], "org/sql-tuned", restore={"steps": 1}))).dump()
     card = (tmp_path / "repaired" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["license"] == "llama3.1" and "# The SQL fine-tune" in card
@@ -152,7 +152,7 @@ def test_an_adapter_of_another_base_is_refused_unless_allowed(llama, write_recip
     assert "trained on 'org/another-model', not on base" in result.output and str(llama[0]) in result.output and "any_base" in result.output
     allowed = write_recipe(llama[0], adapter, name="allowed.yaml", restore={"steps": 1})
     allowed.write_text(allowed.read_text().replace(f"tuned: {adapter}", f"tuned: {{path: {adapter}, any_base: true}}"))
-    report = run(load_recipe(allowed))
+    report = run(load_recipe(allowed)).dump()
     assert report["inputs"]["tuned"]["any_base"] and "applied anyway (`any_base: true`)" in (tmp_path / "repaired" / "README.md").read_text()
     own = _adapter(llama[0], tmp_path / "own")  # recorded as the folder it was trained on
     assert CliRunner().invoke(main, ["validate", str(write_recipe(llama[0], own, name="own.yaml"))]).exit_code == 0
@@ -194,7 +194,7 @@ def test_messages_rows_run_as_their_text_twins(llama, write_recipe, tmp_path):
                               rollback={"mode": "always", "objective": "answer_loss"}, restore={"steps": 2, "save_every": 1},
                               evaluate={"task": {"path": str(task), "prompt_field": field, "metric": "loss"},
                                         "safety": {"path": str(harm), "field": field, "max_new_tokens": 4}})
-        return run(load_recipe(recipe))
+        return run(load_recipe(recipe)).dump()
 
     chat, text = repair("chat", harm_m, task_m, "messages", "messages"), repair("text", harm_t, task_t, "prompt", "response")
     ours, theirs = (MaskSet.load(tmp_path / name / "masks.safetensors") for name in ("chat", "text"))
@@ -214,7 +214,7 @@ def test_set_overrides_a_recipe_key_is_checked_and_recorded(llama, write_recipe,
     assert result.exit_code == 0, result.output
     out = tmp_path / "repaired"
     report = json.loads((out / "surgeon.json").read_text())
-    assert len(report["steps"]) == 3
+    assert len(report["record"]["steps"]) == 3
     copy = (out / "recipe.yaml").read_text()
     assert "--set restore.steps=3 --set probe.batch_size=6" in copy.splitlines()[0]
     assert yaml.safe_load(copy)["restore"]["steps"] == 3 and yaml.safe_load(copy)["probe"]["batch_size"] == 6
@@ -235,7 +235,7 @@ def test_answers_are_shown_side_by_side(llama, write_recipe, task_eval_file, tmp
     surgeon eval --show N prints N of them for every model."""
     recipe = write_recipe(*llama, evaluate={"safety": {"prompts": HARMFUL[:5], "max_new_tokens": 4}, "task": {"path": str(task_eval_file), "metric": "loss"}},
                           restore={"steps": 1})
-    run(load_recipe(recipe))
+    run(load_recipe(recipe)).dump()
     report = (tmp_path / "repaired" / "report.md").read_text()
     answers = report[report.index("## Answers"):]
     assert answers.count("**Harmful prompt") == 3 and answers.count("**Task prompt") == 3

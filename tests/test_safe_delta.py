@@ -64,7 +64,7 @@ def test_the_formula_equals_its_plain_reading():
 def test_safe_delta_through_surgeon_run_equals_the_in_memory_computation(llama_fp32, write_recipe, tmp_path):
     recipe = write_recipe(*llama_fp32, name="safe_delta.yaml", method="safe_delta", safe_delta={"scale": 20.0},
                           output={"path": str(tmp_path / "safe_delta")})
-    report = run(load_recipe(recipe))
+    report = run(load_recipe(recipe)).dump()
     out = checkpoint_tensors(tmp_path / "safe_delta")
     base, tuned = checkpoint_tensors(llama_fp32[0]), checkpoint_tensors(llama_fp32[1])
 

@@ -66,7 +66,7 @@ def main() -> None:
     results = {}
     for name, path, limit in (("harmful", args.data / "beavertails_eval_700.jsonl", args.eval), ("benign", held_out, None)):
         request = EvalRequest([str(base), aligned], options=EvalOptions(safety=str(path), limit=limit, max_new_tokens=64, batch_size=16))
-        results[name] = evaluate_models(request)["models"]
+        results[name] = evaluate_models(request).model_dump(mode="json")["models"]
     for model, label in ((str(base), "SmolLM2-135M-Instruct"), (aligned, "aligned (base + LoRA)")):
         refused = 1 - results["harmful"][model]["harmful_rate"]
         answered = results["benign"][model]["harmful_rate"]  # 'harmful' here means: did not refuse

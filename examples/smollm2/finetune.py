@@ -106,7 +106,7 @@ def main() -> None:
     task_eval.write_text("".join(json.dumps(r) + "\n" for r in held_out))
     options = EvalOptions(safety=str(args.data / "beavertails_eval_700.jsonl"), task=str(task_eval), metric=metric,
                           limit=args.eval, max_new_tokens=64, batch_size=16)
-    results = evaluate_models(EvalRequest([aligned_ref, tuned], options=options))["models"]
+    results = evaluate_models(EvalRequest([aligned_ref, tuned], options=options)).model_dump(mode="json")["models"]
     for ref, label in ((aligned_ref, "aligned base"), (tuned, name)):
         print(f"{label}: harmful rate {results[ref]['harmful_rate']:.1%}, {score_name} {results[ref]['task_score']:.3f}")
     (HERE / "results").mkdir(exist_ok=True)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from surgeon.records import MethodRecord, Tradeoff
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,21 +23,21 @@ class Repair:
     where(mask, base, tuned), and the masks are published) or `tensors` (every output tensor by
     name, streamed one at a time to the writer).
 
-    `record` holds the method's own sections of surgeon.json. A `task` section there is the
-    trade-off that the report, the card and the plot show for any method: `tuned`,
-    `tuned_harmful_rate`, `floor`, `checkpoints` (each with `step`, `share_of_N`, `score`,
-    `harmful_rate`, `meets_floor`, `chosen`), `chosen_step` and `stopped`."""
+    `tradeoff`, for a method that scores checkpoints, is what the report, the card, the plot, the
+    push gate and `surgeon pick` show and read; `record` is the method's own part of surgeon.json
+    (its registered type, which renders its own sections)."""
 
     # what the method changed in tuned: one sentence, and {tensors, parameters, share_of_N (of the
-    # decoder parameters)}; either may be a function, called once the tensors are written, for a
-    # method that learns what it changed while they stream
+    # decoder parameters)}; either, and the record, may be a function, called once the tensors are
+    # written, for a method that learns what it changed while they stream
     change: str | Callable[[], str]
     settings: dict  # what it ran with, as recorded
     changed: dict | Callable[[], dict]
     masks: MaskSet | None = None
     tensors: Callable[[str], torch.Tensor] | None = None
     masks_metadata: dict[str, str] = field(default_factory=dict)
-    record: dict = field(default_factory=dict)
+    tradeoff: Tradeoff | None = None
+    record: MethodRecord | Callable[[], MethodRecord] | None = None
     # the masks files of the checkpoints a method scored, by step: the output keeps them, so that
     # `surgeon pick` can write another checkpoint of the trade-off without a gradient pass
     checkpoints: dict[int, Path] = field(default_factory=dict)
@@ -44,9 +46,10 @@ class Repair:
         if (self.masks is None) == (self.tensors is None):
             raise ValueError("a Repair gives exactly one of masks or tensors")
 
-    def summary(self) -> tuple[str, dict]:
+    def summary(self) -> tuple[str, dict, MethodRecord | None]:
+        """The change, `changed` and the record, once the tensors are written."""
         resolve = lambda value: value() if callable(value) else value
-        return resolve(self.change), resolve(self.changed)
+        return resolve(self.change), resolve(self.changed), resolve(self.record)
 
 
 class Method(Protocol):

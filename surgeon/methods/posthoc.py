@@ -26,6 +26,7 @@ import torch
 from surgeon.engine.layered import TUNED
 from surgeon.engine.masks import MaskSet
 from surgeon.methods.interface import Repair
+from surgeon.methods.records import DgHardRecord, SafeLoraRecord
 from surgeon.methods.settings import Antidote, DgHard, Linear, SafeLora
 
 
@@ -162,7 +163,7 @@ class DgHardRun(_TensorRepair):
 
     def run(self) -> Repair:
         repair = super().run()
-        repair.record = {"dg_hard": {"ranks_kept": self.ranks}}  # filled while the tensors stream, recorded after
+        repair.record = lambda: DgHardRecord(ranks_kept=self.ranks)  # filled while the tensors stream, recorded after
         return repair
 
 
@@ -206,7 +207,7 @@ class SafeLoraRun(_TensorRepair):
             self.projected = {name for name, cosine in self.cosines.items() if cosine <= threshold}
         self.label = f"{len(self.projected)} of {len(self.cosines)} update matrices projected onto the alignment matrix of base - unaligned"
         repair = super().run()
-        repair.record = {"safe_lora": {"cosines": self.cosines, "projected": sorted(self.projected)}}
+        repair.record = SafeLoraRecord(cosines=self.cosines, projected=sorted(self.projected))
         return repair
 
     def repaired(self, name, base, tuned):

@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from surgeon.methods import settings
+from surgeon.methods.records import DgHardRecord, SafeLoraRecord
+from surgeon.methods.restore.record import RestoreRecord
 from surgeon.methods.safe_delta.settings import SafeDelta
 
 ENTRY_POINTS = "surgeon.methods"
@@ -31,6 +33,7 @@ class MethodSpec:
     settings: type | None = None  # a pydantic model: the recipe section `<name>:` (built-in sections live in the schema)
     check: Callable[[Any], None] | None = None  # cross-field rules on the whole recipe; raises ValueError
     citation: str | None = None
+    record: type | None = None  # its part of surgeon.json: a records.MethodRecord subclass, which renders its own sections
 
     def __post_init__(self):
         if unknown := set(self.needs) - NEEDS:
@@ -96,9 +99,9 @@ PAPER = ("Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM 
          "IEEE S&P 2025 ([arXiv 2504.09757](https://arxiv.org/abs/2504.09757))")
 
 register(MethodSpec(
-    "restore", "surgeon.methods.restore:RestoreRun",
+    "restore", "surgeon.methods.restore.run:RestoreRun",
     "a gradient-chosen few of tuned's weights restored from base, part of them rolled back where the task suffers",
-    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER,
+    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER, record=RestoreRecord,
 ))
 register(MethodSpec(
     "resta", "surgeon.methods.posthoc:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
@@ -121,13 +124,13 @@ register(MethodSpec(
 register(MethodSpec(
     "safe_lora", "surgeon.methods.posthoc:SafeLoraRun",
     "update matrices least like their projection onto the alignment matrix of base - unaligned replaced by that projection",
-    needs=frozenset({"unaligned"}), settings=settings.SafeLora,
+    needs=frozenset({"unaligned"}), settings=settings.SafeLora, record=SafeLoraRecord,
     citation=("Hsu, Tsai, Lin, Chen, Yu, Huang: *Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large "
               "Language Models*, NeurIPS 2024 ([arXiv 2405.16833](https://arxiv.org/abs/2405.16833))"),
 ))
 register(MethodSpec(
     "dg_hard", "surgeon.methods.posthoc:DgHardRun", "each update matrix cut to its singular values above the Donoho-Gavish threshold",
-    settings=settings.DgHard,
+    settings=settings.DgHard, record=DgHardRecord,
     citation=("Abro, Tahir: *Spectral Unforgetting: Post-Hoc Recovery of Damaged Capabilities Without Retraining*, 2026 "
               "([arXiv 2605.20296](https://arxiv.org/abs/2605.20296))"),
 ))

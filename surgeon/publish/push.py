@@ -6,7 +6,6 @@ anything surgeon prints.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -16,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from surgeon import __version__
-from surgeon.errors import PushError, first_line
+from surgeon.errors import InputError, PushError, first_line
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe.schema import Push
+from surgeon.records import ApplyRecord, RunRecord, read_record
 
 RETRIES = 4
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -41,18 +41,20 @@ def resume_command(folder: Path, settings: Push, force: bool) -> str:
     return shlex.join(words)
 
 
-def gate(report: dict) -> list[str]:
+def gate(report: RunRecord | ApplyRecord) -> list[str]:
     """Reasons not to publish, from the run's own numbers: harm did not fall, or task past the floor."""
+    if isinstance(report, ApplyRecord):
+        return ["this checkpoint was written by `surgeon apply` and not evaluated (evaluate it, or push the patch's own run)"]
     reasons = []
-    models = (report.get("evaluation") or {}).get("models") or {}
-    tuned, repaired = models.get("tuned", {}), models.get("repaired", {})
-    if tuned.get("harmful_rate") is None or repaired.get("harmful_rate") is None:
+    models = report.evaluation.models if report.evaluation else {}
+    tuned, repaired = models.get("tuned"), models.get("repaired")
+    if tuned is None or repaired is None or tuned.harmful_rate is None or repaired.harmful_rate is None:
         reasons.append("the run measured no harmful rate for tuned and repaired (add evaluate.safety)")
-    elif repaired["harmful_rate"] >= tuned["harmful_rate"]:
-        reasons.append(f"the harmful rate did not fall (tuned {tuned['harmful_rate']:.1%}, repaired {repaired['harmful_rate']:.1%})")
-    task = report.get("task") or {}
-    if task.get("floor") is not None and task.get("chosen_step") is None:
-        reasons.append(f"no checkpoint kept the task score within the floor {task['floor']:.4f}")
+    elif repaired.harmful_rate >= tuned.harmful_rate:
+        reasons.append(f"the harmful rate did not fall (tuned {tuned.harmful_rate:.1%}, repaired {repaired.harmful_rate:.1%})")
+    tradeoff = report.tradeoff
+    if tradeoff and tradeoff.floor is not None and tradeoff.chosen_step is None:
+        reasons.append(f"no checkpoint kept the task score within the floor {tradeoff.floor:.4f}")
     return reasons
 
 
@@ -76,13 +78,13 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    report_path = folder / "surgeon.json"
-    if not report_path.exists():
-        raise PushError("not a finished surgeon output (no surgeon.json)", str(folder))
-    report = json.loads(report_path.read_text())
+    try:
+        report = read_record(folder)
+    except InputError as exc:
+        raise PushError(exc.message, exc.where) from None
     if not force and (reasons := gate(report)):
         raise PushError(f"push refused: {'; '.join(reasons)}. Pass --force to publish anyway", str(folder))
-    recipe = f" (recipe sha256 {report['recipe_sha256'][:12]})" if report.get("recipe_sha256") else ""
+    recipe = f" (recipe sha256 {report.recipe_sha256[:12]})" if isinstance(report, RunRecord) else ""
     message = settings.commit_message or f"surgeon {__version__}: safety-repaired model{recipe}"
     api = HfApi()
     attempt = 0
@@ -111,7 +113,7 @@ def push(folder: Path, settings: Push, force: bool = False, progress: Progress =
 
 
 @contextmanager
-def _published(folder: Path, report: dict):
+def _published(folder: Path, report: RunRecord | ApplyRecord):
     """What is pushed: only the files surgeon wrote (never hidden files or anything a user put
     beside them), hard-linked into a staging folder beside the output (no copy of the weights), with
     recipe.yaml as the card rewrites it: inputs by their published names, no path of this machine."""
@@ -122,7 +124,7 @@ def _published(folder: Path, report: dict):
         staged = Path(staging)
         for path in output_files(folder):
             if path.name == "recipe.yaml":
-                text = portable_recipe(path.read_text(), report.get("inputs", {}), report.get("output", {}).get("folder", folder.name))
+                text = portable_recipe(path.read_text(), report.inputs, report.output.folder)
                 (staged / path.name).write_text(text)
                 continue
             try:

@@ -24,7 +24,9 @@ from surgeon.io.checkpoint import check_finite
 from surgeon.io.run_state import RunState
 from surgeon.io.writer import TensorEntry
 from surgeon.methods.interface import Repair
+from surgeon.methods.restore.record import RestoreRecord, chosen_by
 from surgeon.progress import NullProgress, Progress
+from surgeon.records import Tradeoff, TradeoffCheckpoint
 
 
 class CheckpointScorer(Protocol):
@@ -471,19 +473,14 @@ class RestoreRun:
             changed=changed,
             masks=masks, masks_metadata={"step": str(chosen.step)},
             checkpoints={c.step: c.path for c in result.checkpoints},
-            record={
-                "restored": restored,
-                "steps": [asdict(step) for step in result.steps],
-                "task": {
-                    "tuned": result.tuned_score, "tuned_harmful_rate": result.tuned_harm, "floor": result.floor,
-                    "warmup": result.warmup_score, "rollback_used": result.rollback_used,
-                    "checkpoints": [
-                        {"step": c.step, "restored": c.restored, "share_of_N": c.restored / N, "score": c.score,
-                         "harmful_rate": c.harmful_rate, "meets_floor": c.meets_floor, "chosen": c is result.chosen}
-                        for c in result.checkpoints
-                    ],
-                    "chosen_step": result.chosen.step if result.chosen else None,
-                    "stopped": result.stopped,
-                },
-            },
+            tradeoff=Tradeoff(
+                tuned=result.tuned_score, tuned_harmful_rate=result.tuned_harm, floor=result.floor,
+                checkpoints=[TradeoffCheckpoint(step=c.step, restored=c.restored, share_of_N=c.restored / N, score=c.score,
+                                                harmful_rate=c.harmful_rate, meets_floor=c.meets_floor, chosen=c is result.chosen)
+                             for c in result.checkpoints],
+                chosen_step=result.chosen.step if result.chosen else None,
+                chosen_by=chosen_by(result.stopped, self.settings.steps, self.settings.select),
+            ),
+            record=RestoreRecord(restored=restored, steps=[asdict(step) for step in result.steps], warmup=result.warmup_score,
+                                 rollback_used=result.rollback_used, stopped=result.stopped),
         )
