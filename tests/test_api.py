@@ -29,13 +29,13 @@ def test_a_recipe_from_python_repairs_like_the_cli(llama, tmp_path):
     assert recipe.settings.restore.steps == 2 and recipe.validate()
     result = surgeon.repair(recipe, output=tmp_path / "out", overrides={"restore.steps": 1})
     assert result.output == (tmp_path / "out").resolve() and (result.output / "surgeon.json").exists()
-    assert result.method == "restore" and result.chosen_step == 1 and result.record["settings"]["steps"] == 1
-    assert set(result.scores) == {"base", "tuned", "repaired"} and result.scores["repaired"]["harmful_rate"] is not None
+    assert result.method == "restore" and result.chosen_step == 1 and result.record.settings["steps"] == 1
+    assert set(result.scores) == {"base", "tuned", "repaired"} and result.scores["repaired"].harmful_rate is not None
     assert recipe.settings.restore.steps == 2  # an override changes the run, not the recipe
     # the CLI's recipe.yaml is the recipe as written, with the override merged in
     assert "steps: 1" in (result.output / "recipe.yaml").read_text()
     table = surgeon.evaluate(["tuned", str(result.output)], recipe=recipe, benign="none")
-    assert "harmful_rate" in table["models"][str(result.output)]["change_from_first"]
+    assert "harmful_rate" in table.models[str(result.output)].change_from_first
 
 
 def test_overrides_are_checked_like_the_cli_set(llama, tmp_path):
