@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from surgeon.engine.layered import TUNED
-from surgeon.engine.masks import MaskSet
 from surgeon.engine.store import SpillStore
 from surgeon.methods.restore.run import RestoreMethod, RestoreSettings, RollbackPass
 
