@@ -28,7 +28,7 @@ from effectiveness import TASKS, paired, per_row, reported_scores, verdict
 from surgeon.engine.masks import MaskSet
 from surgeon.io.atomic import AtomicOutputDir
 from surgeon.io.references import tokenizer_folder
-from surgeon.io.repaired import write_repaired
+from surgeon.engine.masks import write_repaired
 from surgeon.pipeline import resolve_inputs
 from surgeon.recipe import load_recipe
 from surgeon.recipe.sizes import parse_size

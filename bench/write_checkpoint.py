@@ -12,7 +12,7 @@ from pathlib import Path
 from surgeon.engine.masks import MaskSet
 from surgeon.io.atomic import AtomicOutputDir
 from surgeon.io.references import resolve_model, tokenizer_folder
-from surgeon.io.repaired import write_repaired
+from surgeon.engine.masks import write_repaired
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("base", help="the recipe's base (a folder, or model+adapter)")

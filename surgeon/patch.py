@@ -109,11 +109,11 @@ def fingerprint_mismatches(patch: Patch, described: dict) -> list[str]:
 def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, overwrite: bool = False, force: bool = False,
           progress: Progress = NullProgress()) -> ApplyRecord:
     """Write the patch applied to base and tuned at `output` (atomically, like a run); the record."""
-    from surgeon.engine.masks import MaskSet
+    from surgeon.engine.masks import MaskSet, write_repaired
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.preflight import check_compatible
     from surgeon.io.references import resolve_model, tokenizer_folder
-    from surgeon.io.repaired import write_checkpoint, write_repaired
+    from surgeon.io.repaired import write_checkpoint
     from surgeon.publish.card import render_applied_card
     from surgeon.report import tool_identity
 

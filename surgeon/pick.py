@@ -21,11 +21,10 @@ from surgeon.records import Changed, ModelScores, RunRecord, read_run_record
 def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: Progress = NullProgress()) -> RunRecord:
     """The output of `loaded` (or `output`) rewritten at checkpoint `step`; its new record."""
     from surgeon.context import ModelPair, ModelSettings, resolve_device
-    from surgeon.engine.masks import MaskSet
+    from surgeon.engine.masks import MaskSet, write_repaired
     from surgeon.evaluation.evaluator import Candidate
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.references import tokenizer_folder
-    from surgeon.io.repaired import write_repaired
     from surgeon.methods.restore.record import Restored, RestoreRecord
     from surgeon.methods.restore.run import masks_summary
     from surgeon.patch import Patch, fingerprint_mismatches

@@ -311,7 +311,8 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
 
 def _write_repair(repair, context, folder: Path) -> list[str]:
     """The repaired checkpoint in tuned's names and layout, and the masks when the method chose weights."""
-    from surgeon.io.repaired import write_checkpoint, write_repaired
+    from surgeon.engine.masks import write_repaired
+    from surgeon.io.repaired import write_checkpoint
 
     recipe, pair = context.recipe, context.pair
     shard_bytes = recipe.output.max_shard_size

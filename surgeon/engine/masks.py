@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from surgeon.io.references import ResolvedModel
 from surgeon.io.writer import TensorEntry, write_file
+from surgeon.progress import NullProgress, Progress
 
 
 class MaskSet:
@@ -108,3 +110,16 @@ class MaskSet:
         for name in sorted(self._bits):
             digest.update(name.encode() + b"\0" + self._bits[name].tobytes())
         return digest.hexdigest()
+
+
+def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet) -> torch.Tensor:
+    """Bit-exact copies: base's stored value where the mask is set, tuned's elsewhere."""
+    return masks.apply(name, tuned.tensors.get(name), lambda indices: base.tensors.gather(name, indices))
+
+
+def write_repaired(folder: Path, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet, dtype: str | None, max_shard_bytes: int,
+                   tokenizer_folder: Path, progress: Progress = NullProgress()) -> list[str]:
+    """The repaired checkpoint where(mask, base, tuned), in tuned's names, layout and files."""
+    from surgeon.io.repaired import write_checkpoint
+
+    return write_checkpoint(folder, tuned, lambda n: repaired_tensor(n, base, tuned, masks), dtype, max_shard_bytes, tokenizer_folder, progress)

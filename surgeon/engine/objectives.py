@@ -11,13 +11,28 @@ import torch
 from surgeon import processes
 
 if TYPE_CHECKING:
-    from surgeon.engine.layered import LayeredModel, Plan, PreparedInputs
+    from surgeon.data.batches import Batch
+    from surgeon.engine.masks import MaskSet
 
 BatchLoss = Callable[[int, torch.Tensor], torch.Tensor]  # (batch index, hidden states) -> loss
 
 
+class Engine(Protocol):
+    """What an objective asks of the engine that runs the pass (engine/layered.LayeredModel)."""
+
+    device: torch.device
+
+    def output_head(self, plan: str | MaskSet) -> AbstractContextManager[Callable[[torch.Tensor], torch.Tensor]]: ...
+
+
+class Prepared(Protocol):
+    """The prompt set of the pass (engine/layered.PreparedInputs): its batches, this process's share."""
+
+    batches: list[Batch]
+
+
 class Objective(Protocol):
-    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan) -> AbstractContextManager[BatchLoss]:
+    def losses(self, engine: Engine, prepared: Prepared, plan: str | MaskSet) -> AbstractContextManager[BatchLoss]:
         """Opened once per pass, around the batches' losses (what they need is held only meanwhile)."""
         ...
 
@@ -30,7 +45,7 @@ class TowardDirection:
     direction: torch.Tensor
 
     @contextmanager
-    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan):
+    def losses(self, engine: Engine, prepared: Prepared, plan: str | MaskSet):
         target = self.direction.to(engine.device, torch.float32)
         yield lambda b, hidden: -torch.nn.functional.cosine_similarity(hidden[:, -1, :].float().mean(0), target, dim=0)
 
@@ -46,7 +61,7 @@ class AnswerLoss:
     norm and the output head. The pass must run through every decoder layer."""
 
     @contextmanager
-    def losses(self, engine: LayeredModel, prepared: PreparedInputs, plan: Plan):
+    def losses(self, engine: Engine, prepared: Prepared, plan: str | MaskSet):
         total = processes.sum_(torch.tensor(sum(b.answer_weights().sum().item() for b in prepared.batches), dtype=torch.float64)).item()
         with engine.output_head(plan) as logits:
             def loss(b: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ class Candidates:
         return self._input("tuned", TUNED, self.tuned_model)
 
     def repaired(self, masks: MaskSet, name: str = "repaired") -> Candidate:
-        from surgeon.io.repaired import repaired_tensor
+        from surgeon.engine.masks import repaired_tensor
 
         fingerprint = lambda: combine(self._fingerprint(self.tuned_model), self._fingerprint(self.base_model), masks.digest())
         get = lambda n: repaired_tensor(n, self.base_model, self.tuned_model, masks)

@@ -1,4 +1,5 @@
-"""Write the repaired checkpoint: tuned with masked entries copied from base, plus its files."""
+"""Write a checkpoint in tuned's names, layout and files, each tensor's value from a function
+(a method's tensors, or `engine.masks.write_repaired`'s where(mask, base, tuned))."""
 
 from __future__ import annotations
 
@@ -9,17 +10,11 @@ from typing import Callable
 
 import torch
 
-from surgeon.engine.masks import MaskSet
 from surgeon.io.references import TOKENIZER_FILES, ResolvedModel
 from surgeon.io.writer import TensorEntry, write_sharded
 from surgeon.progress import NullProgress, Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def repaired_tensor(name: str, base: ResolvedModel, tuned: ResolvedModel, masks: MaskSet) -> torch.Tensor:
-    """Bit-exact copies: base's stored value where the mask is set, tuned's elsewhere."""
-    return masks.apply(name, tuned.tensors.get(name), lambda indices: base.tensors.gather(name, indices))
 
 
 def planned_dtypes(tuned: ResolvedModel, dtype: str | None) -> dict[str, torch.dtype]:
@@ -43,19 +38,6 @@ def write_checkpoint(
     shards = write_sharded(folder, entries, lambda n: get(n).to(planned[n]), max_shard_bytes, progress)
     _copy_model_files(folder, tuned, tokenizer_folder, dtype)
     return shards
-
-
-def write_repaired(
-    folder: Path,
-    base: ResolvedModel,
-    tuned: ResolvedModel,
-    masks: MaskSet,
-    dtype: str | None,
-    max_shard_bytes: int,
-    tokenizer_folder: Path,
-    progress: Progress = NullProgress(),
-) -> list[str]:
-    return write_checkpoint(folder, tuned, lambda n: repaired_tensor(n, base, tuned, masks), dtype, max_shard_bytes, tokenizer_folder, progress)
 
 
 def _copy_model_files(folder: Path, tuned: ResolvedModel, tokenizer_folder: Path, dtype: str | None) -> None:
