@@ -368,7 +368,7 @@ def validate(recipe, settings, schema_only, show, verbose, quiet):
 @_verbosity
 @_reported
 def plan(recipe, settings, output, no_calibrate, verbose, quiet):
-    """What a restore run of RECIPE needs: layers, E, k, N, peak memory, disk, and the time of a step."""
+    """What a run of RECIPE needs: peak memory, disk, and what its method estimates (restore: L, E, k, N, a step's time)."""
     from surgeon.pipeline import destination
     from surgeon.plan import plan as plan_run
     from surgeon.recipe import load_recipe
@@ -378,18 +378,13 @@ def plan(recipe, settings, output, no_calibrate, verbose, quiet):
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     with _progress(quiet) as progress:
         facts = plan_run(loaded, destination(loaded, RunOptions(output=output)), progress, calibrate=not no_calibrate)
-    memory, disk = facts["memory"], facts["disk"]
-    click.echo(f"decoder layers L {facts['layers']}, probe layer E {facts['probe_layer']}, N {facts['decoder_parameters']:,}, "
-               f"k {facts['budget_per_step']:,} per step, {facts['in_scope_parameters']:,} weights in scope")
-    click.echo(f"memory: peak about {gib(facts['peak_memory_bytes'])} (imports {gib(memory['imports'])}, activations "
-               f"{gib(memory['activations'])}, kept autograd graphs {gib(memory['graphs'])}, gradients {gib(memory['gradients'])}, "
-               f"one layer {gib(memory['one_layer'])}, "
-               f"generation model {gib(memory['generation_model'])}); compute.max_memory {gib(facts['memory_budget_bytes'])}")
-    click.echo(f"disk: {gib(facts['disk_bytes'])} (output {gib(disk['output'])}, spill {gib(disk['spill'])}, saved state "
-               f"{gib(disk['run_state'])}, evaluation checkpoint {gib(disk['evaluation_checkpoint'])}); {gib(facts['free_disk_bytes'])} free")
-    if "seconds_per_step" in facts:
-        click.echo(f"time: one layer's gradient work {facts['seconds_per_layer']:.2f} s, so about {facts['seconds_per_step']:.0f} s "
-                   "per restore step (scoring checkpoints comes on top)")
+    parts = lambda named: ", ".join(f"{name.replace('_', ' ')} {gib(size)}" for name, size in named.items())
+    for line in facts.lines[:1]:  # the method's own facts first (restore: L, E, N, k)
+        click.echo(line)
+    click.echo(f"memory: peak about {gib(facts.peak_memory_bytes)} ({parts(facts.memory)}); compute.max_memory {gib(facts.memory_budget_bytes)}")
+    click.echo(f"disk: {gib(facts.disk_bytes)} ({parts(facts.disk)}); {gib(facts.free_disk_bytes)} free")
+    for line in facts.lines[1:]:
+        click.echo(line)
 
 
 @main.command()

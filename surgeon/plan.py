@@ -1,21 +1,53 @@
-"""`surgeon plan`: what a run will need, before it starts: sizes from the checkpoint's headers
-and the prompts' token counts, and one decoder layer timed to estimate a restore step."""
+"""`surgeon plan`: what a run will need, before it starts, from the checkpoint's headers and the
+prompts' token counts. The part every method shares (imports, the model loaded to generate, the
+output and the checkpoint written to judge it) is here; a method that registers an estimate
+(`MethodSpec.plan`: restore's is methods/restore/plan.py) adds its own memory, disk, facts and time."""
 
 from __future__ import annotations
 
 import math
 import shutil
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from surgeon.allocator import slack_for
-from surgeon.engine.topk import PILE
 from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
 IMPORTS_BYTES = 360 * 2**20  # torch, transformers and surgeon loaded, measured on the demo (0.34-0.36 GiB)
-GRAPH_TENSORS = 24  # what autograd saves of a Llama-shaped layer, a token: its norms, projections, attention and MLP inputs
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Estimate:
+    """A method's own needs: peak memory and disk by part, the facts they rest on, and what
+    `surgeon plan` prints of them."""
+
+    memory: dict[str, int] = field(default_factory=dict)
+    disk: dict[str, int] = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    time: Callable[[], tuple[float, list[str]]] | None = None  # a step's seconds and what to print, measured (calibration)
+
+
+@dataclass
+class ResourcePlan:
+    method: str
+    memory: dict[str, int]  # the parts of the peak, each at its largest
+    disk: dict[str, int]
+    memory_budget_bytes: int  # compute.max_memory's one meaning
+    free_disk_bytes: int
+    facts: dict
+    lines: list[str]
+    seconds_per_step: float | None = None
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(self.disk.values())
 
 
 def _free_disk(folder: Path) -> int:
@@ -25,127 +57,46 @@ def _free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _prompt_tokens(pair, prompts: list[str], system_prompt: str | None, answers: list[str] | None = None) -> list[tuple[int, int]]:
-    """Each prompt's (tokens, answer tokens), chat-templated as the batches will hold them; the
-    answer's 0 without `answers`."""
-    from surgeon.data.batches import answer_ids, prompt_ids
-
-    if answers is None:
-        return [(len(ids), 0) for ids in prompt_ids(pair.tokenizer, prompts, system_prompt)]
-    return [(len(asked), len(answer)) for asked, answer in answer_ids(pair.tokenizer, prompts, answers, system_prompt)]
-
-
-def _total_and_longest(lengths: list[tuple[int, int]]) -> tuple[int, int]:
-    whole = [asked + answer for asked, answer in lengths]
-    return sum(whole), max(whole, default=0)
-
-
-def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> dict:
-    """Layers, E, k, N, the memory and disk a restore run needs, and a timed layer; refuses when
-    the destination's disk cannot hold the output, the spill and the saved state."""
-    import torch
-
+def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> ResourcePlan:
+    """The memory, disk (and, where the method estimates it, time) a run of `loaded` needs;
+    refuses when the destination's disk cannot hold it."""
     from surgeon.context import ModelPair, ModelSettings, resolve_device
-    from surgeon.data.batches import prompt_batches
-    from surgeon.engine.layered import TUNED
-    from surgeon.engine.masks import MaskSet
-    from surgeon.engine.objectives import TowardDirection
-    from surgeon.pipeline import layout_facts, resolve_inputs
     from surgeon.io.references import tokenizer_folder
+    from surgeon.methods.registry import method_spec
+    from surgeon.pipeline import resolve_inputs
 
     recipe = loaded.recipe
+    spec = method_spec(recipe.method)
     inputs = resolve_inputs(loaded, progress)
-    device = resolve_device(recipe.compute.device)
-    settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, True), device, progress)
+    settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, True),
+                                resolve_device(recipe.compute.device), progress)
     scratch = destination.parent / f".{destination.name}.surgeon-plan"
-    pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, scratch)
-    layout, tensors = pair.layout, inputs.tuned.tensors
-    facts = layout_facts(recipe, layout, tensors)
-    probe_layer, in_scope = facts["probe_layer"], facts["in_scope_parameters"]
-    scope = layout.scope(probe_layer)
-    compute = _DTYPE_BYTES[recipe.compute.dtype]
-    hidden = pair.config.get_text_config().hidden_size
-
-    harmful_tokens, longest = _total_and_longest(_prompt_tokens(pair, inputs.harmful, recipe.probe.system_prompt))
-    # each gradient pass: (its layers, its padded tokens: left padding to the longest prompt, at most);
-    # restore's on the harmful prompts to E, rollback's on the task prompts to E or, on their
-    # answers' loss, with the answers through every layer
-    answer_loss = recipe.rollback.objective == "answer_loss"
-    task_lengths = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt, inputs.task_answers if answer_loss else None)
-    task_tokens, task_longest = _total_and_longest(task_lengths)
-    passes = [(probe_layer, len(inputs.harmful) * longest)]
-    if recipe.rollback.mode != "never":
-        passes.append((layout.num_layers if answer_loss else probe_layer, len(inputs.task) * task_longest))
-    # a gradient pass keeps every boundary of its prompt set, plus each set's layer-0 inputs
-    activations = max((layers + 1) * padded for layers, padded in passes) * hidden * compute
-    budget = settings.budget
-    activations += (harmful_tokens + task_tokens) * hidden * compute
-    # restore-only steps accumulate fp32 gradients, kept for the next step (none after the last)
-    gradients = in_scope * 4 if recipe.rollback.mode != "always" and recipe.restore.steps > 1 else 0
-    layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
-    # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
-    # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
-    room = max(0, budget // 2 - activations - slack_for(budget))
-    graph_layer = lambda padded: layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
-    graphs = max(min(layers, room // graph_layer(padded)) * graph_layer(padded) for layers, padded in passes)
-    held = min(activations, budget // 2) + graphs + min(gradients, budget - budget // 2)
-    spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
-    largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
-    stored = max(tensors.dtype(n).itemsize for n in tensors.names())
-    # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
-    # stored, the merged value and the selection's fp32 scores; the top-k's candidates (up to PILE * k
-    # of them: value and entry id, and at the end their concatenation with tensor ids); the heap's trim slack
-    working_layer = (layer_params * (compute + 4) + largest * (2 * stored + compute + 4)
-                     + math.ceil(PILE * facts["budget_per_step"]) * ((4 + 8) + (4 + 8 + 8)) + slack_for(budget))
-    if answer_loss:  # the top of the answers' pass: the output head, and a batch's fp32 logits at its answer tokens,
-        # their log-softmax and its gradient
-        vocab, size = pair.config.get_text_config().vocab_size, recipe.probe.batch_size
-        answered = max(sum(answer for _, answer in task_lengths[i : i + size]) for i in range(0, len(task_lengths), size))
-        working_layer = max(working_layer, vocab * hidden * compute + 3 * answered * vocab * 4 + slack_for(budget))
-    model_bytes = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
-    task = recipe.evaluate.task
-    generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
-    generation = 0
-    if generates:
-        whole = sum(math.prod(tensors.shape(n)) for n in tensors.names()) * compute
-        resident = min(whole, settings.generation_budget) if settings.generation_budget else whole
-        generation = 2 * resident  # while loading, the checkpoint's mapped pages count too
-    out_bytes = _DTYPE_BYTES.get(recipe.output.dtype or "", 0)
-    output = sum(math.prod(tensors.shape(n)) * (out_bytes or tensors.dtype(n).itemsize) for n in tensors.names())
-    checkpoints = recipe.restore.steps // recipe.restore.save_every + 1
-    state = gradients + checkpoints * math.ceil(in_scope / 8)  # the saved gradients, and each checkpoint's bit masks
-    evaluation = model_bytes if generates else 0  # a checkpoint written for from_pretrained
-    disk = output + spill + state + evaluation
-    free = _free_disk(destination.parent)
-    result = {
-        **facts,
-        "memory_budget_bytes": budget,
-        "peak_memory_bytes": IMPORTS_BYTES + held + working_layer + generation,
-        "memory": {"imports": IMPORTS_BYTES, "activations": min(activations, budget // 2), "graphs": graphs,
-                   "gradients": min(gradients, budget - budget // 2), "one_layer": working_layer, "generation_model": generation},
-        "disk_bytes": disk, "disk": {"output": output, "spill": spill, "run_state": state, "evaluation_checkpoint": evaluation},
-        "free_disk_bytes": free,
-    }
-    if disk > free:
-        raise OutputError(f"the run needs {disk / 1e9:.1f} GB of disk beside the destination (output {output / 1e9:.1f}, spill "
-                          f"{spill / 1e9:.1f}, saved state {state / 1e9:.1f}, evaluation {evaluation / 1e9:.1f}) and {free / 1e9:.1f} GB are free",
-                          str(destination.parent))
-    if calibrate:
-        try:
-            batches = prompt_batches(pair.tokenizer, inputs.harmful, recipe.probe.batch_size, recipe.probe.system_prompt)
-            prepared = pair.engine.prepare(batches, TUNED, 1)
-            target = torch.randn(hidden)
-            timed = []
-            for _ in range(2):  # the second, once allocations and kernels are warm
-                started = time.perf_counter()
-                pair.engine.gradient_pass(prepared, MaskSet({}), TowardDirection(target), 1, [scope[0]], lambda raw, grads: None, description="calibrating layer 0")
-                timed.append(time.perf_counter() - started)
-            layer_seconds = timed[-1]
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        result["seconds_per_layer"] = layer_seconds
-        # the layer was timed on the harmful prompts; rollback's pass scales by its layers and tokens
-        rollback = passes[1][0] * task_tokens / max(harmful_tokens, 1) if recipe.rollback.mode == "always" else 0
-        result["seconds_per_step"] = layer_seconds * (probe_layer + rollback)
+    try:
+        pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, scratch)
+        own = spec.estimate(recipe, inputs, pair) if spec.plan else Estimate(
+            lines=[f"method {spec.name} declares no estimate of its own: the figures are the output's and the evaluation's"])
+        tensors = inputs.tuned.tensors
+        compute = DTYPE_BYTES[recipe.compute.dtype]
+        task = recipe.evaluate.task
+        generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
+        generation = 0
+        if generates:
+            whole = sum(math.prod(tensors.shape(n)) for n in tensors.names()) * compute
+            resident = min(whole, settings.generation_budget) if settings.generation_budget else whole
+            generation = 2 * resident  # while loading, the checkpoint's mapped pages count too
+        out_bytes = DTYPE_BYTES.get(recipe.output.dtype or "", 0)
+        output = sum(math.prod(tensors.shape(n)) * (out_bytes or tensors.dtype(n).itemsize) for n in tensors.names())
+        stored = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
+        disk = {"output": output, **own.disk, "evaluation_checkpoint": stored if generates else 0}  # a checkpoint written for from_pretrained
+        result = ResourcePlan(spec.name, {"imports": IMPORTS_BYTES, **own.memory, "generation_model": generation}, disk, settings.budget,
+                              _free_disk(destination.parent), own.facts, own.lines)
+        if result.disk_bytes > result.free_disk_bytes:
+            parts = ", ".join(f"{name.replace('_', ' ')} {size / 1e9:.1f}" for name, size in disk.items())
+            raise OutputError(f"the run needs {result.disk_bytes / 1e9:.1f} GB of disk beside the destination ({parts}) and "
+                              f"{result.free_disk_bytes / 1e9:.1f} GB are free", str(destination.parent))
+        if calibrate and own.time is not None:
+            result.seconds_per_step, timed = own.time()
+            result.lines += timed
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return result
-

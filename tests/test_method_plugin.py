@@ -1,7 +1,9 @@
 """A method from outside surgeon: one class, one registration, then `surgeon run` writes, evaluates,
-reports and cards it like the built-in ones, with no edit to the CLI or the pipeline."""
+reports and cards it like the built-in ones, with its own record and sections, and `surgeon plan`
+adds its own estimate, with no edit to the CLI, the pipeline, the report or the card."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,11 +15,29 @@ from safetensors.torch import load_file
 from surgeon.cli import main
 from surgeon.methods.interface import Repair
 from surgeon.methods.registry import MethodSpec, register, unregister
+from surgeon.plan import Estimate
+from surgeon.records import MethodRecord
 
 
 class MidpointSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     weight: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class MidpointRecord(MethodRecord):
+    moved: int  # tensors moved toward base
+
+    def report_sections(self, run):
+        return ["## Midpoint", "", f"{self.moved} tensors moved toward base.", ""]
+
+    def card_sections(self, run):
+        return [f"Midpoint moved {self.moved} tensors.", ""]
+
+
+def midpoint_estimate(recipe, inputs, pair):
+    tensors = inputs.tuned.tensors
+    largest = max(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
+    return Estimate(memory={"one_tensor_each_side": 3 * largest}, lines=["midpoint holds one tensor of base, tuned and the output at a time"])
 
 
 class Midpoint:
@@ -36,13 +56,14 @@ class Midpoint:
 
     def run(self):
         return Repair(f"decoder layers below {self.context.probe_layer} moved {self.weight} of the way to base",
-                      {"weight": self.weight}, self.context.share_of_decoder(self.names), tensors=self.get)
+                      {"weight": self.weight}, self.context.share_of_decoder(self.names), tensors=self.get,
+                      record=MidpointRecord(moved=len(self.names)))
 
 
 @pytest.fixture
 def midpoint():
     register(MethodSpec("midpoint", Midpoint, "tuned moved part of the way to base", settings=MidpointSettings,
-                        citation="a toy method of the tests"))
+                        citation="a toy method of the tests", record=MidpointRecord, plan=midpoint_estimate))
     yield
     unregister("midpoint")
 
@@ -72,8 +93,12 @@ def test_a_registered_method_runs_through_surgeon_run(midpoint, llama, tmp_path,
     assert set(models) == {"base", "tuned", "repaired"} and models["repaired"]["task_score"] != models["tuned"]["task_score"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "**midpoint**" in card and "a toy method of the tests" in card and "moved 0.25 of the way to base" in card
-    assert "midpoint" in (tmp_path / "out" / "report.md").read_text()
+    assert "## Midpoint\n\n18 tensors moved toward base." in (tmp_path / "out" / "report.md").read_text()
+    assert "Midpoint moved 18 tensors." in card and report["record"] == {"moved": 18}
     assert not (tmp_path / "out" / "masks.safetensors").exists()
+    planned = CliRunner().invoke(main, ["plan", str(recipe), "-q"])
+    assert planned.exit_code == 0, planned.output
+    assert "midpoint holds one tensor of base, tuned and the output at a time" in planned.output and "one tensor each side" in planned.output
 
 
 def test_a_registered_methods_section_is_strict(midpoint, tmp_path):

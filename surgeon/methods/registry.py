@@ -34,17 +34,25 @@ class MethodSpec:
     check: Callable[[Any], None] | None = None  # cross-field rules on the whole recipe; raises ValueError
     citation: str | None = None
     record: type | None = None  # its part of surgeon.json: a records.MethodRecord subclass, which renders its own sections
+    plan: str | Callable[[Any, Any, Any], Any] | None = None  # (recipe, inputs, model pair) -> plan.Estimate: `surgeon plan`
 
     def __post_init__(self):
         if unknown := set(self.needs) - NEEDS:
             raise ValueError(f"method '{self.name}' needs unknown inputs {sorted(unknown)}; known: {sorted(NEEDS)}")
 
     def build(self, context):
-        factory = self.factory
-        if isinstance(factory, str):
-            module, _, attribute = factory.partition(":")
-            factory = getattr(importlib.import_module(module), attribute)
-        return factory(context)
+        return _resolved(self.factory)(context)
+
+    def estimate(self, recipe, inputs, pair):
+        """Its own needs for `surgeon plan` (a plan.Estimate)."""
+        return _resolved(self.plan)(recipe, inputs, pair)
+
+
+def _resolved(function: str | Callable) -> Callable:
+    if isinstance(function, str):
+        module, _, attribute = function.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    return function
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -101,7 +109,7 @@ PAPER = ("Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM 
 register(MethodSpec(
     "restore", "surgeon.methods.restore.run:RestoreRun",
     "a gradient-chosen few of tuned's weights restored from base, part of them rolled back where the task suffers",
-    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER, record=RestoreRecord,
+    needs=frozenset({"data"}), check=_restore_rules, citation=PAPER, record=RestoreRecord, plan="surgeon.methods.restore.plan:estimate",
 ))
 register(MethodSpec(
     "resta", "surgeon.methods.posthoc:RestaRun", "tuned + scale x (base - unaligned)", needs=frozenset({"unaligned"}),
