@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from surgeon.allocator import fit_to_budget, release_free_memory
 from surgeon.errors import InputError
 from surgeon.io.references import ResolvedModel
+from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress
 from surgeon.recipe.schema import Evaluate, Recipe
 
@@ -63,11 +64,13 @@ class ModelSettings:
     system_prompt: str | None
     resolve: Callable[[str], str]  # a recipe reference (a judge model) to a loadable one
     progress: Progress = NullProgress()
+    collective: Collective = SOLO  # the processes of a data-parallel run (processes.start)
 
     @classmethod
-    def of(cls, compute, system_prompt: str | None, resolve: Callable[[str], str], device: str, progress: Progress) -> "ModelSettings":
+    def of(cls, compute, system_prompt: str | None, resolve: Callable[[str], str], device: str, progress: Progress,
+           collective: Collective = SOLO) -> "ModelSettings":
         return cls(device, compute.dtype, memory_budget(compute.max_memory, device),
-                   compute.max_memory, system_prompt, resolve, progress)
+                   compute.max_memory, system_prompt, resolve, progress, collective)
 
     @property
     def bounded(self) -> bool:
@@ -112,7 +115,8 @@ class ModelPair:
         from surgeon.engine.layered import LayeredModel
 
         s = self.settings
-        return LayeredModel(self.config, self.base.tensors, self.tuned.tensors, self.activations, s.device, self.torch_dtype, s.progress)
+        return LayeredModel(self.config, self.base.tensors, self.tuned.tensors, self.activations, s.device, self.torch_dtype, s.progress,
+                            s.collective)
 
     @property
     def layout(self):
@@ -141,7 +145,7 @@ class ModelPair:
         s = self.settings
         safety = task = None
         if spec.safety is not None:
-            safety = safety_set(spec.safety, safety_prompts, build_judge(spec.safety, s.resolve, s.device, spec.batch_size, self.workspace))
+            safety = safety_set(spec.safety, safety_prompts, build_judge(spec.safety, s.resolve, s.device, spec.batch_size, self.workspace, s.collective))
         if spec.task is not None:
             prompts, references = task_rows
             streamed = None
@@ -157,7 +161,8 @@ class ModelPair:
             kl = TaskDivergence(self.engine, prompt_batches(self.tokenizer, benign_prompts, spec.batch_size, s.system_prompt)) if divergence else None
             benign = BenignSet(benign_prompts, spec.benign.max_new_tokens, refusals.refuses, kl, refusals.refusal_settled)
         load = self.candidates.loader(s.device, self.torch_dtype, s.generation_budget)
-        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign, stop_early=stop_early)
+        return Evaluator(safety, task, load, spec.batch_size, s.system_prompt, progress=s.progress, benign=benign, stop_early=stop_early,
+                         collective=s.collective)
 
 
 @dataclass

@@ -233,14 +233,15 @@ def run(loaded: LoadedRecipe, overrides: RunOptions = RunOptions(), progress: Pr
     torch.manual_seed(recipe.seed)
     with timer.phase("resolve"):
         inputs = resolve_inputs(loaded, progress)
-    device = processes.start(resolve_device(overrides.device or recipe.compute.device))
+    device, collective = processes.start(resolve_device(overrides.device or recipe.compute.device))
     try:
-        return _run(loaded, spec, inputs, device, overrides, timer, progress)
+        return _run(loaded, spec, inputs, device, collective, overrides, timer, progress)
     finally:
-        processes.stop()
+        collective.stop()
 
 
-def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: RunOptions, timer, progress: Progress) -> RunRecord:
+def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, collective: processes.Collective, overrides: RunOptions, timer,
+         progress: Progress) -> RunRecord:
     """`run` past resolving: in a data-parallel run every process repairs and evaluates its
     share; the main process alone writes the saved state, the output and its records, and pushes."""
     from surgeon.context import ModelPair, ModelSettings, RunContext
@@ -249,7 +250,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
     from surgeon.report import build_record, tool_identity
 
     recipe: Recipe = loaded.recipe
-    main = processes.is_main()
+    main = collective.is_main
     with AtomicOutputDir(destination(loaded, overrides), overrides.overwrite, input_paths(loaded, inputs), lock=main) as output:
         with timer.phase("resolve"):  # after the destination check: hashing a large local model takes minutes
             described = _describe_inputs(loaded, inputs, progress)
@@ -261,12 +262,12 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
                "device": device, "surgeon": tool_identity()}
         if main:
             state = RunState.open(state_folder(output.destination), key, overrides.fresh, progress)
-        processes.barrier()
+        collective.barrier()
         if not main:
             state = RunState.open(state_folder(output.destination), key, writer=False)
         with timer.phase("prepare"):
             settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True),
-                                        device, progress)
+                                        device, progress, collective)
             pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, output.workspace)
             context = RunContext(recipe, inputs, pair, output.workspace, state, progress)
             method = spec.build(context)
@@ -292,7 +293,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
         report = build_record(
             method=spec.name, recipe_sha256=loaded.sha256, inputs=described,
             settings={**repair.settings, "layers_L": layout.num_layers, "device": device, "compute_dtype": recipe.compute.dtype,
-                      "world_size": processes.world_size()},
+                      "world_size": collective.world_size},
             change=change, changed=changed, tradeoff=repair.tradeoff, record=record, evaluation=evaluation, decoder_parameters=layout.decoder_parameters, timer=timer,
             output={"shards": shards, "folder": output.destination.name},
             memory={"max_decoder_layers_materialized": pair.engine.max_materialized_layers, "budget_bytes": settings.budget,
@@ -300,7 +301,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, overrides: Run
                     "activations_peak_bytes": activations.peak_bytes if activations is not None else 0,
                     "spilled_bytes": sum(store.spilled_bytes for store in stores)},
         )
-        processes.barrier()  # every process is past the saved checkpoints before they go
+        collective.barrier()  # every process is past the saved checkpoints before they go
         if not main:
             return report
         write_records(output.temporary, report, loaded, inputs.tuned)

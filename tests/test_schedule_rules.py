@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from surgeon.engine.layered import TUNED
 from surgeon.engine.store import SpillStore
 from surgeon.methods.restore.run import RestoreMethod, RestoreSettings, RollbackPass
+from surgeon.processes import SOLO
 
 BUDGET, SIZE = 4, 4096
 
@@ -59,7 +60,7 @@ class Scripted(RestoreMethod):
 
 
 def schedule(tmp_path, scores, harms=None, **options):
-    engine = SimpleNamespace(tuned=SimpleNamespace(shape=lambda name: (SIZE,)), release=lambda inputs: None)
+    engine = SimpleNamespace(tuned=SimpleNamespace(shape=lambda name: (SIZE,)), release=lambda inputs: None, collective=SOLO)
     method = Scripted(engine, [["w"]], None, None, RollbackPass(None, 1), RestoreSettings(probe_layer=1, budget=BUDGET, **options),
                       tmp_path / "checkpoints", SpillStore(2**20, tmp_path / "spill"), Scorer(scores, harms))
     return method, method.run()

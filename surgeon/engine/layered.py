@@ -20,7 +20,6 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from transformers import PretrainedConfig
 
-from surgeon import processes
 from surgeon.data.batches import Batch
 from surgeon.allocator import release_free_memory, slack
 from surgeon.engine.layout import ModelLayout, build_skeleton
@@ -28,6 +27,7 @@ from surgeon.engine.masks import MaskSet
 from surgeon.engine.objectives import Objective
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource, check_finite
+from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress
 
 BASE = "base"
@@ -203,9 +203,11 @@ class LayeredModel:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: Progress = NullProgress(),
+        collective: Collective = SOLO,
     ):
         self.config, self.base, self.tuned = config, base, tuned
         self.store, self.device, self.dtype, self.progress = store, torch.device(device), dtype, progress
+        self.collective = collective  # a data-parallel run's processes: each passes its share of the batches
         self.skeleton = build_skeleton(config, dtype)
         self.layout = ModelLayout.from_checkpoint(tuned.names(), {n: tuned.shape(n) for n in tuned.names()}, self.skeleton)
         self.stack = self.layout.stack
@@ -278,7 +280,7 @@ class LayeredModel:
         """Embed each batch with `embeddings` (BASE or TUNED) and capture each layer's arguments.
         In a data-parallel run this process keeps its share of the batches; the passes sum or
         gather over the processes what they compute from them."""
-        batches = processes.share(batches)
+        batches = self.collective.share(batches)
         source = self.base if embeddings == BASE else self.tuned
         prepared = PreparedInputs(f"inputs{next(self._tags)}", batches, [])
         owner, attribute = self.stack.owner, self.stack.attribute
@@ -383,7 +385,7 @@ class LayeredModel:
         """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
         self._forward(prepared, plan, num_layers, keep=False, description=description)
         states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
-        return torch.cat(processes.gather(states)).to(self.device)
+        return torch.cat(self.collective.gather(states)).to(self.device)
 
     def linear_inputs(self, prepared: PreparedInputs, plan: Plan, statistic: Callable[[torch.Tensor], torch.Tensor],
                       on_layer: Callable[[int, dict[str, torch.Tensor]], None], description: str) -> None:
@@ -413,7 +415,7 @@ class LayeredModel:
         def after_layer(index: int) -> None:
             # every process sums, even one whose share of the batches is empty (its statistic of no token)
             empty = lambda features: statistic(torch.zeros(0, features, device=self.device))
-            layer_sums = {weight: processes.sum_(sums.pop(weight) if weight in sums else empty(features)) for _, weight, features in linears[index]}
+            layer_sums = {weight: self.collective.sum_(sums.pop(weight) if weight in sums else empty(features)) for _, weight, features in linears[index]}
             on_layer(index, dict(sorted(layer_sums.items())))
 
         self._forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe, after_layer=after_layer)
@@ -499,7 +501,7 @@ class LayeredModel:
                 loss.backward()
                 self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
                 total += loss.item()
-        total = processes.sum_(torch.tensor(total, dtype=torch.float64)).item()
+        total = self.collective.sum_(torch.tensor(total, dtype=torch.float64)).item()
         with self.progress.task(f"{description}: backward", total=num_layers) as task:
             for i in reversed(range(num_layers)):
                 kept = graphs.pop(i)
@@ -515,7 +517,7 @@ class LayeredModel:
                         if wanted:
                             params[parameter] = (param, wanted)
                             # the accumulated gradient enters once, on the main process, before the sum over processes
-                            seeds = {n: initial_grads(n) if n in in_scope and processes.is_main() else None for n in names}
+                            seeds = {n: initial_grads(n) if n in in_scope and self.collective.is_main else None for n in names}
                             if any(seed is not None for seed in seeds.values()):
                                 dtype = next(seed.dtype for seed in seeds.values() if seed is not None)
                                 seeds = {n: torch.zeros(self.tuned.shape(n), dtype=dtype) if seed is None else seed for n, seed in seeds.items()}
@@ -534,7 +536,7 @@ class LayeredModel:
                             self.store.delete(self._key(prepared, i, b))
                     grads = {}
                     for parameter, (param, wanted) in params.items():
-                        grad = processes.sum_(param.grad if param.grad is not None else torch.zeros_like(param))
+                        grad = self.collective.sum_(param.grad if param.grad is not None else torch.zeros_like(param))
                         fusion = self.layout.fusions.get(parameter)
                         pieces = fusion.split(grad, self.skeleton) if fusion else {wanted[0]: grad}
                         grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from surgeon import processes
 
 if TYPE_CHECKING:
     from surgeon.data.batches import Batch
     from surgeon.engine.masks import MaskSet
+    from surgeon.processes import Collective
 
 BatchLoss = Callable[[int, torch.Tensor], torch.Tensor]  # (batch index, hidden states) -> loss
 
@@ -21,6 +21,7 @@ class Engine(Protocol):
     """What an objective asks of the engine that runs the pass (engine/layered.LayeredModel)."""
 
     device: torch.device
+    collective: Collective
 
     def output_head(self, plan: str | MaskSet) -> AbstractContextManager[Callable[[torch.Tensor], torch.Tensor]]: ...
 
@@ -62,7 +63,7 @@ class AnswerLoss:
 
     @contextmanager
     def losses(self, engine: Engine, prepared: Prepared, plan: str | MaskSet):
-        total = processes.sum_(torch.tensor(sum(b.answer_weights().sum().item() for b in prepared.batches), dtype=torch.float64)).item()
+        total = engine.collective.sum_(torch.tensor(sum(b.answer_weights().sum().item() for b in prepared.batches), dtype=torch.float64)).item()
         with engine.output_head(plan) as logits:
             def loss(b: int, hidden: torch.Tensor) -> torch.Tensor:
                 batch = prepared.batches[b]

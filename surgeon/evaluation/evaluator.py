@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from surgeon import processes
 from surgeon.data.datasets import HarmfulPrompts, prompt_text
 from surgeon.engine.layered import Plan
 from surgeon.evaluation.cache import GenerationCache
@@ -15,6 +14,7 @@ from surgeon.evaluation.generate import GenerationStats, LoadedModel, generate
 from surgeon.evaluation.intervals import bootstrap, paired_change, wilson
 from surgeon.evaluation.judges import COMPLIED, Judge, Settled, harmful_rate, harmful_rate_by_category, shares
 from surgeon.evaluation.metrics import Metric
+from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress
 
 
@@ -114,12 +114,13 @@ class Evaluator:
         progress: Progress = NullProgress(),
         benign: BenignSet | None = None,
         stop_early: bool = True,
+        collective: Collective = SOLO,
     ):
         """`stop_early`: answers scored by a judge that can tell when its verdict is settled end
         there (the same verdicts, far fewer tokens where a model refuses); off where every answer
         is wanted whole (`surgeon eval --answers`)."""
         self.safety, self.task, self.load, self.benign = safety, task, load, benign
-        self.stop_early = stop_early
+        self.stop_early, self.collective = stop_early, collective
         self.batch_size, self.system_prompt = batch_size, system_prompt
         self.cache, self.progress = cache or GenerationCache(), progress
         self._loaded: tuple[str, LoadedModel] | None = None
@@ -149,14 +150,14 @@ class Evaluator:
         if settled is not None:
             settings["stop"] = settled.rule
         key = self.cache.key(candidate.identity(), prompts, settings)
-        cached = processes.broadcast(self.cache.get(key) if processes.is_main() else None)  # every process takes the same path
+        cached = self.collective.broadcast(self.cache.get(key) if self.collective.is_main else None)  # every process takes the same path
         if cached is not None:
             return cached
         before = (self.stats.tokens, self.stats.seconds)
         answers = generate(self._model(candidate), prompts, max_new_tokens, self.batch_size, self.system_prompt,
-                           self.progress, self.stats, f"{candidate.name}: {what} answers", settled.test if settled else None)
+                           self.progress, self.stats, f"{candidate.name}: {what} answers", settled.test if settled else None, self.collective)
         tokens, seconds = self.stats.tokens - before[0], self.stats.seconds - before[1]
-        if processes.is_main():
+        if self.collective.is_main:  # the cache is shared by the processes
             self.cache.put(key, answers, {"model": candidate.identity(), "settings": settings, "tokens": tokens, "seconds": seconds})
         return answers
 

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from surgeon import processes
 from surgeon.data.batches import length_sorted_batches
+from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress, ProgressTask
 
 
@@ -97,6 +97,7 @@ def generate(
     stats: GenerationStats | None = None,
     description: str = "generating",
     settled: Callable[[str], bool] | None = None,
+    collective: Collective = SOLO,
 ) -> list[str]:
     """Greedy answers in prompt order; stops at the model's end-of-turn/EOS tokens, and with
     `settled`, each row as soon as its answer so far passes it (what a judge needs is there). In a
@@ -110,7 +111,7 @@ def generate(
     device = input_device(model)
     answers, tokens = [], 0
     batches, order = length_sorted_batches(tokenizer, prompts, batch_size, system_prompt)
-    batches = processes.share(batches)
+    batches = collective.share(batches)
     with progress.task(description, total=sum(len(b) for b in batches)) as task, torch.no_grad():
         for batch in batches:
             started = time.perf_counter()
@@ -127,8 +128,8 @@ def generate(
                 stats.seconds += time.perf_counter() - started
             task.advance(len(batch))
     if stats is not None:
-        stats.tokens += sum(processes.gather([tokens]))
+        stats.tokens += sum(collective.gather([tokens]))
     in_order = [""] * len(prompts)
-    for index, answer in zip(order, processes.gather(answers)):
+    for index, answer in zip(order, collective.gather(answers)):
         in_order[index] = answer
     return in_order

@@ -19,15 +19,16 @@ from surgeon.evaluation.generate import LoadedModel, generate, load_for_generati
 from surgeon.evaluation.judges import ClassifierJudge, GuardJudge, HarmBenchPrefixJudge, Judge, RefusalJudge
 from surgeon.evaluation.metrics import parse_metric
 from surgeon.io.references import ResolvedModel, resolve_model
+from surgeon.processes import SOLO, Collective
 from surgeon.recipe.schema import SafetyEvalSet
 
 GUARD_NEW_TOKENS = 16
 
 
-def _guard_generate(folder: Path, device: str, batch_size: int, workspace: Path) -> Callable[[list[list[dict]]], list[str]]:
+def _guard_generate(folder: Path, device: str, batch_size: int, workspace: Path, collective: Collective) -> Callable[[list[list[dict]]], list[str]]:
     """A guard model's verdicts on (prompt, answer) conversations, through the one generation loop."""
     loaded = load_for_generation(folder, folder, device, torch.float32, None, workspace / "offload-guard")
-    return lambda conversations: generate(loaded, conversations, GUARD_NEW_TOKENS, batch_size, description="guard verdicts")
+    return lambda conversations: generate(loaded, conversations, GUARD_NEW_TOKENS, batch_size, description="guard verdicts", collective=collective)
 
 
 def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) -> Callable[[list[str], list[str]], list[str]]:
@@ -58,14 +59,15 @@ def _classify(folder: Path, device: str, batch_size: int, harmful_label: str) ->
     return run
 
 
-def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int, workspace: Path) -> Judge:
+def build_judge(spec: SafetyEvalSet, resolve: Callable[[str], str], device: str, batch_size: int, workspace: Path,
+                collective: Collective = SOLO) -> Judge:
     if spec.judge == "refusal":
         return RefusalJudge(spec.markers, spec.add_markers)
     if spec.judge == "harmbench_prefixes":
         return HarmBenchPrefixJudge()
     model = resolve_model(resolve(spec.model.path), spec.model.allow_pickle)
     if spec.judge == "guard":
-        return GuardJudge(_guard_generate(model.folder, device, batch_size, workspace))
+        return GuardJudge(_guard_generate(model.folder, device, batch_size, workspace, collective))
     return ClassifierJudge(_classify(model.folder, device, batch_size, spec.harmful_label), spec.harmful_label)
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from surgeon import processes
 from surgeon.data.batches import Batch
 from surgeon.engine.layered import BASE, TUNED, LayeredModel, Plan, PreparedInputs
 from surgeon.engine.objectives import answer_nll
 
 
-def _mean_over_processes(total: float, count: float) -> float:
+def _mean_over_processes(engine: LayeredModel, total: float, count: float) -> float:
     """total / count over every process's share of the batches (a data-parallel run)."""
-    summed = processes.sum_(torch.tensor([total, count], dtype=torch.float64))
+    summed = engine.collective.sum_(torch.tensor([total, count], dtype=torch.float64))
     return summed[0].item() / max(summed[1].item(), 1)
 
 
@@ -57,7 +56,7 @@ class TaskLoss(_Streamed):
             weights = batches[b].answer_weights()
             total += answer_nll(predicted, targets[b], weights).item()
             count += weights.sum().item()
-        return _mean_over_processes(total, count)
+        return _mean_over_processes(self.engine, total, count)
 
 
 class TaskDivergence(_Streamed):
@@ -79,4 +78,4 @@ class TaskDivergence(_Streamed):
         for reference, candidate in zip(self._reference, self._last(plan)):
             total += torch.nn.functional.kl_div(candidate, reference, log_target=True, reduction="sum").item()
             count += reference.shape[0]
-        return _mean_over_processes(total, count)
+        return _mean_over_processes(self.engine, total, count)

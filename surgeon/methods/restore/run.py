@@ -14,7 +14,6 @@ from typing import Protocol
 
 import torch
 
-from surgeon import processes
 from surgeon.engine.layered import BASE, TUNED, LayerTensors, LayeredModel, Plan, PreparedInputs
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.objectives import AnswerLoss, Objective, TowardDirection
@@ -279,9 +278,9 @@ class RestoreMethod:
     def _checkpoint(self, masks: MaskSet, step: int, result: RepairResult, segment: str) -> Checkpoint:
         # named by segment too: a rollback restart's step 2 must not overwrite the warm-up's, which a saved state may name
         path = self.workdir / f"checkpoint-{segment}-{step}.safetensors"
-        if processes.is_main():  # the saved state's folder is shared by the processes of a data-parallel run
+        if self.engine.collective.is_main:  # the saved state's folder is shared by the processes of a data-parallel run
             masks.save(path)
-        processes.barrier()
+        self.engine.collective.barrier()
         checkpoint = Checkpoint(step, path, masks.count())
         if self.scorer is not None:
             checkpoint.score = self.scorer.task(masks)
