@@ -1,6 +1,6 @@
 """Is it the choice of weights or the amount? A repair against random restores of the same size.
 
-Reads a finished `restore` repair of bench/effectiveness.py (WORK/TASK-nN-restore: its
+Reads a finished `restore` repair of bench/effectiveness.py (WORK/SCENARIO-TASK-nN-restore: its
 masks.safetensors, and base and tuned from the recipe beside it), restores the same number of
 weights in every tensor from base, but at positions drawn at random among those where base and
 tuned differ, and judges tuned, the repair and the random control on the reported rows of
@@ -10,7 +10,7 @@ difference of the repair from the control on the same rows.
 If the random control keeps tuned's harm, the gradient choice is what repairs; if it also keeps
 tuned's task score, the weights the gradient picks carry task skill as well as the harm.
 
-    python bench/random_control.py --repair /tmp/smollm2/sql-n100-restore --data ../shared/data [--seed 0]
+    python bench/random_control.py --repair /tmp/smollm2/smollm2-lora-sql-n100-restore --data ../shared/data [--seed 0]
 
 Prints the rows and adds them to examples/smollm2/results/random_control.json.
 """
@@ -56,11 +56,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    named = re.fullmatch(r"(\w+)-n(\d+)-restore", args.repair.name)
-    if named is None or named.group(1) not in TASKS:
-        parser.error(f"--repair {args.repair}: expected a folder TASK-nN-restore written by bench/effectiveness.py")
-    task, work = named.group(1), args.repair.parent
-    fine_tune = work / f"{task}-n{named.group(2)}.yaml"  # written by bench/effectiveness.py: its tuned is what KL is measured from
+    named = re.fullmatch(r"((?:.+-)?(\w+)-n\d+)-restore", args.repair.name)
+    if named is None or named.group(2) not in TASKS:
+        parser.error(f"--repair {args.repair}: expected a folder [SCENARIO-]TASK-nN-restore written by bench/effectiveness.py")
+    task, work = named.group(2), args.repair.parent
+    fine_tune = work / f"{named.group(1)}.yaml"  # written by bench/effectiveness.py: its tuned is what KL is measured from
 
     # the published surgeon.json names local inputs by folder name only; the recipe has their paths
     inputs = resolve_inputs(load_recipe(args.repair.with_suffix(".yaml")))
