@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError
 
 from surgeon.errors import InputError
 
@@ -143,7 +143,7 @@ class RunRecord(Record):
     change: str
     changed: Changed
     tradeoff: Tradeoff | None = None
-    record: MethodRecord | None = None  # of the method's registered type
+    record: SerializeAsAny[MethodRecord] | None = None  # of the method's registered type, dumped as that type
     evaluation: Evaluation | None = None
     seconds: dict[str, float]
     peak_memory: dict[str, int]
@@ -157,8 +157,7 @@ class RunRecord(Record):
         return bool(self.evaluation and self.evaluation.judge)
 
     def dump(self) -> dict:
-        # the method's record as its own type dumps it, not as the base class declares
-        return {**self.model_dump(mode="json", exclude={"record"}), "record": self.record.model_dump(mode="json") if self.record else None}
+        return self.model_dump(mode="json")
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.dump(), indent=2) + "\n")

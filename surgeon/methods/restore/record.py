@@ -91,4 +91,4 @@ class RestoreRecord(MethodRecord):
         return [table]
 
     def summary_lines(self, run: RunRecord) -> list[str]:
-        return ["rollback used"] if self.rollback_used else []
+        return ["rollback used: each step reverted the restored weights whose task gradient pulls back to tuned"] if self.rollback_used else []
