@@ -78,8 +78,8 @@ def test_gradients_are_the_same_whether_graphs_are_kept_or_layers_recomputed(lla
     config = AutoConfig.from_pretrained(llama[1])
     batches = prompt_batches(AutoTokenizer.from_pretrained(llama[1]), HARMFUL, 4)
     kept: list[tuple[int, bool, int]] = []
-    keep = layered._Graphs.keep
-    monkeypatch.setattr(layered._Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
+    keep = layered.Graphs.keep
+    monkeypatch.setattr(layered.Graphs, "keep", lambda self, i, layer: kept.append((i, keep(self, i, layer), layer.nbytes)) or kept[-1][1])
 
     def gradients(budget: int | None, layers: int = 3, objective=None) -> tuple[dict, float, list[int]]:
         kept.clear()

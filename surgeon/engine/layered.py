@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -21,12 +20,12 @@ from accelerate.utils import set_module_tensor_to_device
 from transformers import PretrainedConfig
 
 from surgeon.data.batches import Batch
-from surgeon.allocator import release_free_memory, slack
+from surgeon.allocator import release_free_memory
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
 from surgeon.engine.objectives import Objective
 from surgeon.engine.store import SpillStore
-from surgeon.io.checkpoint import TensorSource, check_finite
+from surgeon.io.checkpoint import TensorSource
 from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress
 
@@ -132,7 +131,7 @@ class PreparedInputs:
 
 
 @dataclass
-class _KeptLayer:
+class KeptLayer:
     """One layer's autograd graphs from a gradient pass's forward: per batch the input and the
     output, and the layer's parameters as the graphs hold them."""
 
@@ -142,7 +141,7 @@ class _KeptLayer:
     nbytes: int
 
 
-class _Graphs:
+class Graphs:
     """What a gradient pass's forward keeps for its backward while `room` bytes allow: each layer's
     graphs (the tensors autograd saves, the layer's weights among them), so the backward runs on
     them instead of materializing and recomputing the layer. A layer whose graphs do not fit is
@@ -150,7 +149,7 @@ class _Graphs:
 
     def __init__(self, room: int, scope: list[list[str]]):
         self.room, self.scope = room, scope
-        self.layers: dict[int, _KeptLayer] = {}
+        self.layers: dict[int, KeptLayer] = {}
         self.used = 0
         self._saved: dict[int, int] = {}
 
@@ -177,7 +176,7 @@ class _Graphs:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield
 
-    def keep(self, index: int, layer: _KeptLayer) -> bool:
+    def keep(self, index: int, layer: KeptLayer) -> bool:
         layer.nbytes = sum(self._saved.values())
         if self.used + layer.nbytes > self.room:
             self.room = self.used  # layers above are recomputed too: no room is left for them
@@ -186,7 +185,7 @@ class _Graphs:
         self.used += layer.nbytes
         return True
 
-    def pop(self, index: int) -> _KeptLayer | None:
+    def pop(self, index: int) -> KeptLayer | None:
         layer = self.layers.pop(index, None)
         if layer is not None:
             self.used -= layer.nbytes
@@ -245,7 +244,7 @@ class LayeredModel:
             return plan.apply(name, self.tuned.get(name), lambda at: self.base.gather(name, at))
         return torch.where(plan.at(name, indices), self.base.gather(name, indices), self.tuned.gather(name, indices))
 
-    def _fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fused(self, parameter: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The parameter's value from its checkpoint tensors (fused when transformers fuses them)."""
         fusion = self.layout.fusions.get(parameter)
         return fusion.fuse(tensors, self.skeleton) if fusion else next(iter(tensors.values()))
@@ -254,7 +253,7 @@ class LayeredModel:
     def layer(self, index: int, plan: Plan, after: int | None = None) -> Iterator[tuple[torch.nn.Module, LayerTensors]]:
         """Decoder layer `index` with real weights for the duration of the block; the tensors of
         layer `after` (the next one the pass needs) are read ahead meanwhile."""
-        raw = LayerTensors(index, _Reads(self.base), _Reads(self.tuned))
+        raw = self.layer_tensors(index)
         parameters = self.layout.layer_parameters(index)
         if after is not None and 0 <= after < self.layout.num_layers:
             following = list(self.layout.layer_tensors[after])
@@ -265,7 +264,7 @@ class LayeredModel:
         self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
         try:
             for parameter, names in parameters:
-                value = self._fused(parameter, {n: self._read(n, plan) for n in names})
+                value = self.fused(parameter, {n: self._read(n, plan) for n in names})
                 self._set_parameter(parameter, value)
             yield self.stack.layers[index], raw
         finally:
@@ -319,18 +318,18 @@ class LayeredModel:
     # -- passes ----------------------------------------------------------------------------
 
     @staticmethod
-    def _run(module: torch.nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
+    def run_layer(module: torch.nn.Module, hidden: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
         args, kwargs = arguments
         out = module(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @staticmethod
-    def _key(prepared: PreparedInputs, layer: int, batch: int) -> str:
+    def boundary_key(prepared: PreparedInputs, layer: int, batch: int) -> str:
         return prepared.input_key(batch) if layer == 0 else f"{prepared.tag}/x{layer}/{batch}"
 
-    def _forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str,
+    def forward(self, prepared: PreparedInputs, plan: Plan, num_layers: int, keep: bool, description: str,
                  observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None = None,
-                 graphs: _Graphs | None = None, after_layer: Callable[[int], None] | None = None) -> None:
+                 graphs: Graphs | None = None, after_layer: Callable[[int], None] | None = None) -> None:
         """Fill the store with each batch's output of layer num_layers-1 (and, if keep, every boundary).
         `observe(layer, module, batch)` is entered around each batch's run of a layer (hooks), and
         `after_layer(layer)` called once every batch has run it; `graphs` keeps the layers'
@@ -341,20 +340,20 @@ class LayeredModel:
         with self.progress.task(description, total=num_layers) as task:
             for i in range(num_layers):
                 with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _):
-                    kept = _KeptLayer([], [], self._track(i, graphs.scope[i]), 0) if graphs is not None and graphs.open() else None
+                    kept = KeptLayer([], [], self.trainable(i, graphs.scope[i]), 0) if graphs is not None and graphs.open() else None
                     with graphs.recording() if kept else torch.no_grad():
                         for b in range(len(prepared.batches)):
-                            hidden = self.store.get(self._key(prepared, i, b))
+                            hidden = self.store.get(self.boundary_key(prepared, i, b))
                             if kept:
                                 hidden = hidden.detach().requires_grad_(i > 0)
                             with observe(i, module, prepared.batches[b]) if observe else nullcontext():
-                                out = self._run(module, hidden, prepared.layer_arguments[b][i])
+                                out = self.run_layer(module, hidden, prepared.layer_arguments[b][i])
                             if kept:
                                 kept.inputs.append(hidden)
                                 kept.outputs.append(out)
-                            self.store.put(self._key(prepared, i + 1, b), out)
+                            self.store.put(self.boundary_key(prepared, i + 1, b), out)
                             if not keep and i > 0:
-                                self.store.delete(self._key(prepared, i, b))
+                                self.store.delete(self.boundary_key(prepared, i, b))
                 if kept and graphs.keep(i, kept):
                     self.materialized_layers += 1  # its weights stay, held by the graphs, until its backward
                     self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
@@ -363,7 +362,7 @@ class LayeredModel:
                     after_layer(i)
                 task.advance()
 
-    def _track(self, index: int, in_scope: list[str]) -> dict[str, torch.nn.Parameter]:
+    def trainable(self, index: int, in_scope: list[str]) -> dict[str, torch.nn.Parameter]:
         """Layer `index`'s parameters (materialized), those with an in-scope checkpoint tensor set
         to require a gradient and the rest not."""
         wanted = set(in_scope)
@@ -374,6 +373,15 @@ class LayeredModel:
             parameters[parameter] = param
         return parameters
 
+    def layer_tensors(self, index: int) -> LayerTensors:
+        """Layer `index`'s base and tuned tensors, read when asked (a kept layer's callback needs no more)."""
+        return LayerTensors(index, _Reads(self.base), _Reads(self.tuned))
+
+    def current_weights(self, index: int, parameters: dict[str, torch.nn.Parameter], plan: Plan) -> _Current:
+        """The weights layer `index` ran with under `plan`: from its live parameters where they hold
+        the stored values exactly, read again otherwise."""
+        return _Current(self._alone(index, parameters), functools.partial(self._read, plan=plan))
+
     def _alone(self, index: int, parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
         """Layer `index`'s parameters that hold one checkpoint tensor as stored (no fusion, a dtype
         that keeps its values), by that tensor's name."""
@@ -383,8 +391,8 @@ class LayeredModel:
 
     def last_token_states(self, prepared: PreparedInputs, plan: Plan, num_layers: int, description: str = "probing") -> torch.Tensor:
         """h(x) for every prompt: the residual stream leaving layer num_layers-1 at the last token."""
-        self._forward(prepared, plan, num_layers, keep=False, description=description)
-        states = [self.store.pop(self._key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
+        self.forward(prepared, plan, num_layers, keep=False, description=description)
+        states = [self.store.pop(self.boundary_key(prepared, num_layers, b))[:, -1, :].float().cpu() for b in range(len(prepared.batches))]
         return torch.cat(self.collective.gather(states)).to(self.device)
 
     def linear_inputs(self, prepared: PreparedInputs, plan: Plan, statistic: Callable[[torch.Tensor], torch.Tensor],
@@ -418,9 +426,9 @@ class LayeredModel:
             layer_sums = {weight: self.collective.sum_(sums.pop(weight) if weight in sums else empty(features)) for _, weight, features in linears[index]}
             on_layer(index, dict(sorted(layer_sums.items())))
 
-        self._forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe, after_layer=after_layer)
+        self.forward(prepared, plan, self.layout.num_layers, keep=False, description=description, observe=observe, after_layer=after_layer)
         for b in range(len(prepared.batches)):
-            self.store.delete(self._key(prepared, self.layout.num_layers, b))
+            self.store.delete(self.boundary_key(prepared, self.layout.num_layers, b))
 
     def linear_input_norms(self, prepared: PreparedInputs, plan: Plan, description: str = "input norms") -> dict[str, torch.Tensor]:
         """For each linear weight of the decoder layers (by checkpoint name): the sum over the
@@ -433,9 +441,9 @@ class LayeredModel:
     def final_hidden(self, prepared: PreparedInputs, plan: Plan, description: str = "scoring") -> Iterator[tuple[int, torch.Tensor]]:
         """Each batch's residual stream after the last decoder layer (before the final norm)."""
         num_layers = self.layout.num_layers
-        self._forward(prepared, plan, num_layers, keep=False, description=description)
+        self.forward(prepared, plan, num_layers, keep=False, description=description)
         for b in range(len(prepared.batches)):
-            yield b, self.store.pop(self._key(prepared, num_layers, b))
+            yield b, self.store.pop(self.boundary_key(prepared, num_layers, b))
 
     @contextmanager
     def output_head(self, plan: Plan = TUNED) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
@@ -476,77 +484,7 @@ class LayeredModel:
         initial_grads: Callable[[str], torch.Tensor | None] = lambda name: None,
         description: str = "gradients",
     ) -> float:
-        """The gradient of the sum over batches of the objective's loss (from the hidden states after
-        layer num_layers-1) with respect to the in-scope tensors; returns that sum. `on_layer` gets
-        the grads of each layer with tensors in scope (summed over the processes of a data-parallel
-        run, so every process selects the same).
+        """engine/gradient_pass.GradientPass over this model: the loss summed over the batches."""
+        from surgeon.engine.gradient_pass import GradientPass
 
-        `initial_grads` seeds each parameter's .grad before the batches add to it, the same
-        order of additions as calling backward batch after batch on a whole model.
-        """
-        # the graphs share the activations' budget with the boundaries this pass stores (a layer's
-        # output and its gradient per batch, each the size of the layer-0 input) and with the heap's
-        # slack before a trim
-        inputs = [self.store.describe(prepared.input_key(b)) for b in range(len(prepared.batches))]
-        boundaries = (num_layers + 2) * sum(math.prod(shape) * dtype.itemsize for shape, dtype in inputs)
-        graphs = _Graphs(self.store.budget_bytes - self.store.used_bytes - boundaries - slack(), scope)
-        self._forward(prepared, plan, num_layers, keep=True, description=f"{description}: forward", graphs=graphs)
-        self.kept_graph_layers = max(self.kept_graph_layers, len(graphs.layers))
-        self.kept_graph_bytes = max(self.kept_graph_bytes, graphs.used)
-        total = 0.0
-        with objective.losses(self, prepared, plan) as loss_of:
-            for b in range(len(prepared.batches)):
-                hidden = self.store.pop(self._key(prepared, num_layers, b)).detach().requires_grad_(True)
-                loss = loss_of(b, hidden)
-                loss.backward()
-                self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
-                total += loss.item()
-        total = self.collective.sum_(torch.tensor(total, dtype=torch.float64)).item()
-        with self.progress.task(f"{description}: backward", total=num_layers) as task:
-            for i in reversed(range(num_layers)):
-                kept = graphs.pop(i)
-                # a kept layer needs no weights of its own: only the reads its callback may ask for
-                stored = nullcontext((None, LayerTensors(i, _Reads(self.base), _Reads(self.tuned)))) if kept else None
-                with stored or self.layer(i, plan, after=i - 1 if i > 0 else None) as (module, raw):
-                    parameters = kept.parameters if kept else self._track(i, scope[i])
-                    in_scope = set(scope[i])
-                    params = {}
-                    for parameter, names in self.layout.layer_parameters(i):
-                        param = parameters[parameter]
-                        wanted = [n for n in names if n in in_scope]
-                        if wanted:
-                            params[parameter] = (param, wanted)
-                            # the accumulated gradient enters once, on the main process, before the sum over processes
-                            seeds = {n: initial_grads(n) if n in in_scope and self.collective.is_main else None for n in names}
-                            if any(seed is not None for seed in seeds.values()):
-                                dtype = next(seed.dtype for seed in seeds.values() if seed is not None)
-                                seeds = {n: torch.zeros(self.tuned.shape(n), dtype=dtype) if seed is None else seed for n, seed in seeds.items()}
-                                param.grad = self._fused(parameter, seeds).to(self.device, self.dtype).clone()
-                            else:
-                                param.grad = None
-                    for b in range(len(prepared.batches)):
-                        if kept:
-                            hidden, out = kept.inputs[b], kept.outputs[b]
-                        else:
-                            hidden = self.store.get(self._key(prepared, i, b)).detach().requires_grad_(i > 0)
-                            out = self._run(module, hidden, prepared.layer_arguments[b][i])
-                        out.backward(self.store.pop(f"{prepared.tag}/grad/{b}"))
-                        if i > 0:
-                            self.store.put(f"{prepared.tag}/grad/{b}", hidden.grad)
-                            self.store.delete(self._key(prepared, i, b))
-                    grads = {}
-                    for parameter, (param, wanted) in params.items():
-                        grad = self.collective.sum_(param.grad if param.grad is not None else torch.zeros_like(param))
-                        fusion = self.layout.fusions.get(parameter)
-                        pieces = fusion.split(grad, self.skeleton) if fusion else {wanted[0]: grad}
-                        grads.update({n: check_finite(f"gradient of {n}", pieces[n], description) for n in wanted})
-                        param.grad = None
-                    if params:
-                        raw.current = _Current(self._alone(i, parameters), functools.partial(self._read, plan=plan))
-                        on_layer(raw, grads)
-                if kept:
-                    del kept, parameters, params, hidden, out
-                    self.materialized_layers -= 1
-                    release_free_memory()
-                task.advance()
-        return total
+        return GradientPass(self, prepared, plan, objective, num_layers, scope, on_layer, initial_grads, description).run()
