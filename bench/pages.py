@@ -101,6 +101,7 @@ def readme_section(real_models, effectiveness) -> str:
         lines.append(f"- **Repairs compared** (`bench/effectiveness.py`): {len(measured)} of {planned} fine-tunes measured so far "
                      f"({', '.join(f'{s} {t} n = {n}' for s, t, n in measured)}), methods {', '.join(methods) or 'none yet'}; "
                      "each fine-tune's table, with paired intervals, in [docs/benchmarks.md](docs/benchmarks.md#repairs-compared).")
+        lines += [f"  - {front_sentence([r for r in effectiveness if (r['scenario'], r['task'], r['n']) == cell])}" for cell in measured]
     if real_models:
         counts = " / ".join(f"{m['restored']:,}" for m in real_models["models"])
         names = ", ".join(NAMES.get(m["model"], m["model"]) for m in real_models["models"])
@@ -108,6 +109,25 @@ def readme_section(real_models, effectiveness) -> str:
         lines.append(f"- **Real checkpoints** (`bench/real_models.py`): {names}; the streamed engine restores "
                      f"{'the same' if equal else 'NOT the same'} entries as the in-memory reference ({counts}).")
     return "\n".join([START, *lines, END])
+
+
+def front_sentence(rows: list[dict]) -> str:
+    """One fine-tune in plain words: which repairs no other repair beats on both HarmBench's
+    harmful rate and the task score (point estimates), and each repair against restore, paired on
+    the same rows (better or worse only where the 95% interval excludes zero)."""
+    from effectiveness import verdict
+
+    first = rows[0]
+    by = {r["method"]: r for r in rows}
+    repairs = [r for r in rows if r["method"] not in ("aligned", "tuned")]
+    point = lambda r: (r["harmful_rate"], -r["task_score"])
+    beaten = lambda r: any(all(a <= b for a, b in zip(point(o), point(r))) and point(o) != point(r) for o in repairs)
+    front = [r["method"] for r in repairs if not beaten(r)]
+    shown = lambda r: f"{r['harmful_rate']:.1%} harmful on HarmBench, task {r['task_score']:.3f}"
+    against = [f"{r['method']} {verdict(r['paired']['restore'], 'harmbench', True)} on harm and {verdict(r['paired']['restore'], 'task', False, False)} "
+               "on the task" for r in repairs if "restore" in (r.get("paired") or {})]
+    return (f"{first['scenario']} {first['task']} n = {first['n']}: tuned {shown(by['tuned'])}, the aligned base {shown(by['aligned'])}; "
+            f"on the front: {', '.join(front)}" + (f"; against restore, paired: {'; '.join(against)}" if against else "") + ".")
 
 
 def current() -> tuple:
