@@ -342,18 +342,7 @@ class LayeredModel:
                 with self.layer(i, plan, after=i + 1 if i + 1 < num_layers else None) as (module, _):
                     kept = KeptLayer([], [], self.trainable(i, graphs.scope[i]), 0) if graphs is not None and graphs.open() else None
                     with graphs.recording() if kept else torch.no_grad():
-                        for b in range(len(prepared.batches)):
-                            hidden = self.store.get(self.boundary_key(prepared, i, b))
-                            if kept:
-                                hidden = hidden.detach().requires_grad_(i > 0)
-                            with observe(i, module, prepared.batches[b]) if observe else nullcontext():
-                                out = self.run_layer(module, hidden, prepared.layer_arguments[b][i])
-                            if kept:
-                                kept.inputs.append(hidden)
-                                kept.outputs.append(out)
-                            self.store.put(self.boundary_key(prepared, i + 1, b), out)
-                            if not keep and i > 0:
-                                self.store.delete(self.boundary_key(prepared, i, b))
+                        self._forward_layer(i, module, prepared, keep, observe, kept)
                 if kept and graphs.keep(i, kept):
                     self.materialized_layers += 1  # its weights stay, held by the graphs, until its backward
                     self.max_materialized_layers = max(self.max_materialized_layers, self.materialized_layers)
@@ -361,6 +350,23 @@ class LayeredModel:
                 if after_layer is not None:
                     after_layer(i)
                 task.advance()
+
+    def _forward_layer(self, i: int, module: torch.nn.Module, prepared: PreparedInputs, keep: bool,
+                       observe: Callable[[int, torch.nn.Module, Batch], AbstractContextManager] | None, kept: KeptLayer | None) -> None:
+        """Every batch through layer i, its output stored (its input let go unless `keep`); with
+        `kept`, each batch's input and output kept for the backward."""
+        for b in range(len(prepared.batches)):
+            hidden = self.store.get(self.boundary_key(prepared, i, b))
+            if kept:
+                hidden = hidden.detach().requires_grad_(i > 0)
+            with observe(i, module, prepared.batches[b]) if observe else nullcontext():
+                out = self.run_layer(module, hidden, prepared.layer_arguments[b][i])
+            if kept:
+                kept.inputs.append(hidden)
+                kept.outputs.append(out)
+            self.store.put(self.boundary_key(prepared, i + 1, b), out)
+            if not keep and i > 0:
+                self.store.delete(self.boundary_key(prepared, i, b))
 
     def trainable(self, index: int, in_scope: list[str]) -> dict[str, torch.nn.Parameter]:
         """Layer `index`'s parameters (materialized), those with an in-scope checkpoint tensor set
