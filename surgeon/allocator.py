@@ -12,6 +12,8 @@ What stays in the heap is trimmed with `malloc_trim`, but trimming after every l
 SmolLM2-135M 30% of its repair time, so only once RSS has grown by a slack since the last trim:
 SLACK_BYTES, or a quarter of a smaller compute.max_memory (`fit_to_budget`). The engine calls it
 after each layer, and forces it at the start of each pass; the writer calls it after each tensor.
+Nothing changes at import: a run sets these when it builds its models (`fit_to_budget`), `surgeon
+apply` before it writes (`streaming`), so a program that imports surgeon keeps its own allocator.
 
 A mapped block comes back zero-filled from the kernel, a page fault at a time, each time it is
 allocated: a layer's weights and weight gradients, every layer of every pass. So the threshold
@@ -38,8 +40,7 @@ _libc = None
 if sys.platform.startswith("linux"):
     try:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _libc.malloc_trim
-        _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        _libc.malloc_trim, _libc.mallopt  # both present, or this is not glibc
     except (OSError, AttributeError):
         _libc = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -61,6 +62,12 @@ def fit_to_budget(budget_bytes: int, bounded: bool = True) -> None:
         _libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD if bounded else HEAP_THRESHOLD)
         # free memory at the heap's top is given back past this (glibc's own trim): the slack's, not 128 KiB
         _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT if bounded else _slack[0])
+
+
+def streaming() -> None:
+    """For work outside a run's budget that streams tensors one at a time (`surgeon apply`'s
+    writer): each large block mapped, so it returns when freed, and a trim past SLACK_BYTES."""
+    fit_to_budget(4 * SLACK_BYTES)
 
 
 def slack() -> int:

@@ -109,6 +109,7 @@ def fingerprint_mismatches(patch: Patch, described: dict) -> list[str]:
 def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, overwrite: bool = False, force: bool = False,
           progress: Progress = NullProgress()) -> ApplyRecord:
     """Write the patch applied to base and tuned at `output` (atomically, like a run); the record."""
+    from surgeon.allocator import streaming
     from surgeon.engine.masks import MaskSet, write_repaired
     from surgeon.io.atomic import AtomicOutputDir
     from surgeon.io.preflight import check_compatible
@@ -136,6 +137,7 @@ def apply(patch_folder: str | Path, base: str, tuned: str, output: str | Path, o
         if name not in tuned_model.tensors.names() or tuple(tuned_model.tensors.shape(name)) != tuple(shape):
             raise InputError(f"the patch's {name} has shape {tuple(shape)}; tuned has no tensor of that name and shape", str(patch.folder))
     inputs = [patch.folder, *(f for m in (base_model, tuned_model) for f in (m.folder, *m.content_folders))]
+    streaming()  # tensor by tensor: each freed as the next is read
     with AtomicOutputDir(Path(output), overwrite, inputs) as out:
         written = out.temporary
         settings = patch.manifest["output"]

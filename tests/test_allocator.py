@@ -1,6 +1,7 @@
 """Where freed tensor memory goes: straight back to the system under a set budget, kept for reuse
 (until the slack's trim) under the default one."""
 
+import subprocess
 import sys
 
 import pytest
@@ -38,3 +39,15 @@ def test_a_set_budget_returns_freed_blocks_and_the_default_keeps_them_until_a_tr
     before = allocator._rss()
     allocator.release_free_memory(force=True)
     assert before - allocator._rss() > BLOCK // 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+def test_importing_surgeon_leaves_the_processs_allocator_alone():
+    """glibc raises its mmap threshold to the size of a mapped block freed: a smaller block then comes
+    from the heap and stays resident when freed. Had the import fixed the threshold, it would not."""
+    code = ("import torch, surgeon, surgeon.cli, surgeon.api, surgeon.allocator as a\n"
+            "x = torch.ones(20 * 2**18); del x\n"
+            "before = a._rss(); y = torch.ones(16 * 2**18); del y\n"
+            "print(a._rss() - before)")
+    resident = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert resident > 8 * 2**20
