@@ -3,11 +3,13 @@ modules, io below the engine, the engine below the methods and the evaluation, a
 layer, the records and the method registry free of torch."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "surgeon"
+MAP = PACKAGE.parent / "docs" / "architecture.md"
 
 
 def _modules() -> dict[str, Path]:
@@ -84,3 +86,38 @@ def test_a_layer_imports_nothing_above_it(layer):
 @pytest.mark.parametrize("name", TORCH_FREE)
 def test_the_records_and_the_registry_need_no_torch(name):
     assert not {m for m in imports(name, module_level=True, type_checking=False) if m == "torch" or m.startswith("torch.")}, name
+
+
+def _map_rows() -> dict[str, str]:
+    """docs/architecture.md's module table: path (a module, or a package ending in /) -> its
+    "knows about" column."""
+    rows = {}
+    for line in MAP.read_text().splitlines():
+        row = re.match(r"\| `([\w/]+(?:\.py|/))` \| .* \| ([^|]*) \|$", line)
+        if row:
+            rows[row.group(1)] = row.group(2)
+    return rows
+
+
+EVERYWHERE = {"surgeon", "surgeon.errors", "surgeon.progress"}
+
+
+def test_the_maps_knows_about_column_names_what_each_module_imports():
+    """Each surgeon module a module imports (anywhere in it) is named in its row: as a module path
+    (`engine/masks`, `masks`), its package (`engine`), or `all below`."""
+    rows = _map_rows()
+    assert len(rows) > 40
+    for path, knows in rows.items():
+        dotted = "surgeon." + path.removesuffix(".py").removesuffix("/").replace("/", ".")
+        members = [m for m in MODULES if m == dotted or m.startswith(dotted + ".")] if path.endswith("/") else [dotted]
+        assert members and all(m in MODULES for m in members), f"docs/architecture.md names {path}, which is not a module"
+        if "all below" in knows:
+            continue
+        named = [token.replace("/", ".").split(".") for token in re.findall(r"[\w/]+", knows)]
+        for member in members:
+            for used in imports(member, module_level=False):
+                if used not in MODULES or used in EVERYWHERE or used == member or used in members:
+                    continue
+                parts = used.split(".")[1:]
+                assert any(parts[: len(t)] == t or parts[-len(t):] == t for t in named), \
+                    f"{path} imports {used}, which its row's 'knows about' ({knows}) does not name"
