@@ -23,7 +23,6 @@ from surgeon.data.batches import Batch
 from surgeon.allocator import release_free_memory
 from surgeon.engine.layout import ModelLayout, build_skeleton
 from surgeon.engine.masks import MaskSet
-from surgeon.engine.objectives import Objective
 from surgeon.engine.store import SpillStore
 from surgeon.io.checkpoint import TensorSource
 from surgeon.processes import SOLO, Collective
@@ -479,18 +478,9 @@ class LayeredModel:
             for name in norm_names:
                 self._set(name, None)
 
-    def gradient_pass(
-        self,
-        prepared: PreparedInputs,
-        plan: MaskSet,
-        objective: Objective,
-        num_layers: int,
-        scope: list[list[str]],
-        on_layer: Callable[[LayerTensors, dict[str, torch.Tensor]], None],
-        initial_grads: Callable[[str], torch.Tensor | None] = lambda name: None,
-        description: str = "gradients",
-    ) -> float:
-        """engine/gradient_pass.GradientPass over this model: the loss summed over the batches."""
+    def gradient_pass(self, *args, **kwargs) -> float:
+        """engine/gradient_pass.GradientPass over this model (its arguments after the engine): the
+        loss summed over the batches."""
         from surgeon.engine.gradient_pass import GradientPass
 
-        return GradientPass(self, prepared, plan, objective, num_layers, scope, on_layer, initial_grads, description).run()
+        return GradientPass(self, *args, **kwargs).run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surgeon.records import MethodRecord, Record, RunRecord
+from surgeon.report import number
 
 STOPPED = {"steps": "ran all {steps} steps (restore.steps)", "stop_at": "stopped when the harmful rate reached restore.stop_at",
            "patience": "stopped when restore.stop_at.patience checkpoints in a row lowered the harmful rate no further",
@@ -31,12 +32,6 @@ class Restored(Record):
     by_module: dict[str, int]
 
 
-def _number(value: float | None, percent: bool = False) -> str:
-    from surgeon.report import number
-
-    return number(value, percent)
-
-
 class RestoreRecord(MethodRecord):
     restored: Restored
     steps: list[Step]
@@ -63,7 +58,7 @@ class RestoreRecord(MethodRecord):
                 score = self.warmup if last_of_warmup else None
                 mark = "past floor: discarded, restarted with rollback" if last_of_warmup else ""
             rows.append((str(step.step), step.phase, f"{step.restored:,}", f"{step.reverted:,}", f"{step.total_restored:,}",
-                         _number(harm, percent=True), _number(score), mark))
+                         number(harm, percent=True), number(score), mark))
         return rows
 
     def report_sections(self, run: RunRecord) -> list[str]:
