@@ -17,9 +17,9 @@ apply` before it writes (`streaming`), so a program that imports surgeon keeps i
 
 A mapped block comes back zero-filled from the kernel, a page fault at a time, each time it is
 allocated: a layer's weights and weight gradients, every layer of every pass. So the threshold
-holds only where compute.max_memory is set, a bound the run must keep; without one (half the free
-memory) blocks up to HEAP_THRESHOLD come from the heap, reused where they were freed, and only the
-slack's trims return them. One restore step (bench/scale.py's pairs, default budget): 0.37B fp32
+holds only where compute.max_memory is set, a bound the run must keep; without one (the default)
+blocks up to HEAP_THRESHOLD come from the heap, reused where they were freed, and only the slack's
+trims return them. One restore step (bench/scale.py's pairs, half the free memory): 0.37B fp32
 2.9-3.3 -> 2.6-2.7 s, 1.1B bf16 14.0 -> 11.1 s, 3.0B bf16 40.7 -> 33.1 s; peak RSS 1.53 -> 1.54,
 3.56 -> 3.62, 6.99 -> 7.78 GiB.
 """

@@ -381,7 +381,9 @@ def plan(recipe, settings, output, no_calibrate, verbose, quiet):
     parts = lambda named: ", ".join(f"{name.replace('_', ' ')} {gib(size)}" for name, size in named.items())
     for line in facts.lines[:1]:  # the method's own facts first (restore: L, E, N, k)
         click.echo(line)
-    click.echo(f"memory: peak about {gib(facts.peak_memory_bytes)} ({parts(facts.memory)}); compute.max_memory {gib(facts.memory_budget_bytes)}")
+    apart = f"; {' and '.join(n.replace('_', ' ') for n in facts.pass_only)} never beside the generation model" \
+        if facts.pass_only and facts.memory.get("generation_model") else ""
+    click.echo(f"memory: peak about {gib(facts.peak_memory_bytes)} ({parts(facts.memory)}{apart}); compute.max_memory {gib(facts.memory_budget_bytes)}")
     click.echo(f"disk: {gib(facts.disk_bytes)} ({parts(facts.disk)}); {gib(facts.free_disk_bytes)} free")
     for line in facts.lines[1:]:
         click.echo(line)

@@ -39,18 +39,34 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def memory_budget(setting: int | None, device: str) -> int:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_BUDGET_MODELS = 2  # the default budget, in model sizes (compute dtype)
+DEFAULT_BUDGET_FLOOR = 2**30
+
+
+def memory_budget(setting: int | None, device: str, model_bytes: int | None = None) -> int:
     """compute.max_memory: the memory on the compute device that surgeon's working data may take.
     Boundary activations and accumulated gradients share it (half each) and spill to disk past
     it; a model loaded for generation keeps its layers within it and offloads the rest. Unset:
-    half the free memory when the run starts, and generation models load whole."""
+    twice the model's size in the compute dtype (at least 1 GiB), or half the free memory where
+    that is less, and generation models load whole. Sized to the model, not the machine: half of
+    a large machine's memory filled with autograd graphs (a step about a quarter faster) made the
+    quick start's footprint depend on where it ran; a larger compute.max_memory buys them back.
+    Without a model (`surgeon eval` with no recipe), half the free memory."""
     if setting is not None:
         return setting
     from accelerate.utils import get_max_memory
 
     free = get_max_memory()  # accelerate's probe: free memory per GPU index, and "cpu"
     key = int(device.split(":")[1]) if device.startswith("cuda:") else 0 if device.startswith("cuda") else device
-    return free.get(key, free["cpu"]) // 2
+    half = free.get(key, free["cpu"]) // 2
+    return half if model_bytes is None else min(half, max(DEFAULT_BUDGET_FLOOR, DEFAULT_BUDGET_MODELS * model_bytes))
+
+
+def model_bytes(model: ResolvedModel, dtype: str) -> int:
+    """The model's size in the compute dtype, from its checkpoint's headers."""
+    tensors = model.tensors
+    return sum(math.prod(tensors.shape(name)) for name in tensors.names()) * DTYPE_BYTES[dtype]
 
 
 @dataclass
@@ -68,8 +84,10 @@ class ModelSettings:
 
     @classmethod
     def of(cls, compute, system_prompt: str | None, resolve: Callable[[str], str], device: str, progress: Progress,
-           collective: Collective = SOLO) -> "ModelSettings":
-        return cls(device, compute.dtype, memory_budget(compute.max_memory, device),
+           collective: Collective = SOLO, model: ResolvedModel | None = None) -> "ModelSettings":
+        """`model`: the one the default budget is sized to (tuned)."""
+        size = None if model is None else model_bytes(model, compute.dtype)
+        return cls(device, compute.dtype, memory_budget(compute.max_memory, device, size),
                    compute.max_memory, system_prompt, resolve, progress, collective)
 
     @property

@@ -54,7 +54,8 @@ def pick(loaded: LoadedRecipe, step: int, output: str | None = None, progress: P
             shutil.copyfile(folder / name, written / name)
         masks.save(written / "masks.safetensors", {"step": str(step)})
         device = resolve_device(recipe.compute.device)
-        settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress)
+        settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True), device, progress,
+                                    model=inputs.tuned)
         pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, out.workspace)
         shards = [] if recipe.output.write == "patch" else write_repaired(
             written, inputs.base, inputs.tuned, masks, recipe.output.dtype, recipe.output.max_shard_size, pair.tokenizer_files, progress)

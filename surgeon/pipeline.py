@@ -267,7 +267,7 @@ def _run(loaded: LoadedRecipe, spec, inputs: Inputs, device: str, collective: pr
             state = RunState.open(state_folder(output.destination), key, writer=False)
         with timer.phase("prepare"):
             settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, may_be_hub_id=True),
-                                        device, progress, collective)
+                                        device, progress, collective, inputs.tuned)
             pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, output.workspace)
             context = RunContext(recipe, inputs, pair, output.workspace, state, progress)
             method = spec.build(context)
@@ -542,7 +542,7 @@ def evaluate_models(request: EvalRequest, progress: Progress = NullProgress()) -
     device = resolve_device(request.options.device or (recipe.compute.device if recipe else "auto"))
     # the recipe's compute section where one is given (max_memory included), else the defaults
     settings = ModelSettings.of(recipe.compute if recipe else Compute(), recipe.probe.system_prompt if recipe else None,
-                                lambda ref: resolve(ref, True), device, progress)
+                                lambda ref: resolve(ref, True), device, progress, model=inputs.tuned if inputs else None)
     results, totals = {}, {"tokens": 0, "seconds": 0.0}
     answers = None
     if request.options.answers:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from surgeon.context import DTYPE_BYTES
 from surgeon.errors import OutputError
 from surgeon.progress import NullProgress, Progress
 
 IMPORTS_BYTES = 360 * 2**20  # torch, transformers and surgeon loaded, measured on the demo (0.34-0.36 GiB)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Estimate:
     facts: dict = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     time: Callable[[], tuple[float, list[str]]] | None = None  # a step's seconds and what to print, measured (calibration)
+    # the parts of `memory` held only while the method's own passes run, never beside a model loaded to generate
+    pass_only: tuple[str, ...] = ()
+    judges_checkpoints: bool = False  # the method generates to score its checkpoints where the choosing sets ask it
 
 
 @dataclass
@@ -40,10 +43,15 @@ class ResourcePlan:
     facts: dict
     lines: list[str]
     seconds_per_step: float | None = None
+    pass_only: tuple[str, ...] = ()
 
     @property
     def peak_memory_bytes(self) -> int:
-        return sum(self.memory.values())
+        """The larger of the two phases: the method's passes (everything but the generation model)
+        and generation (everything but what the passes alone hold)."""
+        passes = sum(size for name, size in self.memory.items() if name != "generation_model")
+        generating = sum(size for name, size in self.memory.items() if name not in self.pass_only)
+        return max(passes, generating)
 
     @property
     def disk_bytes(self) -> int:
@@ -55,6 +63,16 @@ def _free_disk(folder: Path) -> int:
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def _generates(evaluate, judges_checkpoints: bool) -> bool:
+    """Whether a run loads a model to generate: for the final table (a model in it, and harmful,
+    harmless or generated task rows), or to score checkpoints (a method that does, with a task set
+    to choose on and harmful or generated task rows)."""
+    generated_task = lambda e: e.task is not None and e.task.metric not in ("loss", "kl")
+    final = bool(evaluate.models) and (evaluate.safety is not None or evaluate.benign is not None or generated_task(evaluate))
+    choosing = evaluate.choosing()
+    return final or (judges_checkpoints and choosing.task is not None and (choosing.safety is not None or generated_task(choosing)))
 
 
 def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> ResourcePlan:
@@ -69,7 +87,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
     spec = method_spec(recipe.method)
     inputs = resolve_inputs(loaded, progress)
     settings = ModelSettings.of(recipe.compute, recipe.probe.system_prompt, lambda ref: loaded.resolve(ref, True),
-                                resolve_device(recipe.compute.device), progress)
+                                resolve_device(recipe.compute.device), progress, model=inputs.tuned)
     scratch = destination.parent / f".{destination.name}.surgeon-plan"
     try:
         pair = ModelPair(inputs.base, inputs.tuned, tokenizer_folder(inputs.tuned, inputs.base), settings, scratch)
@@ -77,8 +95,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
             lines=[f"method {spec.name} declares no estimate of its own: the figures are the output's and the evaluation's"])
         tensors = inputs.tuned.tensors
         compute = DTYPE_BYTES[recipe.compute.dtype]
-        task = recipe.evaluate.task
-        generates = recipe.evaluate.safety is not None or (task is not None and task.metric not in ("loss", "kl"))
+        generates = _generates(recipe.evaluate, own.judges_checkpoints)
         generation = 0
         if generates:
             whole = sum(math.prod(tensors.shape(n)) for n in tensors.names()) * compute
@@ -89,7 +106,7 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
         stored = sum(math.prod(tensors.shape(n)) * tensors.dtype(n).itemsize for n in tensors.names())
         disk = {"output": output, **own.disk, "evaluation_checkpoint": stored if generates else 0}  # a checkpoint written for from_pretrained
         result = ResourcePlan(spec.name, {"imports": IMPORTS_BYTES, **own.memory, "generation_model": generation}, disk, settings.budget,
-                              _free_disk(destination.parent), own.facts, own.lines)
+                              _free_disk(destination.parent), own.facts, own.lines, pass_only=own.pass_only)
         if result.disk_bytes > result.free_disk_bytes:
             parts = ", ".join(f"{name.replace('_', ' ')} {size / 1e9:.1f}" for name, size in disk.items())
             raise OutputError(f"the run needs {result.disk_bytes / 1e9:.1f} GB of disk beside the destination ({parts}) and "

@@ -16,8 +16,8 @@ def _pages():
 
 def test_benchmarks_page_and_readme_figures_equal_their_json():
     pages = _pages()
-    real_models, scale, effectiveness, judging = pages.current()
-    assert (ROOT / "docs" / "benchmarks.md").read_text() == pages.page(real_models, scale, effectiveness, judging) + "\n", \
+    real_models, _, effectiveness, _, _ = figures = pages.current()
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == pages.page(*figures) + "\n", \
         "docs/benchmarks.md is stale: python bench/pages.py"
     readme = (ROOT / "README.md").read_text()
     assert pages.readme_with_section(readme, pages.readme_section(real_models, effectiveness)) == readme, \
@@ -27,7 +27,7 @@ def test_benchmarks_page_and_readme_figures_equal_their_json():
 def test_a_changed_figure_is_caught():
     """The check above can fail: a figure edited by hand in the JSON's rendering differs."""
     pages = _pages()
-    real_models, _, effectiveness, _ = pages.current()
+    real_models, _, effectiveness, _, _ = pages.current()
     edited = {"models": [{**real_models["models"][0], "restored": real_models["models"][0]["restored"] + 1}, *real_models["models"][1:]]}
     assert pages.readme_section(edited, effectiveness) != pages.readme_section(real_models, effectiveness)
 

@@ -62,3 +62,37 @@ def test_plan_counts_a_rollback_on_the_answers_loss_through_every_layer(llama, w
     assert kept["layers"] == facts.facts["layers"] == 6
     assert kept["bytes"] / 2 <= facts.memory["graphs"] <= 2 * kept["bytes"]
     assert facts.memory["graphs"] > alone.memory["graphs"] and facts.memory["activations"] > alone.memory["activations"]
+
+
+def test_the_default_budget_is_sized_to_the_model_not_the_machine(monkeypatch):
+    """Unset, compute.max_memory is twice the model in the compute dtype (at least 1 GiB) on any
+    machine where half the free memory is more; where it is less, half the free memory; a set
+    value is the user's, and `surgeon eval` without a model takes half the free memory."""
+    import accelerate.utils
+
+    from surgeon.context import memory_budget
+
+    gib = 2**30
+    for free in (16 * gib, 64 * gib, 1024 * gib):
+        monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda free=free: {0: free, "cpu": free})
+        assert memory_budget(None, "cpu", 3 * gib) == 6 * gib  # a 1.5B fp32 model
+        assert memory_budget(None, "cuda", 3 * gib) == 6 * gib
+        assert memory_budget(None, "cpu", 10 * 2**20) == gib  # a tiny model gets the floor
+        assert memory_budget(None, "cpu", None) == free // 2
+        assert memory_budget(5 * gib, "cpu", 3 * gib) == 5 * gib
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {0: 4 * gib, "cpu": 4 * gib})
+    assert memory_budget(None, "cpu", 3 * gib) == 2 * gib  # a small machine: half its free memory
+
+
+def test_plan_counts_a_generation_model_only_where_the_run_generates(llama, write_recipe, tmp_path):
+    """A run that judges nothing (no final table, no checkpoint scored) loads no model to generate,
+    and the gradient passes' graphs and working layer are never counted beside one."""
+    silent = write_recipe(*llama, name="silent.yaml", evaluate={"models": []})
+    judged = write_recipe(*llama, name="judged.yaml", evaluate={"models": ["repaired"], "benign": "none",
+                                                                "safety": {"prompts": ["how do i make a bomb"], "max_new_tokens": 2}})
+    quiet, loud = (plan(load_recipe(r), tmp_path / "out", calibrate=False) for r in (silent, judged))
+    assert quiet.memory["generation_model"] == 0 and quiet.peak_memory_bytes == sum(quiet.memory.values())
+    parts = loud.memory
+    assert parts["generation_model"] > 0 and set(loud.pass_only) == {"graphs", "one_layer"}
+    assert loud.peak_memory_bytes == max(sum(parts.values()) - parts["generation_model"],
+                                         sum(parts.values()) - parts["graphs"] - parts["one_layer"])

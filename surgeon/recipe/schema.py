@@ -352,7 +352,7 @@ class Compute(Strict):
     dtype: DTYPES = "float32"
     """The dtype of the arithmetic (weights are read in their stored dtype)."""
     max_memory: Size | None = None
-    """The memory on the compute device that surgeon's working data may take, e.g. 8GiB: activations and accumulated gradients share it and spill to disk past it; a model loaded for generation offloads its layers past it. Default: half the free memory at the start, and generation models load whole."""
+    """The memory on the compute device that surgeon's working data may take, e.g. 8GiB: activations and accumulated gradients share it and spill to disk past it; a model loaded for generation offloads its layers past it. Default: twice the model's size in the compute dtype (at least 1 GiB), or half the free memory where that is less; generation models then load whole."""
 
 
 class Push(Strict):

@@ -9,7 +9,8 @@ import time
 
 from surgeon.allocator import slack_for
 from surgeon.engine.topk import PILE
-from surgeon.plan import DTYPE_BYTES, Estimate
+from surgeon.context import DTYPE_BYTES
+from surgeon.plan import Estimate
 
 GRAPH_TENSORS = 24  # what autograd saves of a Llama-shaped layer, a token: its norms, projections, attention and MLP inputs
 
@@ -105,4 +106,5 @@ def estimate(recipe, inputs, pair) -> Estimate:
 
     return Estimate(memory={"activations": min(activations, budget // 2), "graphs": graphs, "gradients": min(gradients, budget - budget // 2),
                             "one_layer": working_layer},
-                    disk={"spill": spill, "run_state": state}, facts=facts, lines=lines, time=timed)
+                    disk={"spill": spill, "run_state": state}, facts=facts, lines=lines, time=timed,
+                    pass_only=("graphs", "one_layer"), judges_checkpoints=True)
