@@ -15,6 +15,8 @@ method with no point within it takes its best task score, marked. The choosing r
 41 validation behaviours with 59 BeaverTails recovery prompts (harm), and the task's training rows
 700-799 (its own metric on generated answers). restore's grid is its checkpoints: it runs as the
 shipped recipes configure it, and its schedule chooses among them by the same rule on the same rows.
+Variants of restore tried as its default (RESTORE_VARIANTS) run the same way: `restore_rollback`
+rolls back in every step (rollback.mode always), not only after a warm-up past the floor.
 The one-example control (one_example.py, Zhang et al. ICLR 2026) is tuned after a few optimizer
 steps on one harmful prompt paired with the aligned base's refusal. RESTA subtracts an unaligned
 model trained on BeaverTails harmful pairs 0-99 (adapters/harmful-from0-n100, `finetune.py
@@ -74,9 +76,11 @@ TASKS = {
     "toxicchat": {"train": "toxicchat_train_1000.jsonl", "eval": "toxicchat_eval_400.jsonl", "eval_start": 0,
                   "choose": slice(700, 800), "metric": "f1:1", "name": "ToxicChat F1 (label 1)"},
 }
+# restore as shipped, and the variants tried against it (issue 36): each one's rollback section
+RESTORE_VARIANTS = {"restore": {}, "restore_rollback": {"mode": "always"}}
 # method -> (recipe key of its setting, the grid); restore's grid is its own checkpoints
 GRID = {
-    "restore": (None, [None]),
+    **{variant: (None, [None]) for variant in RESTORE_VARIANTS},
     "linear": ("linear.alpha", [0.25, 0.5, 0.75]),
     "resta": ("resta.scale", [0.25, 0.5, 1.0]),
     "antidote": ("antidote.ratio", [0.05, 0.1, 0.2]),
@@ -150,14 +154,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def recipe_text(method: str, setting, models: dict, out: Path, work: Path, task: str, data: Path) -> str:
     """The recipe of one grid point. Only restore judges anything while it runs (its checkpoints,
     on the choosing rows); every other method is judged on them afterwards."""
-    text = f"method: {method}\nbase: {models['aligned']}\ntuned: {models['tuned']}\n"
+    text = f"method: {'restore' if method in RESTORE_VARIANTS else method}\nbase: {models['aligned']}\ntuned: {models['tuned']}\n"
     choose = f"evaluate:\n  safety: {{path: {work / 'choose_harm.jsonl'}, max_new_tokens: 64}}\n" \
              f"  task: {{path: {work / f'choose_{task}.jsonl'}, metric: {TASKS[task]['metric']}, max_new_tokens: 64}}\n" \
              "  benign: none\n  select: lowest_harm_within_floor\n  models: []\n"
     harmful = f"  harmful: {{path: {data / 'beavertails_recovery_64.jsonl'}}}\n"
-    if method == "restore":
+    if method in RESTORE_VARIANTS:
+        rollback = "".join(f"{key}: {value}, " for key, value in RESTORE_VARIANTS[method].items())
         return (text + f"data:\n{harmful}  task: {{path: {data / TASKS[task]['train']}, limit: 64}}\n"
-                f"rollback: {{max_task_drop: {MAX_TASK_DROP}}}\n" + choose + f"output: {{path: {out}, max_shard_size: 200MB}}\n")
+                f"rollback: {{{rollback}max_task_drop: {MAX_TASK_DROP}}}\n" + choose + f"output: {{path: {out}, max_shard_size: 200MB}}\n")
     if method == "resta":
         text += f"unaligned: {models['unaligned']}\n"
     if method == "safe_lora":
@@ -327,7 +332,7 @@ def verdict(comparison: dict | None, key: str, lower_is_better: bool, points: bo
 
 
 def setting_text(row: dict) -> str:
-    if row["method"] == "restore":
+    if row["method"] in RESTORE_VARIANTS:
         return f"step {row['setting']}" if row.get("setting") is not None else "–"
     return "–" if row.get("setting") is None else f"{GRID[row['method']][0]} {row['setting']}"
 
@@ -480,7 +485,7 @@ def main() -> None:
                         repair = one_example.patch(tuned_folder, refusal(), setting, out)
                     else:
                         repair = repaired(out, recipe_text(method, setting, models, out, work, task, args.data))
-                    if method == "restore":  # its schedule chose among its checkpoints, by the same rule on the same rows
+                    if method in RESTORE_VARIANTS:  # its schedule chose among its checkpoints, by the same rule on the same rows
                         report = json.loads((out / "surgeon.json").read_text())
                         points = [{"setting": c["step"], "harmful_rate": c["harmful_rate"], "task_score": c["score"], "folder": str(out),
                                    "repair": repair} for c in report["tradeoff"]["checkpoints"]]
