@@ -100,3 +100,22 @@ def test_a_placeholder_left_in_place_is_named_with_its_field(llama, tmp_path):
     recipe.write_text(f"extends: smollm2-1.7b-instruct\nbase: {llama[0]}\n")
     result = CliRunner().invoke(main, ["validate", str(recipe)])
     assert result.exit_code == 2 and "(tuned: " in result.output and "your-fine-tune" in result.output, result.output
+
+
+def test_shipped_recipes_run_restore_as_the_bench_measures_it(tmp_path):
+    """Every recipe a user extends (recipes/) schedules restore (its restore and rollback sections)
+    as bench/effectiveness.py measures it as `restore`, so the figures it publishes are of the
+    repair that user gets (the demo under examples/ runs a shorter schedule, and says so)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import effectiveness
+
+    models = {"aligned": "./aligned", "tuned": "./tuned"}
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(effectiveness.recipe_text("restore", None, models, tmp_path / "out", tmp_path, "sql", tmp_path))
+    measured = load_recipe(bench).recipe
+    for path in sorted(ROOT.glob("recipes/*.yaml")):
+        recipe = load_recipe(path).recipe
+        if recipe.method == "restore":
+            assert (recipe.restore, recipe.rollback) == (measured.restore, measured.rollback), path.name
