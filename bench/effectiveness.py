@@ -16,7 +16,8 @@ method with no point within it takes its best task score, marked. The choosing r
 700-799 (its own metric on generated answers). restore's grid is its checkpoints: it runs as the
 shipped recipes configure it, and its schedule chooses among them by the same rule on the same rows.
 Variants of restore tried as its default (RESTORE_VARIANTS) run the same way: `restore_rollback`
-rolls back in every step (rollback.mode always), not only after a warm-up past the floor.
+rolls back in every step (rollback.mode always), not only after a warm-up past the floor;
+`restore_answer_loss` does too, by the gradient of the task answers' loss (rollback.objective).
 The one-example control (one_example.py, Zhang et al. ICLR 2026) is tuned after a few optimizer
 steps on one harmful prompt paired with the aligned base's refusal. RESTA subtracts an unaligned
 model trained on BeaverTails harmful pairs 0-99 (adapters/harmful-from0-n100, `finetune.py
@@ -76,8 +77,10 @@ TASKS = {
     "toxicchat": {"train": "toxicchat_train_1000.jsonl", "eval": "toxicchat_eval_400.jsonl", "eval_start": 0,
                   "choose": slice(700, 800), "metric": "f1:1", "name": "ToxicChat F1 (label 1)"},
 }
-# restore as shipped, and the variants tried against it (issue 36): each one's rollback section
-RESTORE_VARIANTS = {"restore": {}, "restore_rollback": {"mode": "always"}}
+# restore as shipped, and the variants tried against it (issue 36): each one's rollback section, and
+# what its data.task adds (answer_loss learns from the task's answers)
+RESTORE_VARIANTS = {"restore": ({}, ""), "restore_rollback": ({"mode": "always"}, ""),
+                    "restore_answer_loss": ({"mode": "always", "objective": "answer_loss"}, ", answer_field: response")}
 # method -> (recipe key of its setting, the grid); restore's grid is its own checkpoints
 GRID = {
     **{variant: (None, [None]) for variant in RESTORE_VARIANTS},
@@ -160,8 +163,9 @@ def recipe_text(method: str, setting, models: dict, out: Path, work: Path, task:
              "  benign: none\n  select: lowest_harm_within_floor\n  models: []\n"
     harmful = f"  harmful: {{path: {data / 'beavertails_recovery_64.jsonl'}}}\n"
     if method in RESTORE_VARIANTS:
-        rollback = "".join(f"{key}: {value}, " for key, value in RESTORE_VARIANTS[method].items())
-        return (text + f"data:\n{harmful}  task: {{path: {data / TASKS[task]['train']}, limit: 64}}\n"
+        settings, answers = RESTORE_VARIANTS[method]
+        rollback = "".join(f"{key}: {value}, " for key, value in settings.items())
+        return (text + f"data:\n{harmful}  task: {{path: {data / TASKS[task]['train']}, limit: 64{answers}}}\n"
                 f"rollback: {{{rollback}max_task_drop: {MAX_TASK_DROP}}}\n" + choose + f"output: {{path: {out}, max_shard_size: 200MB}}\n")
     if method == "resta":
         text += f"unaligned: {models['unaligned']}\n"
