@@ -16,8 +16,8 @@ method with no point within it takes its best task score, marked. The choosing r
 700-799 (its own metric on generated answers). restore's grid is its checkpoints: it runs as the
 shipped recipes configure it, and its schedule chooses among them by the same rule on the same rows.
 Variants of restore tried as its default (RESTORE_VARIANTS) run the same way: `restore_rollback`
-rolls back in every step (rollback.mode always), not only after a warm-up past the floor;
-`restore_answer_loss` does too, by the gradient of the task answers' loss (rollback.objective).
+rolls back in every step (restore.rollback.mode always), not only after a warm-up past the floor;
+`restore_answer_loss` does too, by the gradient of the task answers' loss (restore.rollback.objective).
 The one-example control (one_example.py, Zhang et al. ICLR 2026) is tuned after a few optimizer
 steps on one harmful prompt paired with the aligned base's refusal. RESTA subtracts an unaligned
 model trained on BeaverTails harmful pairs 0-99 (adapters/harmful-from0-n100, `finetune.py
@@ -166,7 +166,7 @@ def recipe_text(method: str, setting, models: dict, out: Path, work: Path, task:
         settings, answers = RESTORE_VARIANTS[method]
         rollback = "".join(f"{key}: {value}, " for key, value in settings.items())
         return (text + f"data:\n{harmful}  task: {{path: {data / TASKS[task]['train']}, limit: 64{answers}}}\n"
-                f"rollback: {{{rollback}max_task_drop: {MAX_TASK_DROP}}}\n" + choose + f"output: {{path: {out}, max_shard_size: 200MB}}\n")
+                f"restore: {{rollback: {{{rollback}max_task_drop: {MAX_TASK_DROP}}}}}\n" + choose + f"output: {{path: {out}, max_shard_size: 200MB}}\n")
     if method == "resta":
         text += f"unaligned: {models['unaligned']}\n"
     if method == "safe_lora":

@@ -121,8 +121,8 @@ def main() -> None:
     recipe = {
         "base": str(base), "tuned": str(tuned),
         "data": {"harmful": {"prompts": prompts}, "task": {"prompts": TASK}},
-        "probe": {"batch_size": 8}, "restore": {"sparsity": 0.002, "steps": 1, "warmup": 0, "save_every": 1},
-        "rollback": {"mode": "never"}, "evaluate": {"models": []},
+        "probe": {"batch_size": 8}, "restore": {"sparsity": 0.002, "steps": 1, "warmup": 0, "save_every": 1, "rollback": {"mode": "never"}},
+        "evaluate": {"models": []},
         "compute": {"device": args.device, "dtype": "float32"}, "output": {"path": str(args.work / "out"), "max_shard_size": "2GB"},
     }
     path = args.work / "recipe.yaml"

@@ -63,7 +63,7 @@ def main() -> None:
             recipe.write_text(json.dumps({
                 "base": str(base), "tuned": str(tuned),
                 "data": {"harmful": {"prompts": HARMFUL}, "task": {"prompts": TASK}},
-                "restore": {"steps": 1, "warmup": 0}, "rollback": {"mode": "never"},
+                "restore": {"steps": 1, "warmup": 0, "rollback": {"mode": "never"}},
                 "compute": {"device": "cpu", "max_memory": budget},
                 "output": {"path": str(recipe.parent / f"{recipe.stem}-out"), "max_shard_size": "200MB"},
             }))

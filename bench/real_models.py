@@ -157,8 +157,7 @@ def write_recipe(work: Path, name: str, base: Path, tuned: Path, data: Path, lay
         "base": str(base), "tuned": str(tuned),
         "data": {"harmful": f"{name}-harmful.jsonl", "task": {"path": f"{name}-task.jsonl", "answer_field": "response"}},
         "probe": {"layer": layer, "batch_size": BATCH},
-        "restore": {"sparsity": 0.002, "steps": STEPS, "warmup": 0, "save_every": 1},
-        "rollback": {"mode": "always", "ratio": 0.2},
+        "restore": {"sparsity": 0.002, "steps": STEPS, "warmup": 0, "save_every": 1, "rollback": {"mode": "always", "ratio": 0.2}},
         # over-refusal off: the shipped 118 x 64 answers per model would triple the bench and check nothing of the engine
         "evaluate": {"safety": {"path": f"{name}-harmful.jsonl", "max_new_tokens": 16}, "benign": "none",
                      "task": {"path": f"{name}-task.jsonl", "answer_field": "response", "metric": "loss"}},

@@ -50,8 +50,8 @@ SPARSITY = 0.002
 def recipe(base: Path, tuned: Path, out: Path, budget: str) -> dict:
     compute = {"device": "cpu", "dtype": "float32", **({} if budget == "default" else {"max_memory": budget})}
     return {"base": str(base), "tuned": str(tuned), "data": {"harmful": {"prompts": PROMPTS}, "task": {"prompts": TASK}},
-            "probe": {"batch_size": 8}, "restore": {"sparsity": SPARSITY, "steps": 1, "warmup": 0, "save_every": 1},
-            "rollback": {"mode": "never"}, "evaluate": {"models": []}, "compute": compute,
+            "probe": {"batch_size": 8}, "restore": {"sparsity": SPARSITY, "steps": 1, "warmup": 0, "save_every": 1, "rollback": {"mode": "never"}},
+            "evaluate": {"models": []}, "compute": compute,
             "output": {"path": str(out), "max_shard_size": "2GB"}}
 
 

@@ -62,8 +62,7 @@ data:
   harmful: {{path: {args.data / 'beavertails_recovery_64.jsonl'}, limit: {args.prompts}}}
   task: {{path: {args.data / 'sql_create_context_1000.jsonl'}, limit: {args.prompts}}}
 probe: {{batch_size: 16}}
-restore: {{steps: {args.steps}, warmup: 1, save_every: 1}}
-rollback: {{mode: auto}}
+restore: {{steps: {args.steps}, warmup: 1, save_every: 1, rollback: {{mode: auto}}}}
 evaluate:
   task: {{path: {args.data / 'sql_create_context_1000.jsonl'}, limit: {args.prompts}, metric: loss}}
   batch_size: 16

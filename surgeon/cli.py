@@ -65,7 +65,14 @@ _settable = click.option(
          "the output's recipe copy records it.")
 
 
+def _deprecations(loaded) -> None:
+    """A line for each old spelling the recipe was read with (the run goes on)."""
+    for note in loaded.deprecations:
+        click.echo(f"warning: {note}", err=True)
+
+
 def _warn_if_harm_is_off(loaded) -> None:
+    _deprecations(loaded)
     if loaded.recipe.evaluate.safety is None:
         from surgeon.report import HARM_NOT_MEASURED
 
@@ -219,6 +226,8 @@ def run(recipe, settings, verbose, quiet, **flags):
     options = _options(RunOptions, flags)
     loaded = Recipe.load(recipe, settings=settings)
     follower = launched_as_follower()  # under torchrun / accelerate launch the main process alone reports
+    if not follower:
+        _deprecations(loaded.loaded)
     with _progress(quiet or follower) as progress:
         result = repair(loaded, **options.model_dump(), progress=progress)
     if follower:

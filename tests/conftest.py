@@ -40,13 +40,16 @@ def llama_fp32(tmp_path_factory):
 
 
 def recipe_dict(base, tuned, **sections) -> dict:
+    """A small restore recipe over the tiny pair; each section given is merged into its default
+    (`rollback=` into restore.rollback)."""
+    if "rollback" in sections:
+        sections["restore"] = {**sections.get("restore", {}), "rollback": {"mode": "never", **sections.pop("rollback")}}
     recipe = {
         "base": str(base),
         "tuned": str(tuned),
         "data": {"harmful": {"prompts": HARMFUL}, "task": {"prompts": TASK}},
         "probe": {"layer": 4, "batch_size": 4},
-        "restore": {"sparsity": 0.01, "steps": 3, "warmup": 0, "save_every": 1},
-        "rollback": {"mode": "never"},
+        "restore": {"sparsity": 0.01, "steps": 3, "warmup": 0, "save_every": 1, "rollback": {"mode": "never"}},
         # harm and over-refusal off unless a test measures them: the shipped sets' 159 and 118 answers
         # per model would dominate the suite
         "evaluate": {"safety": "none", "benign": "none"},

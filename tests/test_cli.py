@@ -41,11 +41,11 @@ def test_a_repaired_folder_is_a_valid_input(llama, write_recipe, tmp_path):
 
 def test_bad_recipe_prints_one_line_per_problem_and_exits_2(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\nrestore: {sparsty: 1, steps: -1}\n")
+    recipe.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrestore: {rollback: {mode: never}, sparsty: 1, steps: -1}\n")
     result = invoke("validate", recipe)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 2
-    assert all(line.startswith("error: ") and f"({recipe}:5)" in line for line in lines)
+    assert all(line.startswith("error: ") and f"({recipe}:4)" in line for line in lines)
     assert any("did you mean 'sparsity'" in line for line in lines)
 
 

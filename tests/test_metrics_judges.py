@@ -124,7 +124,7 @@ def test_code_runs_only_when_the_recipe_asks_for_it(llama, tmp_path):
 
 
 def test_recipe_checks_metric_and_judge_settings():
-    base = "base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\n"
+    base = "base: a\ntuned: b\ndata: {harmful: h, task: t}\nrestore: {rollback: {mode: never}}\n"
     for section, message in [
         ("evaluate: {task: {path: t, metric: bleu}}", "unknown metric 'bleu'"),
         ("evaluate: {safety: {path: s, judge: guard}}", "needs 'model'"),

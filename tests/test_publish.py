@@ -34,8 +34,7 @@ def finished(model_pairs, tmp_path_factory):
     recipe.write_text(json.dumps({
         "base": str(base), "tuned": str(tuned_with_card),
         "data": {"harmful": {"prompts": HARMFUL}, "task": {"prompts": HARMFUL}},
-        "restore": {"sparsity": 0.01, "steps": 2, "warmup": 0, "save_every": 1},
-        "rollback": {"mode": "never"},
+        "restore": {"sparsity": 0.01, "steps": 2, "warmup": 0, "save_every": 1, "rollback": {"mode": "never"}},
         "evaluate": {"safety": {"prompts": HARMFUL, "max_new_tokens": 4}, "task": {"path": str(task), "metric": "loss"}},
         "compute": {"device": "cpu"},
         "output": {"path": str(root / "out"), "max_shard_size": "60KB"},
@@ -176,7 +175,7 @@ def test_run_pushes_at_the_end_when_the_recipe_says_so(hub, llama, write_recipe,
 
 
 def test_a_token_in_a_recipe_is_refused():
-    text = "base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\noutput: {push: {repo_id: o/n, token: hf_x}}\n"
+    text = "base: a\ntuned: b\ndata: {harmful: h, task: t}\nrestore: {rollback: {mode: never}}\noutput: {push: {repo_id: o/n, token: hf_x}}\n"
     with pytest.raises(RecipeValidationError) as info:
         parse_recipe(text)
     assert "secrets never go in a recipe" in info.value.problems[0][0] and "hf_x" not in str(info.value.problems)

@@ -5,7 +5,7 @@ from surgeon.errors import RecipeError, RecipeValidationError
 from surgeon.recipe import load_recipe, parse_recipe
 from surgeon.recipe.sizes import parse_size
 
-MINIMAL = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nrollback: {mode: never}\n"
+MINIMAL = "base: a\ntuned: b\ndata: {harmful: h.jsonl, task: t.jsonl}\nrestore: {rollback: {mode: never}}\n"
 
 
 def problems(text):
@@ -18,29 +18,29 @@ def test_minimal_recipe_gets_the_documented_defaults():
     recipe = parse_recipe(MINIMAL)
     assert recipe.base.path == "a" and recipe.data.harmful.path == "h.jsonl" and recipe.data.harmful.field == "prompt"
     assert (recipe.restore.sparsity, recipe.restore.steps, recipe.restore.warmup, recipe.restore.save_every) == (0.002, 20, 5, 5)
-    assert (recipe.rollback.ratio, recipe.rollback.max_task_drop) == (0.2, 0.05)
+    assert (recipe.restore.rollback.ratio, recipe.restore.rollback.max_task_drop) == (0.2, 0.05)
     assert recipe.probe.layer is None and recipe.probe.batch_size == 8
     assert recipe.output.max_shard_size == 5 * 10**9 and recipe.output.dtype is None and recipe.compute.dtype == "float32"
 
 
 def test_misspelt_key_is_an_error_with_did_you_mean_and_line():
-    found = problems(MINIMAL + "restore:\n  sparsty: 0.1\n")
+    found = problems(MINIMAL.replace("restore: {rollback: {mode: never}}\n", "restore:\n  rollback: {mode: never}\n  sparsty: 0.1\n"))
     assert found == [("unknown key 'restore.sparsty'; did you mean 'sparsity'?", "r.yaml:6")]
 
 
 def test_every_bad_field_is_reported_once():
-    text = "base: a\ntuned: b\ndata:\n  harmful: {path: h, feild: x}\n  task: t\nrestore: {steps: 0}\nrollback: {mode: sometimes}\n"
+    text = "base: a\ntuned: b\ndata:\n  harmful: {path: h, feild: x}\n  task: t\nrestore: {steps: 0, rollback: {mode: sometimes}}\n"
     messages = [m for m, _ in problems(text)]
     assert len(messages) == 3
     assert any("data.harmful.feild" in m and "'field'" in m for m in messages)
     assert any(m.startswith("restore.steps") for m in messages)
-    assert any(m.startswith("rollback.mode") for m in messages)
+    assert any(m.startswith("restore.rollback.mode") for m in messages)
 
 
 def test_missing_required_keys_are_named():
-    messages = [m for m, _ in problems("rollback: {mode: never}\n")]
+    messages = [m for m, _ in problems("restore: {rollback: {mode: never}}\n")]
     assert "missing required key 'base'" in messages and "missing required key 'tuned'" in messages
-    (message, _), = problems("base: a\ntuned: b\nrollback: {mode: never}\n")
+    (message, _), = problems("base: a\ntuned: b\nrestore: {rollback: {mode: never}}\n")
     assert message == "method 'restore' needs 'data' (harmful and task prompts)"
 
 
@@ -50,13 +50,13 @@ def test_baseline_methods_take_their_own_inputs():
     assert parse_recipe("method: reset_layers\nbase: a\ntuned: b\n").probe.layer is None
     (message, _), = problems("method: resta\nbase: a\ntuned: b\n")
     assert "needs 'unaligned'" in message
-    (message, _), = problems("base: a\ntuned: b\nunaligned: c\ndata: {harmful: h, task: t}\nrollback: {mode: never}\n")
+    (message, _), = problems("base: a\ntuned: b\nunaligned: c\ndata: {harmful: h, task: t}\nrestore: {rollback: {mode: never}}\n")
     assert "only used by method 'resta'" in message
 
 
 def test_auto_rollback_without_a_task_metric_names_both_fixes():
-    (message, _), = problems(MINIMAL.replace("rollback: {mode: never}\n", ""))
-    assert message.startswith("rollback.mode 'auto' needs a task score") and "evaluate.task" in message and "'never'" in message
+    (message, _), = problems(MINIMAL.replace("restore: {rollback: {mode: never}}\n", ""))
+    assert message.startswith("restore.rollback.mode 'auto' needs a task score") and "evaluate.task" in message and "'never'" in message
 
 
 def test_secrets_are_refused_in_recipes():
@@ -160,17 +160,17 @@ def test_stop_rule_and_selection_rows_are_checked(evaluate, restore, message):
 
 
 @pytest.mark.parametrize("task, message", [
-    ("t.jsonl", "rollback.objective answer_loss needs data.task.answer_field"),
+    ("t.jsonl", "restore.rollback.objective answer_loss needs data.task.answer_field"),
     ({"prompts": ["p"], "answer_field": "response"}, "inline prompts have no answers"),
     ({"path": "t.jsonl", "balance": "answers"}, "'balance' weighs the answers' loss: it needs 'answer_field'"),
 ])
 def test_a_rollback_on_the_answers_loss_needs_answers(task, message):
-    text = yaml.safe_dump({"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": task}, "rollback": {"objective": "answer_loss", "mode": "always"}})
+    text = yaml.safe_dump({"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": task}, "restore": {"rollback": {"objective": "answer_loss", "mode": "always"}}})
     with pytest.raises(RecipeValidationError) as caught:
         parse_recipe(text, "r.yaml")
     assert any(message in problem for problem, _ in caught.value.problems), caught.value.problems
     answered = {"base": "a", "tuned": "b", "data": {"harmful": "h.jsonl", "task": {"path": "t.jsonl", "answer_field": "sql"}},
-                "rollback": {"objective": "answer_loss", "mode": "always"}}
+                "restore": {"rollback": {"objective": "answer_loss", "mode": "always"}}}
     assert parse_recipe(yaml.safe_dump(answered), "r.yaml").data.task.answer_field == "sql"
 
 
@@ -180,3 +180,28 @@ def test_selection_defaults_to_lowest_harm_when_checkpoints_are_scored_for_harm(
     assert parse_recipe(text.replace("safety: {path: s.jsonl}", "safety: none")).evaluate.selection == "last_within_floor"
     # a recipe that names no safety set measures harm on the shipped one, and chooses on it
     assert parse_recipe(text.replace(", safety: {path: s.jsonl}", "")).evaluate.selection == "lowest_harm_within_floor"
+
+
+def test_the_old_top_level_rollback_section_is_read_into_restore_with_a_deprecation_line(tmp_path):
+    """Recipes written before rollback moved under restore still run the same schedule; the
+    loader says where the old spelling is, and `surgeon validate` prints it as a warning."""
+    from click.testing import CliRunner
+
+    from surgeon.cli import main
+    from surgeon.recipe.loader import load_recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrestore: {steps: 3, warmup: 0}\nrollback: {mode: always, ratio: 0.3}\n")
+    loaded = load_recipe(old, ("rollback.max_task_drop=0.1",))
+    assert loaded.recipe.restore.rollback.model_dump() == {"mode": "always", "ratio": 0.3, "max_task_drop": 0.1, "objective": "direction"}
+    assert loaded.recipe.restore.steps == 3 and loaded.origin("restore.rollback.ratio") == f"{old}:5"
+    first, second = loaded.deprecations
+    assert "'rollback:' is now 'restore.rollback:'" in first and f"({old}:5)" in first
+    assert "'rollback.max_task_drop' is now 'restore.rollback.max_task_drop'" in second
+    assert "rollback:" not in loaded.text.split("restore:")[0]  # the copy kept with the output has the new spelling
+    result = CliRunner().invoke(main, ["validate", "--schema-only", str(old)])
+    assert result.exit_code == 0 and "warning: 'rollback:' is now 'restore.rollback:'" in result.output
+    both = tmp_path / "both.yaml"
+    both.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\nrestore: {rollback: {mode: always}}\n")
+    result = CliRunner().invoke(main, ["validate", "--schema-only", str(both)])
+    assert result.exit_code == 2 and result.output.strip() == f"error: 'rollback' and 'restore.rollback' are the same section: keep 'restore.rollback' ({both}:4)"

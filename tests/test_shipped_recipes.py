@@ -68,7 +68,7 @@ def test_a_four_line_recipe_extends_a_shipped_one(tmp_path):
     assert settings["data"]["harmful"]["path"] == "surgeon://harmbench_val.jsonl" and settings["data"]["task"]["path"] == "./sql_train.jsonl"
     assert settings["evaluate"]["safety"]["path"] == "surgeon://harmbench_test.jsonl"
     assert settings["evaluate"]["task"] == {**settings["evaluate"]["task"], "path": "./sql_eval.jsonl", "metric": "exact_match"}
-    assert (settings["restore"]["sparsity"], settings["rollback"]["mode"]) == (0.002, "auto")
+    assert (settings["restore"]["sparsity"], settings["restore"]["rollback"]["mode"]) == (0.002, "auto")
     # the copy kept with an output stands alone
     loaded = load_recipe(recipe)
     copy = yaml.safe_load(loaded.text)
@@ -103,8 +103,8 @@ def test_a_placeholder_left_in_place_is_named_with_its_field(llama, tmp_path):
 
 
 def test_shipped_recipes_run_restore_as_the_bench_measures_it(tmp_path):
-    """Every recipe a user extends (recipes/) schedules restore (its restore and rollback sections)
-    as bench/effectiveness.py measures it as `restore`, so the figures it publishes are of the
+    """Every recipe a user extends (recipes/) schedules restore (its restore section, rollback
+    included) as bench/effectiveness.py measures it as `restore`, so the figures it publishes are of the
     repair that user gets (the demo under examples/ runs a shorter schedule, and says so)."""
     import sys
 
@@ -118,4 +118,4 @@ def test_shipped_recipes_run_restore_as_the_bench_measures_it(tmp_path):
     for path in sorted(ROOT.glob("recipes/*.yaml")):
         recipe = load_recipe(path).recipe
         if recipe.method == "restore":
-            assert (recipe.restore, recipe.rollback) == (measured.restore, measured.rollback), path.name
+            assert recipe.restore == measured.restore, path.name

@@ -99,8 +99,8 @@ def method_spec(name: str) -> MethodSpec:
 def _restore_rules(recipe) -> None:
     if recipe.restore.stop_at is not None and (recipe.evaluate.safety is None or recipe.evaluate.task is None):
         raise ValueError("restore.stop_at needs evaluate.safety and evaluate.task: each checkpoint's harm and task score")
-    if recipe.rollback.mode == "auto" and recipe.evaluate.task is None:
-        raise ValueError("rollback.mode 'auto' needs a task score: add evaluate.task, or set rollback.mode to 'never' or 'always'")
+    if recipe.restore.rollback.mode == "auto" and recipe.evaluate.task is None:
+        raise ValueError("restore.rollback.mode 'auto' needs a task score: add evaluate.task, or set restore.rollback.mode to 'never' or 'always'")
 
 
 PAPER = ("Yang, Tao, Chen, Xu: *Alleviating the Fear of Losing Alignment in LLM Fine-tuning*, "

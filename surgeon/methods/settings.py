@@ -8,22 +8,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # the recipe's own rule: unknown keys are errors, docstrings describe the fields
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class Linear(_Section):
+class Linear(Section):
     alpha: float = Field(default=0.5, gt=0.0, le=1.0)
     """tuned + alpha x (base - tuned): the share of the fine-tuning update taken back (1 gives base)."""
 
 
-class Antidote(_Section):
+class Antidote(Section):
     ratio: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of each row of every decoder linear weight pruned back to base: the entries of the update with the highest |tuned - base| x input norm over data.harmful (Antidote's dense_ratio)."""
 
 
-class SafeLora(_Section):
+class SafeLora(Section):
     select: Literal["number", "threshold"] = "number"
     """Which update matrices are projected: the `number` with the lowest cosine to their projection, or every one at or below `threshold`."""
     number: int = Field(default=10, ge=1)
@@ -32,6 +32,6 @@ class SafeLora(_Section):
     """Cosine at or below which a matrix is projected with select: threshold."""
 
 
-class DgHard(_Section):
+class DgHard(Section):
     scale: float = Field(default=1.0, gt=0.0)
     """Multiplier of the Donoho-Gavish threshold: singular values of each update matrix above scale x omega(beta) x sigma are kept."""

@@ -33,6 +33,7 @@ class LoadedRecipe:
     path: Path
     text: str
     origins: dict = field(default_factory=dict, repr=False, compare=False)  # key path -> the file:line (or --set) that set it
+    deprecations: tuple[str, ...] = ()  # old spellings read, each a line naming where and the new one
 
     def origin(self, dotted: str) -> str | None:
         """Where a recipe field was set: its own key's line, else its nearest parent's."""
@@ -249,6 +250,7 @@ def _validate(data: dict, lines: dict[tuple, str], file: str) -> Recipe:
 
 def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     data, lines = _tree(text, file)
+    _moved(data, lines, [])
     return _validate(data, lines, file)
 
 
@@ -298,11 +300,36 @@ def _read(path: Path) -> str:
     return _decode(raw, str(path))
 
 
-def _load_tree(path: Path, chain: tuple[Path, ...] = (), text: str | None = None) -> tuple[dict, dict[tuple, str], str]:
+# old top-level sections and the section they now live in; each file's are moved before files are merged
+MOVED = {"rollback": "restore"}
+
+
+def _moved(data: dict, lines: dict[tuple, str], notes: list[str]) -> None:
+    """A section at its old place moves into its new one (a note for each, naming where it was
+    set); given at both, the recipe is refused."""
+    for old, parent in MOVED.items():
+        if old not in data:
+            continue
+        where = lines.get((old,), "<recipe>")
+        section = data.get(parent) or {}
+        if not isinstance(section, dict):
+            continue  # validation names the parent's type
+        if old in section:
+            raise RecipeError(f"'{old}' and '{parent}.{old}' are the same section: keep '{parent}.{old}'", where)
+        data[parent] = {**section, old: data.pop(old)}
+        for key in [k for k in lines if k[:1] == (old,)]:
+            lines[(parent, *key)] = lines.pop(key)
+        notes.append(f"'{old}:' is now '{parent}.{old}:'; the top-level section is deprecated, and still read ({where})")
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = (), text: str | None = None,
+               notes: list[str] | None = None) -> tuple[dict, dict[tuple, str], str]:
     """Data, where each key was set (the file that set it last), and this file's text (`text`, for
-    a recipe that is not a file, stands for what `path` would hold)."""
+    a recipe that is not a file, stands for what `path` would hold); `notes` gets a line per old
+    spelling read."""
     text = _read(path) if text is None else text
     data, lines = _tree(text, str(path))
+    _moved(data, lines, [] if notes is None else notes)
     if "extends" not in data:
         return data, lines, text
     where = lines[("extends",)]
@@ -311,12 +338,12 @@ def _load_tree(path: Path, chain: tuple[Path, ...] = (), text: str | None = None
         raise RecipeError(f"extends goes round in a circle back to {parent.name}", where)
     if len(chain) >= MAX_EXTENDS:
         raise RecipeError(f"extends chains more than {MAX_EXTENDS} recipes", where)
-    parent_data, parent_lines, _ = _load_tree(parent, (*chain, path.resolve()))
+    parent_data, parent_lines, _ = _load_tree(parent, (*chain, path.resolve()), notes=notes)
     parent_data.pop("extends", None)
     return _merge(parent_data, data), {**parent_lines, **lines}, text
 
 
-def _override(data: dict, lines: dict[tuple, str], setting: str) -> None:
+def _override(data: dict, lines: dict[tuple, str], setting: str, notes: list[str]) -> None:
     """One `--set key.path=value`: the value read as YAML, set at the dotted path. A plain string on
     the way stands for its {path: ...} form (as the schema reads it); missing mappings are made."""
     where = f"--set {setting}"
@@ -324,6 +351,9 @@ def _override(data: dict, lines: dict[tuple, str], setting: str) -> None:
     parts = key.strip().split(".")
     if not equals or not all(parts):
         raise RecipeError("--set takes key.path=value, e.g. restore.steps=3", where)
+    if parts[0] in MOVED:
+        notes.append(f"'{'.'.join(parts)}' is now '{MOVED[parts[0]]}.{'.'.join(parts)}'; the old name is deprecated, and still read ({where})")
+        parts = [MOVED[parts[0]], *parts]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -346,14 +376,16 @@ def load_recipe(path: str | Path, settings: tuple[str, ...] = (), text: str | No
     """The recipe at `path` (with what it extends), with each `key.path=value` of `settings` over it;
     `text`, a recipe written elsewhere (Python), read as if it were the file at `path` (relative paths
     and `extends` start at its folder)."""
-    path = Path(path)
-    data, lines, text = _load_tree(path, text=text)
+    path, notes = Path(path), []
+    data, lines, text = _load_tree(path, text=text, notes=notes)
     for setting in settings:
-        _override(data, lines, setting)
+        _override(data, lines, setting, notes)
     recipe = _validate(data, lines, str(path))
-    if "extends" in data or settings:
+    if "extends" in data or settings or notes:
         # the copy kept with the output stands alone: what was extended and what was set, merged in
         resolved = {key: value for key, value in data.items() if key != "extends"}
         merged = ([f"what it extends ({data['extends']})"] if "extends" in data else []) + ([" ".join(f"--set {s}" for s in settings)] if settings else [])
-        text = f"# {path.name}, with {' and '.join(merged)} merged in by surgeon\n" + yaml.safe_dump(resolved, sort_keys=False)
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text, origins=lines)
+        header = f"# {path.name}" + (f", with {' and '.join(merged)} merged in" if merged else "") \
+            + (", its old sections moved to their current places," if notes else "") + " by surgeon\n"
+        text = header + yaml.safe_dump(resolved, sort_keys=False)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), text=text, origins=lines, deprecations=tuple(notes))

@@ -10,13 +10,13 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from surgeon.methods.registry import method_spec, methods
 from surgeon.recipe.hub_ids import split_hub_reference
-from surgeon.recipe.sizes import parse_size
+from surgeon.methods.restore.settings import Restore
+from surgeon.recipe.sizes import MAX_COUNT, parse_size
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
 Balance = Literal["tokens", "answers"]
 # a byte count, written as 5GB, 512MiB or a number; parsed once, here
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]})]
-MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
 # what a recipe probes and measures harm with when it names no set of its own: HarmBench's standard
 # behaviours (MIT), validation split to probe, test split to measure; they share no prompt
 DEFAULT_PROBE_SET = "surgeon://harmbench_val.jsonl"
@@ -78,7 +78,7 @@ class TaskPromptSet(PromptSet):
     """Task prompts, with their reference answers where a rollback learns from the answers' loss."""
 
     answer_field: str | None = None
-    """The column that holds each prompt's reference answer (text, or messages whose last assistant turn is the answer): rollback.objective answer_loss needs it."""
+    """The column that holds each prompt's reference answer (text, or messages whose last assistant turn is the answer): restore.rollback.objective answer_loss needs it."""
     balance: Balance = "tokens"
     """What weighs the same in the answers' loss: every answer token (tokens), or every distinct answer (answers: a classification task's minority label counts as much as its majority)."""
 
@@ -222,46 +222,6 @@ class Probe(Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("layer must be at least 1")
         return value
-
-
-class StopAt(Strict):
-    """Ends the schedule at the first checkpoint that reaches the target within the task floor."""
-
-    harmful_rate: float = Field(ge=0.0, le=1.0)
-    """Stop at the first checkpoint whose harmful rate is at most this, within the task floor."""
-    patience: int | None = Field(default=None, ge=1, le=MAX_COUNT)
-    """Also stop after this many checkpoints in a row within the floor that did not lower the
-    least harmful rate so far: where the target is out of reach, more steps stop buying harm."""
-
-
-class Restore(Strict):
-    sparsity: float = Field(default=0.002, gt=0.0, le=1.0)
-    """Share of the decoder parameters restored per step (k = sparsity x N)."""
-    steps: int = Field(default=20, ge=1, le=MAX_COUNT)
-    """The most steps; stop_at and the task floor end the schedule earlier."""
-    stop_at: StopAt | None = None
-    """A target that ends the schedule early; needs evaluate.safety and evaluate.task."""
-    warmup: int = Field(default=5, ge=0, le=MAX_COUNT)
-    """Restore-only steps before the gate decides between restore-only and a restart with rollback."""
-    save_every: int = Field(default=5, ge=1, le=MAX_COUNT)
-    """A checkpoint (scored, resumable) every this many steps."""
-
-    @model_validator(mode="after")
-    def _warmup_within_steps(self):
-        if self.warmup > self.steps:
-            raise ValueError(f"warmup ({self.warmup}) is larger than steps ({self.steps})")
-        return self
-
-
-class Rollback(Strict):
-    mode: Literal["auto", "always", "never"] = "auto"
-    """auto: rollback only if the warm-up falls past the task floor; always; never."""
-    ratio: float = Field(default=0.2, gt=0.0, le=1.0)
-    """Share of each step's restored weights that the task gradient may send back to tuned."""
-    max_task_drop: float = Field(default=0.05, ge=0.0, lt=1.0)
-    """The task floor: the largest relative drop of the task score from tuned's."""
-    objective: Literal["direction", "answer_loss"] = "direction"
-    """What the task gradient is of: direction, -cos(h, v_task) at the probe layer (the paper's); answer_loss, the teacher-forced loss of data.task's answers through every layer and the head (needs data.task.answer_field)."""
 
 
 class SelectionRows(Strict):
@@ -423,9 +383,7 @@ class Recipe(Strict):
     probe: Probe = Probe()
     """Where and how the model is probed."""
     restore: Restore = Restore()
-    """Settings of method restore: how much a step restores, and when the schedule ends."""
-    rollback: Rollback = Rollback()
-    """Settings of restore's rollback: what the task may take back."""
+    """Settings of method restore (the default method): how much a step restores, when the schedule ends, and what its rollback may take back."""
     evaluate: Evaluate = Evaluate()
     """What scores checkpoints and the final table."""
     compute: Compute = Compute()
@@ -456,8 +414,8 @@ class Recipe(Strict):
             raise ValueError(f"'unaligned' is only used by method {users}, not '{self.method}'")
         if "data" in spec.needs and self.data is None:
             raise ValueError(f"method '{self.method}' needs 'data' (harmful and task prompts)")
-        if self.rollback.objective == "answer_loss" and (self.data is None or self.data.task.answer_field is None):
-            raise ValueError("rollback.objective answer_loss needs data.task.answer_field: the column of the task prompts' answers")
+        if self.restore.rollback.objective == "answer_loss" and (self.data is None or self.data.task.answer_field is None):
+            raise ValueError("restore.rollback.objective answer_loss needs data.task.answer_field: the column of the task prompts' answers")
         if spec.check is not None:
             spec.check(self)
         return self

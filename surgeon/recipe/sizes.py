@@ -1,4 +1,4 @@
-"""Human byte sizes ("5GB", "8GiB", 1000000) to integers."""
+"""Human byte sizes ("5GB", "8GiB", 1000000) to integers, and the largest count a recipe may give."""
 
 import re
 
@@ -7,6 +7,7 @@ _UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MAX_COUNT = 2**31 - 1  # counts reach torch and tokenizers as C ints
 MAX_SIZE = 2**60  # 1 EiB: larger is a typo, and would overflow the C integers it reaches
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 

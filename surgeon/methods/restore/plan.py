@@ -51,18 +51,18 @@ def estimate(recipe, inputs, pair) -> Estimate:
     # each gradient pass: (its layers, its padded tokens: left padding to the longest prompt, at most);
     # restore's on the harmful prompts to E, rollback's on the task prompts to E or, on their
     # answers' loss, with the answers through every layer
-    answer_loss = recipe.rollback.objective == "answer_loss"
+    answer_loss = recipe.restore.rollback.objective == "answer_loss"
     task_lengths = _prompt_tokens(pair, inputs.task, recipe.probe.system_prompt, inputs.task_answers if answer_loss else None)
     task_tokens, task_longest = _total_and_longest(task_lengths)
     passes = [(probe_layer, len(inputs.harmful) * longest)]
-    if recipe.rollback.mode != "never":
+    if recipe.restore.rollback.mode != "never":
         passes.append((layout.num_layers if answer_loss else probe_layer, len(inputs.task) * task_longest))
     # a gradient pass keeps every boundary of its prompt set, plus each set's layer-0 inputs
     activations = max((layers + 1) * padded for layers, padded in passes) * hidden * compute
     budget = settings.budget
     activations += (harmful_tokens + task_tokens) * hidden * compute
     # restore-only steps accumulate fp32 gradients, kept for the next step (none after the last)
-    gradients = in_scope * 4 if recipe.rollback.mode != "always" and recipe.restore.steps > 1 else 0
+    gradients = in_scope * 4 if recipe.restore.rollback.mode != "always" and recipe.restore.steps > 1 else 0
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
     # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
     # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
@@ -99,7 +99,7 @@ def estimate(recipe, inputs, pair) -> Estimate:
                                       description="calibrating layer 0")
             seconds.append(time.perf_counter() - started)
         # the layer was timed on the harmful prompts; rollback's pass scales by its layers and tokens
-        rollback = passes[1][0] * task_tokens / max(harmful_tokens, 1) if recipe.rollback.mode == "always" else 0
+        rollback = passes[1][0] * task_tokens / max(harmful_tokens, 1) if recipe.restore.rollback.mode == "always" else 0
         step = seconds[-1] * (probe_layer + rollback)
         return step, [f"time: one layer's gradient work {seconds[-1]:.2f} s, so about {step:.0f} s per restore step "
                       "(scoring checkpoints comes on top)"]

@@ -429,14 +429,14 @@ class RestoreRun:
         probe_layer, layout = context.probe_layer, pair.layout
         self.settings = RestoreSettings(
             probe_layer=probe_layer, budget=layout.budget(recipe.restore.sparsity), steps=recipe.restore.steps,
-            warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.rollback.mode,
-            rollback_ratio=recipe.rollback.ratio, max_task_drop=recipe.rollback.max_task_drop, select=recipe.evaluate.selection,
+            warmup=recipe.restore.warmup, save_every=recipe.restore.save_every, rollback_mode=recipe.restore.rollback.mode,
+            rollback_ratio=recipe.restore.rollback.ratio, max_task_drop=recipe.restore.rollback.max_task_drop, select=recipe.evaluate.selection,
             stop_at_harmful_rate=recipe.restore.stop_at.harmful_rate if recipe.restore.stop_at else None,
             stop_patience=recipe.restore.stop_at.patience if recipe.restore.stop_at else None,
         )
         engine, inputs = pair.engine, context.inputs
         harmful = context.prompt_batches(inputs.harmful)
-        if recipe.rollback.objective == "answer_loss":  # prompts and answers, through every layer to the head
+        if recipe.restore.rollback.objective == "answer_loss":  # prompts and answers, through every layer to the head
             L = layout.num_layers
             rollback = RollbackPass(engine.prepare(context.answer_batches(inputs.task, inputs.task_answers), TUNED, L), L, AnswerLoss())
         else:
@@ -457,7 +457,7 @@ class RestoreRun:
             if not context.recipe.output.write_below_floor:
                 raise TaskFloorError(
                     f"every checkpoint fell past the task floor {result.floor:.4f} (tuned {result.tuned_score:.4f}; {scores}); "
-                    "nothing written. Lower restore.sparsity or steps, raise rollback.max_task_drop, or set output.write_below_floor",
+                    "nothing written. Lower restore.sparsity or steps, raise restore.rollback.max_task_drop, or set output.write_below_floor",
                     "evaluate.task",
                 )
             chosen = (max if context.scorer.higher_is_better else min)(result.checkpoints, key=lambda c: c.score)
@@ -468,7 +468,7 @@ class RestoreRun:
         N = layout.decoder_parameters
         return Repair(
             change=change,
-            settings={**asdict(self.settings), "rollback_objective": context.recipe.rollback.objective, "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
+            settings={**asdict(self.settings), "rollback_objective": context.recipe.restore.rollback.objective, "harmful_prompts": len(inputs.harmful), "task_prompts": len(inputs.task)},
             changed=changed,
             masks=masks, masks_metadata={"step": str(chosen.step)},
             checkpoints={c.step: c.path for c in result.checkpoints},
