@@ -112,7 +112,11 @@ def readme_section(real_models, effectiveness) -> str:
         lines.append(f"- **Repairs compared** (`bench/effectiveness.py`): {len(measured)} of {planned} fine-tunes measured so far "
                      f"({', '.join(f'{s} {t} n = {n}' for s, t, n in measured)}), methods {', '.join(methods) or 'none yet'}; "
                      "each fine-tune's table, with paired intervals, in [docs/benchmarks.md](docs/benchmarks.md#repairs-compared).")
-        lines += [f"  - {front_sentence([r for r in effectiveness if (r['scenario'], r['task'], r['n']) == cell])}" for cell in measured]
+        from effectiveness import targets
+
+        for cell in measured:
+            mine = [r for r in effectiveness if (r["scenario"], r["task"], r["n"]) == cell]
+            lines.append(f"  - {front_sentence(mine)}" + (f" {targets(mine)[0].upper()}{targets(mine)[1:]}" if targets(mine) else ""))
     if real_models:
         counts = " / ".join(f"{m['restored']:,}" for m in real_models["models"])
         names = ", ".join(NAMES.get(m["model"], m["model"]) for m in real_models["models"])
