@@ -13,6 +13,7 @@ imports torch until a repair or an evaluation runs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,14 @@ def _settings(overrides: Mapping[str, Any] | None) -> tuple[str, ...]:
                  for key, value in (overrides or {}).items())
 
 
+def _warned(loaded: LoadedRecipe) -> LoadedRecipe:
+    """Each old spelling the recipe was read with, as a FutureWarning (shown to a script's user
+    by default; the CLI prints its own lines)."""
+    for note in loaded.deprecations:
+        warnings.warn(note, FutureWarning, stacklevel=3)
+    return loaded
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A validated recipe: loaded from a file (with what it `extends`) or built from a mapping,
@@ -43,13 +52,13 @@ class Recipe:
     def load(cls, path: str | Path, overrides: Mapping[str, Any] | None = None, settings: tuple[str, ...] = ()) -> "Recipe":
         """The recipe file at `path`, with `overrides` ({"restore.steps": 3}) over it, or `settings`
         as the CLI's --set gives them ("restore.steps=3", the value read as YAML)."""
-        return cls(load_recipe(path, (*settings, *_settings(overrides))))
+        return cls(_warned(load_recipe(path, (*settings, *_settings(overrides)))))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], folder: str | Path = ".", overrides: Mapping[str, Any] | None = None) -> "Recipe":
         """A recipe written in Python; its relative paths and `extends` start at `folder`."""
         text = yaml.safe_dump(dict(data), sort_keys=False)
-        return cls(load_recipe(Path(folder) / "recipe.yaml", _settings(overrides), text=text))
+        return cls(_warned(load_recipe(Path(folder) / "recipe.yaml", _settings(overrides), text=text)))
 
     def override(self, overrides: Mapping[str, Any]) -> "Recipe":
         """This recipe with more settings over it (the recipe itself is left as it was)."""

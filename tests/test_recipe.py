@@ -205,3 +205,17 @@ def test_the_old_top_level_rollback_section_is_read_into_restore_with_a_deprecat
     both.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\nrestore: {rollback: {mode: always}}\n")
     result = CliRunner().invoke(main, ["validate", "--schema-only", str(both)])
     assert result.exit_code == 2 and result.output.strip() == f"error: 'rollback' and 'restore.rollback' are the same section: keep 'restore.rollback' ({both}:4)"
+
+
+def test_the_python_api_warns_of_an_old_spelling(tmp_path):
+    import warnings
+
+    from surgeon import Recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text("base: a\ntuned: b\ndata: {harmful: h, task: t}\nrollback: {mode: never}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = Recipe.load(old)
+    assert recipe.settings.restore.rollback.mode == "never"
+    assert [w.category for w in caught] == [FutureWarning] and "'rollback:' is now 'restore.rollback:'" in str(caught[0].message)
