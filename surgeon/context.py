@@ -91,6 +91,17 @@ class ModelSettings:
                    compute.max_memory, system_prompt, resolve, progress, collective)
 
     @property
+    def activations_bytes(self) -> int:
+        """The share of the budget for boundary activations and the autograd graphs kept beside them."""
+        return self.budget // 2
+
+    @property
+    def stores_bytes(self) -> int:
+        """The share for a method's own stores (restore's accumulated gradients, the tensors a
+        value-writing method leaves for the writer)."""
+        return self.budget - self.activations_bytes
+
+    @property
     def bounded(self) -> bool:
         """`compute.max_memory` was set: the budget is the user's limit, not a share of what is free."""
         return self.generation_budget is not None
@@ -126,7 +137,7 @@ class ModelPair:
     def activations(self):
         from surgeon.engine.store import SpillStore
 
-        return SpillStore(self.settings.budget // 2, self.workspace / "activations")
+        return SpillStore(self.settings.activations_bytes, self.workspace / "activations")
 
     @cached_property
     def engine(self):
@@ -200,8 +211,7 @@ class RunContext:
         compute.max_memory that activations leave, spilling past it into the workspace."""
         from surgeon.engine.store import SpillStore
 
-        budget = self.settings.budget
-        store = SpillStore(budget - budget // 2, self.workspace / name)
+        store = SpillStore(self.settings.stores_bytes, self.workspace / name)
         self.stores.append(store)
         return store
 

@@ -320,8 +320,7 @@ def _write_repair(repair, context, folder: Path) -> list[str]:
     if repair.masks is None and recipe.output.write == "patch":
         from surgeon.patch import write_tensor_patch
 
-        budget = context.settings.budget
-        write_tensor_patch(folder, pair.tuned, repair.tensors, recipe.output.dtype, context.workspace, budget - budget // 2)
+        write_tensor_patch(folder, pair.tuned, repair.tensors, recipe.output.dtype, context.workspace, context.settings.stores_bytes)
         return []
     if repair.masks is None:
         return write_checkpoint(folder, pair.tuned, repair.tensors, recipe.output.dtype, shard_bytes, pair.tokenizer_files, context.progress)

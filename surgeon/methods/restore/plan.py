@@ -66,10 +66,10 @@ def estimate(recipe, inputs, pair) -> Estimate:
     layer_params = max(sum(math.prod(tensors.shape(n)) for n in layer) for layer in layout.layer_tensors)
     # the autograd graphs a gradient pass keeps where the activations' half has room: per layer its
     # weights in the compute dtype and what autograd saves, about GRAPH_TENSORS hidden-sized tensors a token
-    room = max(0, budget // 2 - activations - slack_for(budget))
+    room = max(0, settings.activations_bytes - activations - slack_for(budget))
     graph_layer = lambda padded: layer_params * compute + padded * hidden * compute * GRAPH_TENSORS
     graphs = max(min(layers, room // graph_layer(padded)) * graph_layer(padded) for layers, padded in passes)
-    spill = max(0, activations - budget // 2) + max(0, gradients - (budget - budget // 2))
+    spill = max(0, activations - settings.activations_bytes) + max(0, gradients - settings.stores_bytes)
     largest = max(math.prod(tensors.shape(n)) for layer in layout.layer_tensors for n in layer)
     stored = max(tensors.dtype(n).itemsize for n in tensors.names())
     # the layer in the compute dtype and its fp32 gradient; one tensor at a time: base and tuned as
@@ -104,7 +104,7 @@ def estimate(recipe, inputs, pair) -> Estimate:
         return step, [f"time: one layer's gradient work {seconds[-1]:.2f} s, so about {step:.0f} s per restore step "
                       "(scoring checkpoints comes on top)"]
 
-    return Estimate(memory={"activations": min(activations, budget // 2), "graphs": graphs, "gradients": min(gradients, budget - budget // 2),
+    return Estimate(memory={"activations": min(activations, settings.activations_bytes), "graphs": graphs, "gradients": min(gradients, settings.stores_bytes),
                             "one_layer": working_layer},
                     disk={"spill": spill, "run_state": state}, facts=facts, lines=lines, time=timed,
                     pass_only=("graphs", "one_layer"), judges_checkpoints=True)

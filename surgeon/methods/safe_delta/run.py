@@ -83,8 +83,7 @@ class SafeDeltaRun:
         self.base, self.tuned = pair.base.tensors, pair.tuned.tensors
         self.prepared = pair.engine.prepare(context.prompt_batches(context.inputs.harmful), BASE, pair.layout.num_layers)
         # the adjusted weights wait here for the writer (not a context store: those are cleared before the write)
-        budget = context.settings.budget
-        self.adjusted = SpillStore(budget - budget // 2, context.workspace / "safe-delta")
+        self.adjusted = SpillStore(context.settings.stores_bytes, context.workspace / "safe-delta")
         self.taken = 0
 
     def _layer(self, _: int, grams: dict[str, torch.Tensor]) -> None:
