@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -198,23 +197,11 @@ def validate(loaded: LoadedRecipe, progress: Progress = NullProgress()) -> dict:
     config = hf_loading.config(inputs.tuned.config_folder)
     layout = ModelLayout.from_checkpoint(tensors.names(), {n: tensors.shape(n) for n in tensors.names()}, build_skeleton(config))
     return {
-        **layout_facts(loaded.recipe, layout, tensors),
+        **layout.facts(loaded.recipe.probe.layer, loaded.recipe.restore.sparsity, tensors.shape),
         "harmful_prompts": len(inputs.harmful),
         "task_prompts": len(inputs.task),
         "safety_prompts": len(inputs.safety.prompts) if inputs.safety else 0,
         "evaluation_rows": len(inputs.evaluation[0]) if inputs.evaluation else 0,
-    }
-
-
-def layout_facts(recipe: Recipe, layout, tensors) -> dict:
-    """L, E, N, k and the weights in scope, as `surgeon validate` and `surgeon plan` print them."""
-    probe_layer = layout.probe_layer(recipe.probe.layer)
-    return {
-        "layers": layout.num_layers,
-        "probe_layer": probe_layer,
-        "decoder_parameters": layout.decoder_parameters,
-        "budget_per_step": layout.budget(recipe.restore.sparsity),
-        "in_scope_parameters": sum(math.prod(tensors.shape(n)) for layer in layout.scope(probe_layer) for n in layer),
     }
 
 

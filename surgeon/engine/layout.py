@@ -253,3 +253,15 @@ class ModelLayout:
     def budget(self, sparsity: float) -> int:
         """k = ceil(sparsity * N), N = parameters of all decoder layers."""
         return math.ceil(sparsity * self.decoder_parameters)
+
+    def facts(self, probe_setting: int | float | None, sparsity: float, shape) -> dict:
+        """L, E, N, k and the weights in scope (`shape`: a tensor name's shape), as `surgeon
+        validate` and `surgeon plan` print them."""
+        probe_layer = self.probe_layer(probe_setting)
+        return {
+            "layers": self.num_layers,
+            "probe_layer": probe_layer,
+            "decoder_parameters": self.decoder_parameters,
+            "budget_per_step": self.budget(sparsity),
+            "in_scope_parameters": sum(math.prod(shape(n)) for layer in self.scope(probe_layer) for n in layer),
+        }

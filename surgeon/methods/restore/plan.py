@@ -38,10 +38,9 @@ def estimate(recipe, inputs, pair) -> Estimate:
     from surgeon.engine.layered import TUNED
     from surgeon.engine.masks import MaskSet
     from surgeon.engine.objectives import TowardDirection
-    from surgeon.pipeline import layout_facts
 
     settings, layout, tensors = pair.settings, pair.layout, inputs.tuned.tensors
-    facts = layout_facts(recipe, layout, tensors)
+    facts = layout.facts(recipe.probe.layer, recipe.restore.sparsity, tensors.shape)
     probe_layer, in_scope = facts["probe_layer"], facts["in_scope_parameters"]
     scope = layout.scope(probe_layer)
     compute = DTYPE_BYTES[recipe.compute.dtype]
