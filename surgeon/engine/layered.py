@@ -9,6 +9,7 @@ running the model's own forward with stand-in layers, so no architecture is re-i
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 import itertools
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,9 +29,15 @@ from surgeon.io.checkpoint import TensorSource
 from surgeon.processes import SOLO, Collective
 from surgeon.progress import NullProgress, Progress
 
-BASE = "base"
-TUNED = "tuned"
-Plan = str | MaskSet  # BASE, TUNED, or the working model where(mask, base, tuned)
+class Whole(enum.Enum):
+    """A plan that takes every weight from one side."""
+
+    BASE = "base"
+    TUNED = "tuned"
+
+
+BASE, TUNED = Whole.BASE, Whole.TUNED
+Plan = Whole | MaskSet  # which weights a pass reads: one side whole, or the working model where(mask, base, tuned)
 
 
 class _StopForward(Exception):
