@@ -10,6 +10,7 @@ import time
 import pytest
 
 from surgeon.errors import TaskFloorError
+from surgeon.engine.layered import Whole
 from surgeon.evaluation.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
@@ -92,7 +93,7 @@ def _scripted_loss(monkeypatch, repaired_loss):
     """Task loss 1.0 for base and tuned and `repaired_loss(restored count)` for any repaired model."""
 
     def score(self, plan):
-        return 1.0 if isinstance(plan, str) else repaired_loss(plan.count())
+        return 1.0 if isinstance(plan, Whole) else repaired_loss(plan.count())
 
     monkeypatch.setattr(TaskLoss, "__call__", score)
 

@@ -1,5 +1,6 @@
 """The gate of method.md: warm-up, rollback restart, checkpoint choice. Scores are scripted."""
 
+from surgeon.engine.layered import Whole
 from surgeon.evaluation.streamed import TaskLoss
 from surgeon.pipeline import run
 from surgeon.recipe import load_recipe
@@ -13,7 +14,7 @@ def script(monkeypatch, repaired_losses):
     losses, seen = iter(repaired_losses), {}
 
     def score(self, plan):
-        if isinstance(plan, str):
+        if isinstance(plan, Whole):
             return 1.0
         if plan.digest() not in seen:
             seen[plan.digest()] = next(losses)
@@ -72,7 +73,7 @@ def _scripted_harm(monkeypatch, harm_by_step, budget_of):
     """Harmful rate 1.0 for tuned and harm_by_step[restored // k] for a repaired state."""
     from surgeon.evaluation.setup import RunScorer
 
-    monkeypatch.setattr(RunScorer, "harm", lambda self, plan: 1.0 if isinstance(plan, str) else harm_by_step[plan.count() // budget_of()])
+    monkeypatch.setattr(RunScorer, "harm", lambda self, plan: 1.0 if isinstance(plan, Whole) else harm_by_step[plan.count() // budget_of()])
 
 
 def test_stop_at_ends_the_schedule_at_the_target_harm(llama, write_recipe, task_eval_file, monkeypatch):
