@@ -398,7 +398,8 @@ def render(rows: list[dict]) -> str:
                 f"| {'–' if row.get('kl_from_tuned') is None else format(row['kl_from_tuned'], '.4f')} | {task_text} "
                 f"| {verdict(paired_rows.get('restore'), 'harmbench', True)} | {verdict(paired_rows.get('restore'), 'task', False, False)} "
                 f"| {verdict(paired_rows.get('tuned'), 'harmbench', True)} |")
-        lines += ["", *([targets(mine), ""] if targets(mine) else [])]
+        stated = targets(mine)
+        lines += ["", *([stated, ""] if stated else [])]
     return "\n".join(lines)
 
 

@@ -116,7 +116,8 @@ def readme_section(real_models, effectiveness) -> str:
 
         for cell in measured:
             mine = [r for r in effectiveness if (r["scenario"], r["task"], r["n"]) == cell]
-            lines.append(f"  - {front_sentence(mine)}" + (f" {targets(mine)[0].upper()}{targets(mine)[1:]}" if targets(mine) else ""))
+            stated = targets(mine)
+            lines.append(f"  - {front_sentence(mine)}" + (f" {stated[0].upper()}{stated[1:]}" if stated else ""))
     if real_models:
         counts = " / ".join(f"{m['restored']:,}" for m in real_models["models"])
         names = ", ".join(NAMES.get(m["model"], m["model"]) for m in real_models["models"])

@@ -71,7 +71,8 @@ def _deprecations(loaded) -> None:
         click.echo(f"warning: {note}", err=True)
 
 
-def _warn_if_harm_is_off(loaded) -> None:
+def _recipe_warnings(loaded) -> None:
+    """The old spellings the recipe was read with, then harm not measured where it is not."""
     _deprecations(loaded)
     if loaded.recipe.evaluate.safety is None:
         from surgeon.report import HARM_NOT_MEASURED
@@ -365,7 +366,7 @@ def validate(recipe, settings, schema_only, show, verbose, quiet):
         if not quiet:
             for key, value in facts.items():
                 click.echo(f"{key.replace('_', ' ')}: {value:,}")
-    _warn_if_harm_is_off(loaded)
+    _recipe_warnings(loaded)
     click.echo(f"{recipe}: ok" + (" (schema only)" if schema_only else ""))
 
 
@@ -383,7 +384,7 @@ def plan(recipe, settings, output, no_calibrate, verbose, quiet):
     from surgeon.recipe import load_recipe
 
     loaded = load_recipe(recipe, settings)
-    _warn_if_harm_is_off(loaded)
+    _recipe_warnings(loaded)
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     with _progress(quiet) as progress:
         facts = plan_run(loaded, destination(loaded, RunOptions(output=output)), progress, calibrate=not no_calibrate)

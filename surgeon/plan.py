@@ -78,7 +78,7 @@ def _generates(evaluate, judges_checkpoints: bool) -> bool:
 def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibrate: bool = True) -> ResourcePlan:
     """The memory, disk (and, where the method estimates it, time) a run of `loaded` needs;
     refuses when the destination's disk cannot hold it."""
-    from surgeon.context import ModelPair, ModelSettings, resolve_device
+    from surgeon.context import ModelPair, ModelSettings, model_bytes, resolve_device
     from surgeon.io.references import tokenizer_folder
     from surgeon.methods.registry import method_spec
     from surgeon.pipeline import resolve_inputs
@@ -94,11 +94,10 @@ def plan(loaded, destination: Path, progress: Progress = NullProgress(), calibra
         own = spec.estimate(recipe, inputs, pair) if spec.plan else Estimate(
             lines=[f"method {spec.name} declares no estimate of its own: the figures are the output's and the evaluation's"])
         tensors = inputs.tuned.tensors
-        compute = DTYPE_BYTES[recipe.compute.dtype]
         generates = _generates(recipe.evaluate, own.judges_checkpoints)
         generation = 0
         if generates:
-            whole = sum(math.prod(tensors.shape(n)) for n in tensors.names()) * compute
+            whole = model_bytes(inputs.tuned, recipe.compute.dtype)
             resident = min(whole, settings.generation_budget) if settings.generation_budget else whole
             generation = 2 * resident  # while loading, the checkpoint's mapped pages count too
         out_bytes = DTYPE_BYTES.get(recipe.output.dtype or "", 0)
